@@ -1,0 +1,135 @@
+"""Shared benchmark plumbing: device naming, timing, copy bandwidth, tables, JSON results, plots.
+
+GPU timings use `triton.testing.do_bench` (median); CPU timings use `cpu_time_ms` (median of repeats).
+Bandwidth convention: an op's `bytes` counts every byte it reads plus every byte it writes, and
+`copy_bandwidth_gbs(nbytes)` times a device-to-device copy that also reads + writes `nbytes` in all,
+so `gbs / copy_gbs` is the fraction of the device's achievable bandwidth.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device | str = "cuda") -> str:
+    """The GPU's name for CUDA devices, else the CPU model."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def slug(text: str) -> str:
+    """A file-name-safe lowercase form: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def gpu_time_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of `fn` on the GPU (triton.testing.do_bench flushes L2 between runs)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def cpu_time_ms(fn: Callable[[], Any], repeat: int = 7, min_seconds: float = 0.2) -> float:
+    """Median milliseconds of one call of `fn` on the CPU, each repeat looping for at least `min_seconds`."""
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        calls, start = 0, time.perf_counter()
+        while True:
+            fn()
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds:
+                break
+        times.append(elapsed / calls * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(nbytes: int, device: torch.device | str = "cuda") -> float:
+    """GB/s of a device-to-device copy that reads and writes `nbytes` in all (a buffer of nbytes/2)."""
+    n = max(nbytes // 2, 1)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = gpu_time_ms(lambda: dst.copy_(src))
+    return 2 * n / ms / 1e6
+
+
+def gbs(nbytes: int, ms: float) -> float:
+    return nbytes / ms / 1e6
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], title: str | None = None) -> None:
+    """Print rows as an aligned table of the given columns."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    body = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
+    if title:
+        print(f"\n{title}")
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for b in body:
+        print("  ".join(v.rjust(w) for v, w in zip(b, widths)))
+
+
+def write_results(name: str, payload: Mapping[str, Any], device: str | None = None) -> Path:
+    """Write `payload` to benchmarks/results/<name>-<device slug>.json (or <name>.json) and return the path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / (f"{name}-{slug(device)}.json" if device else f"{name}.json")
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    print(f"\nwrote {path}")
+    return path
+
+
+def plot_rows(
+    rows: Iterable[Mapping[str, Any]], x: str, y: str, series: Sequence[str], path: Path, title: str,
+    xlabel: str | None = None, ylabel: str | None = None, hline: float | None = None,
+) -> Path:
+    """Line plot of `y` against `x`, one line per distinct combination of the `series` keys; PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[Any, Any]]] = {}
+    for r in rows:
+        label = " ".join(str(r[k]) for k in series)
+        lines.setdefault(label, []).append((r[x], r[y]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, points in sorted(lines.items()):
+        points.sort(key=lambda p: p[0])
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    if hline is not None:
+        ax.axhline(hline, color="grey", linestyle="--", linewidth=1, label="copy bandwidth")
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""cmcaug's command line: a thin layer over the library (`cmcaug --help`)."""

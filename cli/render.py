@@ -1,0 +1,37 @@
+"""Plain-text rendering of the stats that library calls return: tables and key/value summaries."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    """Columns padded to their widest cell; numbers right-aligned."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], (int, float)) for row in rows) if rows else False for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def summary(title: str, stats: Mapping[str, Any]) -> str:
+    """A titled key/value block; nested mappings are indented one level."""
+    lines = [title]
+    for key, value in stats.items():
+        if isinstance(value, Mapping):
+            lines.append(f"  {key}:")
+            lines.extend(f"    {k}: {_cell(v)}" for k, v in value.items())
+        else:
+            lines.append(f"  {key}: {_cell(value)}")
+    return "\n".join(lines)

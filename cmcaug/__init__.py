@@ -1,0 +1,60 @@
+"""cmcaug: mix-based data augmentation for vision-language pre-training.
+
+Cross-modal CutMix (VLMixer, ICML 2022) and text-aware image mixing (TiMix, AAAI 2024) as fast,
+tested parts that drop into any training loop. Public names load lazily, so `import cmcaug` stays
+light: spaCy, ultralytics, FAISS and Ray are imported only by the parts that use them.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import BankFormatError, CMCAugError, InputError, MissingDependencyError
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "ConceptVocab": "cmcaug.concepts",
+    "PatchBank": "cmcaug.bank",
+    "build_bank": "cmcaug.build",
+    "GroundingTagger": "cmcaug.grounding",
+    "GroundedSpan": "cmcaug.grounding",
+    "align_spans": "cmcaug.align",
+    "SplicePlan": "cmcaug.plan",
+    "SpliceOutput": "cmcaug.kernels",
+    "splice": "cmcaug.kernels",
+    "normalize_patches": "cmcaug.kernels",
+    "CMCTransform": "cmcaug.transform",
+    "CMCBatch": "cmcaug.transform",
+    "MixResult": "cmcaug.timix",
+    "text_aware_mix": "cmcaug.timix",
+    "soft_targets": "cmcaug.timix",
+    "mixed_contrastive_loss": "cmcaug.timix",
+    "TextAwarePatchPredictor": "cmcaug.timix",
+}
+
+__all__ = ["BankFormatError", "CMCAugError", "InputError", "MissingDependencyError", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from .align import align_spans
+    from .bank import PatchBank
+    from .build import build_bank
+    from .concepts import ConceptVocab
+    from .grounding import GroundedSpan, GroundingTagger
+    from .kernels import SpliceOutput, normalize_patches, splice
+    from .plan import SplicePlan
+    from .timix import MixResult, TextAwarePatchPredictor, mixed_contrastive_loss, soft_targets, text_aware_mix
+    from .transform import CMCBatch, CMCTransform
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cmcaug' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
