@@ -63,13 +63,20 @@ def cpu_time_ms(fn: Callable[[], Any], repeat: int = 7, min_seconds: float = 0.2
     return statistics.median(times)
 
 
-def copy_bandwidth_gbs(nbytes: int, device: torch.device | str = "cuda") -> float:
-    """GB/s of a device-to-device copy that reads and writes `nbytes` in all (a buffer of nbytes/2)."""
+def copy_bandwidth_gbs(
+    nbytes: int, device: torch.device | str = "cuda", time_ms: Callable[[Callable[[], Any]], float] | None = None,
+) -> float:
+    """GB/s of a same-device copy that reads and writes `nbytes` in all (a buffer of nbytes/2).
+
+    Timed with `time_ms` (default: `gpu_time_ms` on CUDA, `cpu_time_ms` elsewhere), so pass the timer the
+    providers use and the ratio compares like with like.
+    """
+    device = torch.device(device)
+    time_ms = time_ms or (gpu_time_ms if device.type == "cuda" else cpu_time_ms)
     n = max(nbytes // 2, 1)
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = gpu_time_ms(lambda: dst.copy_(src))
-    return 2 * n / ms / 1e6
+    return gbs(2 * n, time_ms(lambda: dst.copy_(src)))
 
 
 def gbs(nbytes: int, ms: float) -> float:

@@ -4,3 +4,7 @@ Every op dispatches on its tensors' device (see `backend.py`): Triton kernels fo
 `reference.py` for CPU tensors. Importing this package does not import spaCy, ultralytics, FAISS or Ray.
 """
 from __future__ import annotations
+
+from .image_mix import paste_windows
+from .patch_gather import normalize_patches
+from .splice import SpliceOutput, splice

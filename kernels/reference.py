@@ -5,4 +5,105 @@ match it exactly where they only move values, and within a per-dtype tolerance w
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from cmcaug.errors import InputError
+from cmcaug.plan import PAD_SOURCE, SplicePlan
+
+# ------------------------------------------------------------------------------------------------------
+# Splice: the twin of kernels/splice.py
+# ------------------------------------------------------------------------------------------------------
+
+
+def splice_forward(text: torch.Tensor, patches: torch.Tensor, plan: SplicePlan) -> torch.Tensor:
+    """Reference of `splice.splice_forward`: stack text rows, patch rows and one zero row, gather once."""
+    d = text.shape[-1]
+    n_text = text.shape[0] * text.shape[1]
+    zero_row = n_text + patches.shape[0] * patches.shape[1]
+    table = torch.cat([text.reshape(-1, d), patches.reshape(-1, d), text.new_zeros(1, d)])
+    source = plan.source_index.long()
+    row = torch.where(source >= 0, source, n_text - 1 - source)
+    return table[torch.where(source == PAD_SOURCE, zero_row, row)]
+
+
+def splice_backward(
+    grad: torch.Tensor, plan: SplicePlan, *, text_grad: bool = True, patch_grad: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Reference of `splice.splice_backward`: gather each source row's gradient through the inverse maps.
+
+    Rows with no destination (replaced, truncated, padding) get zeros.
+    """
+    d = grad.shape[-1]
+    table = torch.cat([grad.reshape(-1, d), grad.new_zeros(1, d)])
+    zero_row = table.shape[0] - 1
+
+    def gather(destination: torch.Tensor) -> torch.Tensor:
+        destination = destination.long()
+        return table[torch.where(destination >= 0, destination, zero_row)]
+
+    return (gather(plan.text_destination) if text_grad else None,
+            gather(plan.patch_destination) if patch_grad else None)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Patch normalization: the twin of kernels/patch_gather.py
+# ------------------------------------------------------------------------------------------------------
+
+
+def patch_affine(
+    mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor, channels: int, device: torch.device,
+) -> torch.Tensor:
+    """float32 [2, C]: the per-channel (scale, shift) with uint8 * scale + shift == (uint8 / 255 - mean) / std.
+
+    Both implementations apply these same fp32 numbers, so they differ at most by fused multiply-adds.
+    """
+    stats = []
+    for name, values in (("mean", mean), ("std", std)):
+        values = torch.as_tensor(values, dtype=torch.float64).cpu()
+        if values.shape != (channels,) or not torch.isfinite(values).all():
+            raise InputError(f"{name} must hold {channels} finite numbers (one per channel, in [0, 1] units), "
+                             f"got {values.tolist()}")
+        stats.append(values)
+    mean64, std64 = stats
+    if (std64 <= 0).any():
+        raise InputError(f"std must be positive, got {std64.tolist()}")
+    return torch.stack([1.0 / (255.0 * std64), -mean64 / std64]).to(device=device, dtype=torch.float32)
+
+
+def patch_gather(
+    pixels: torch.Tensor, index: torch.Tensor | None, affine: torch.Tensor, dtype: torch.dtype,
+) -> torch.Tensor:
+    """Reference of `patch_gather.patch_gather`: uint8 [N, H, W, C] (rows `index`) -> dtype [M, C, H, W]."""
+    if index is not None:
+        pixels = pixels.index_select(0, index.long())
+    channels = pixels.shape[-1]
+    x = pixels.permute(0, 3, 1, 2).float()
+    normalized = x * affine[0].view(1, channels, 1, 1) + affine[1].view(1, channels, 1, 1)
+    return normalized.to(dtype).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------------
+# TiMix window paste: the twin of kernels/image_mix.py (section owned by the TiMix engineer)
+# ------------------------------------------------------------------------------------------------------
+
+
+def paste_windows(
+    images: torch.Tensor, partner: torch.Tensor, target_box: torch.Tensor, source_box: torch.Tensor, *,
+    patch_size: int, inplace: bool = False,
+) -> torch.Tensor:
+    """Reference of `image_mix.paste_windows`: a clone, then one slice copy per sample (autograd follows it).
+
+    Boxes are (x0, y0, x1, y1) in patch units; window i of the result holds window `source_box[i]` of
+    `images[partner[i]]`. In place, every source window is copied out before any target is written.
+    """
+    p = patch_size
+    out = images if inplace else images.clone()
+    windows = [images[j, :, y0 * p:y1 * p, x0 * p:x1 * p]
+               for j, (x0, y0, x1, y1) in zip(partner.tolist(), source_box.tolist())]
+    if inplace:
+        windows = [window.clone() for window in windows]
+    for i, ((x0, y0, x1, y1), window) in enumerate(zip(target_box.tolist(), windows)):
+        out[i, :, y0 * p:y1 * p, x0 * p:x1 * p] = window
+    return out

@@ -1,0 +1,208 @@
+"""`write_bank`: finalize a patch bank on disk from unsorted rows (the last step of `build_bank`).
+
+The writer sorts patches by (concept_id, image, box, score) with a stable sort, so each concept's patches
+are one contiguous id range and the output does not depend on the order rows arrived in (e.g. on how
+many build workers there were). Every file is first written under a hidden temporary name; then a stale
+`manifest.json` is removed, the files are renamed into place, and `manifest.json` is written last: its
+appearance publishes the bank, so a reader never sees a half-written one. The bytes of every file are a
+pure function of the inputs (no timestamps, no temporary paths), and big inputs (np.memmap) are
+streamed in chunks of about 64 MiB rather than loaded whole.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from . import __version__
+from . import bank_format as fmt
+from .concepts import ConceptVocab
+from .errors import InputError
+from .index import build_index, plan_index, save_index
+
+log = logging.getLogger(__name__)
+
+_CHUNK_BYTES = 64 << 20
+_NORM_TOLERANCE = 1e-2
+
+
+def _sorted_patches(patches: pa.Table, num_concepts: int) -> tuple[pa.Table, np.ndarray]:
+    """Check and cast `patches` to the bank schema; return it sorted, and the sorting permutation."""
+    if not isinstance(patches, pa.Table):
+        raise InputError(f"patches must be a pyarrow.Table, got {type(patches).__name__}")
+    missing = [f.name for f in fmt.PATCHES_SCHEMA if f.name not in patches.column_names]
+    if missing:
+        raise InputError(f"patches table lacks columns {missing}; expected {fmt.PATCHES_SCHEMA.names}, found {patches.column_names}")
+    columns = {}
+    for field in fmt.PATCHES_SCHEMA:
+        column = patches.column(field.name)
+        if column.null_count:
+            raise InputError(f"patches column {field.name!r} has {column.null_count} null values")
+        try:
+            columns[field.name] = column.cast(field.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise InputError(f"patches column {field.name!r} is {column.type}, expected {field.type} ({exc})") from exc
+    table = pa.table(columns, schema=fmt.PATCHES_SCHEMA)
+    ids = table.column("concept_id").to_numpy()
+    if ids.size and (ids.min() < 0 or ids.max() >= num_concepts):
+        raise InputError(f"patches concept_id must lie in [0, {num_concepts}) (the vocabulary's ids), found [{ids.min()}, {ids.max()}]")
+    boxes = table.column("box").combine_chunks().flatten().to_numpy().reshape(-1, 4)
+    scores = table.column("score").to_numpy()
+    if not (np.isfinite(boxes).all() and np.isfinite(scores).all()):
+        raise InputError("patches box and score values must be finite; found NaN or infinity")
+    keys = pa.table({
+        "concept_id": table.column("concept_id"), "image": table.column("image"),
+        **{f"box{i}": boxes[:, i] for i in range(4)}, "score": table.column("score"),
+    })
+    order = pc.sort_indices(keys, sort_keys=[(name, "ascending") for name in keys.column_names]).to_numpy()
+    return table.take(order).combine_chunks(), order  # one chunk: parquet pages must not depend on input chunking
+
+
+def _check_arrays(pixels: np.ndarray, embeddings: np.ndarray, num_patches: int) -> None:
+    if pixels.ndim != 4 or pixels.shape[3] != 3 or pixels.shape[1] != pixels.shape[2] or pixels.dtype != np.uint8:
+        raise InputError(f"pixels must be uint8 [N, P, P, 3], got {pixels.dtype} {tuple(pixels.shape)}")
+    if pixels.shape[1] < 1:
+        raise InputError(f"pixels must have a patch size P >= 1, got shape {tuple(pixels.shape)}")
+    if embeddings.ndim != 2 or embeddings.shape[1] < 1 or embeddings.dtype not in (np.float16, np.float32):
+        raise InputError(f"embeddings must be float16/float32 [N, d] with d >= 1, got {embeddings.dtype} {tuple(embeddings.shape)}")
+    if not pixels.shape[0] == embeddings.shape[0] == num_patches:
+        raise InputError(
+            f"patches, pixels and embeddings must have one row per patch, "
+            f"found {num_patches}, {pixels.shape[0]} and {embeddings.shape[0]} rows"
+        )
+
+
+def _gathered(source: np.ndarray, order: np.ndarray, dtype: np.dtype, bar: tqdm) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (rows of `order`, source rows in that order as `dtype`), ~64 MiB at a time; reads ascend."""
+    row_bytes = max(1, int(np.prod(source.shape[1:])) * source.dtype.itemsize)
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    for start in range(0, len(order), step):
+        rows = order[start : start + step]
+        ascending = np.argsort(rows, kind="stable")
+        block = np.empty((len(rows), *source.shape[1:]), dtype=dtype)
+        block[ascending] = source[rows[ascending]]
+        bar.update(len(rows))
+        yield rows, block
+
+
+def _write_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype, blocks: Iterator[np.ndarray]) -> None:
+    """Write a `.npy` file block by block (header first), never holding the whole array."""
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for block in blocks:
+            f.write(np.ascontiguousarray(block).data)
+
+
+def _checked_embeddings(chunks: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[np.ndarray]:
+    for rows, block in chunks:
+        norms = np.linalg.norm(block.astype(np.float32), axis=1)
+        bad = np.flatnonzero(~(np.abs(norms - 1) <= _NORM_TOLERANCE))
+        if bad.size:
+            raise InputError(
+                f"embeddings must be L2-normalized (finite, norm 1 +- {_NORM_TOLERANCE}); input row {rows[bad[0]]} has norm "
+                f"{norms[bad[0]]:.4g} ({bad.size} such rows in this chunk); normalize them before writing the bank"
+            )
+        yield block
+
+
+def _concepts_table(vocab: ConceptVocab, concept_ids: np.ndarray) -> pa.Table:
+    counts = np.bincount(concept_ids, minlength=len(vocab)).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return pa.table({
+        "concept_id": np.arange(len(vocab), dtype=np.int32),
+        "name": vocab.names,
+        "synonyms": [list(vocab.synonyms(i)) for i in range(len(vocab))],
+        "offset": offsets,
+        "count": counts,
+    }, schema=fmt.CONCEPTS_SCHEMA)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') bytes to disk, so the publish order survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bank(
+    path: str | Path,
+    *,
+    vocab: ConceptVocab,
+    patches: pa.Table,
+    pixels: np.ndarray,
+    embeddings: np.ndarray,
+    provenance: dict[str, Any],
+    stats: dict[str, Any],
+    index_kind: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write a version-1 patch bank to `path` and return its manifest.
+
+    `patches` has columns concept_id (int32), image (string), box (fixed_size_list<float32>[4]), score
+    (float32), in any row order; `pixels` uint8 [N, P, P, 3] and `embeddings` float16/float32 [N, d]
+    (L2-normalized) are row-aligned with it and may be np.memmap. `provenance` and `stats` must be
+    JSON-serializable; they go into the manifest as they are. `index_kind` forces "flat", "ivf" or
+    "ivf-sq8" (default: chosen by size, see `cmcaug.index`). An empty bank (N = 0) is valid.
+    Files in `path` other than the bank's own (e.g. `.build/`) are left alone.
+    """
+    if not isinstance(vocab, ConceptVocab):
+        raise InputError(f"vocab must be a ConceptVocab, got {type(vocab).__name__}")
+    table, order = _sorted_patches(patches, len(vocab))
+    _check_arrays(pixels, embeddings, table.num_rows)
+    n, p, d = table.num_rows, pixels.shape[1], embeddings.shape[1]
+    spec = plan_index(n, index_kind)
+    manifest: dict[str, Any] = {
+        "format": fmt.FORMAT, "version": fmt.VERSION, "writer": f"cmcaug {__version__}",
+        "num_patches": n, "patch_size": p, "embedding_dim": d, "embedding_dtype": str(fmt.EMBEDDING_DTYPE),
+        "num_concepts": len(vocab), "sort_order": ["concept_id", "image", "box", "score"],
+        "index": spec, "provenance": provenance, "stats": stats,
+    }
+    try:
+        fmt.manifest_json(manifest)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"provenance and stats must be JSON-serializable without NaN: {exc}") from exc
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    temps = {name: path / f".{name}.tmp" for name in (*fmt.DATA_FILES, fmt.MANIFEST)}
+    try:
+        pq.write_table(_concepts_table(vocab, table.column("concept_id").to_numpy()), temps[fmt.CONCEPTS], **fmt.PARQUET_OPTIONS)
+        pq.write_table(table, temps[fmt.PATCHES], **fmt.PARQUET_OPTIONS)
+        with tqdm(total=n, desc="bank pixels", unit="patch", disable=not progress) as bar:
+            blocks = (block for _, block in _gathered(pixels, order, fmt.PIXEL_DTYPE, bar))
+            _write_npy(temps[fmt.PIXELS], (n, p, p, 3), fmt.PIXEL_DTYPE, blocks)
+        with tqdm(total=n, desc="bank embeddings", unit="patch", disable=not progress) as bar:
+            blocks = _checked_embeddings(_gathered(embeddings, order, fmt.EMBEDDING_DTYPE, bar))
+            _write_npy(temps[fmt.EMBEDDINGS], (n, d), fmt.EMBEDDING_DTYPE, blocks)
+        log.info("building a %s index over %d embeddings", spec["factory"], n)
+        sorted_embeddings = np.load(temps[fmt.EMBEDDINGS], mmap_mode="r", allow_pickle=False)
+        save_index(build_index(sorted_embeddings, spec), temps[fmt.INDEX])
+        del sorted_embeddings
+        manifest["files"] = {
+            name: {"sha256": fmt.sha256_file(temps[name]), "bytes": temps[name].stat().st_size} for name in fmt.DATA_FILES
+        }
+        temps[fmt.MANIFEST].write_text(fmt.manifest_json(manifest), encoding="utf-8")
+        for temp in temps.values():
+            _fsync(temp)
+        (path / fmt.MANIFEST).unlink(missing_ok=True)
+        for name in fmt.DATA_FILES:
+            os.replace(temps[name], path / name)
+        _fsync(path)
+        os.replace(temps[fmt.MANIFEST], path / fmt.MANIFEST)
+        _fsync(path)
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
+    log.info("wrote bank %s: %d patches of %dx%d, %d concepts, %s index", path, n, p, p, len(vocab), spec["kind"])
+    return manifest

@@ -1,0 +1,223 @@
+"""The fused CMC splice: text-token and patch embeddings -> one mixed sequence, in one pass over memory.
+
+Contract (see `cmcaug.plan` for the index maps): `text [B, L, D]` and `patches [M, K, D]` of one float
+dtype and a `SplicePlan` on their device give `embeds [B, L_out, D]` with
+
+    embeds[b, t] = text.view(B*L, D)[s]          if s = plan.source_index[b, t] >= 0
+                 = patches.view(M*K, D)[-s - 1]   if s < 0 and s != PAD_SOURCE
+                 = 0                              if s == PAD_SOURCE (padding)
+
+bit for bit, in every dtype. Backward is the same gather through the inverse maps (each text / patch row
+has at most one destination): no atomics, deterministic, zero gradient for replaced, truncated and padding
+text rows.
+
+Bytes moved (the benchmark's yardstick), with E bytes per element and R the non-padding output rows:
+forward reads R*D*E and writes B*L_out*D*E; backward reads R*D*E and writes (B*L + M*K)*D*E; each also
+reads its int32 index map (4 bytes per row written).
+
+Kernel layout: one program copies a tile of BLOCK_R rows, looping over D in BLOCK_D columns. A row's
+source offset is computed once, in int64 (tensors may exceed 2^31 elements), from the source's row
+strides, so sliced or strided inputs need no copy; only a last dimension with stride != 1 is copied first.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from cmcaug.errors import InputError
+from cmcaug.plan import PAD_SOURCE, SplicePlan
+
+from . import reference
+from .backend import Backend, interpreter_enabled, resolve_backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # platforms without Triton (macOS, Windows) run the reference path only
+    triton = None
+
+if triton is not None:
+    _PAD = tl.constexpr(PAD_SOURCE)
+
+    @triton.jit
+    def _row_offsets(row, inner, stride_outer, stride_inner, FLAT: tl.constexpr):
+        """int64 element offsets of the int32 flat rows `row` of a [*, inner, D] tensor with these row strides.
+
+        FLAT: the two row dimensions collapse into one (stride_outer == inner * stride_inner): no division.
+        """
+        if FLAT:
+            offsets = row.to(tl.int64) * stride_inner
+        else:
+            outer = row // inner  # int32: a 64-bit division costs several times more
+            offsets = outer.to(tl.int64) * stride_outer + (row - outer * inner).to(tl.int64) * stride_inner
+        return offsets
+
+    @triton.jit
+    def _gather_rows_kernel(
+        out_ptr, index_ptr, n_rows, D,
+        a_ptr, a_inner, a_stride0, a_stride1,
+        b_ptr, b_inner, b_stride0, b_stride1,
+        SIGNED: tl.constexpr, A_FLAT: tl.constexpr, B_FLAT: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """out[r] = a[index[r]] if index[r] >= 0; with SIGNED, b[-index[r] - 1] if index[r] < 0 and not the
+        padding sentinel; zeros otherwise. `a` and `b` are [*, inner, D] tensors with unit stride in D."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        live = rows < n_rows
+        index = tl.load(index_ptr + rows, mask=live, other=-1)
+        from_a = live & (index >= 0)
+        a_rows = _row_offsets(tl.where(from_a, index, 0), a_inner, a_stride0, a_stride1, A_FLAT)
+        if SIGNED:
+            from_b = live & (index < 0) & (index != _PAD)
+            b_rows = _row_offsets(tl.where(from_b, -1 - index, 0), b_inner, b_stride0, b_stride1, B_FLAT)
+        out_rows = rows * D
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            in_d = cols < D
+            value = tl.load(a_ptr + a_rows[:, None] + cols[None, :], mask=from_a[:, None] & in_d[None, :], other=0.0)
+            if SIGNED:
+                value_b = tl.load(
+                    b_ptr + b_rows[:, None] + cols[None, :], mask=from_b[:, None] & in_d[None, :], other=0.0
+                )
+                value = tl.where(from_b[:, None], value_b, value)
+            tl.store(out_ptr + out_rows[:, None] + cols[None, :], value, mask=live[:, None] & in_d[None, :])
+
+
+def _blocks(n_rows: int, d: int, element_size: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_D). On a GPU: 8 KiB tiles of 512-byte row chunks (16 rows x 256 bf16 values), so
+    D = 768 or 1000 wastes few lanes; under the interpreter, few large programs (each costs ~1 ms)."""
+    if interpreter_enabled():
+        block_d = min(triton.next_power_of_2(d), 4096)
+        return min(triton.next_power_of_2(n_rows), max(1, 2**16 // block_d)), block_d
+    block_d = min(triton.next_power_of_2(d), 512 // element_size)
+    return max(1, 8192 // element_size // block_d), block_d
+
+
+def _gather_rows(
+    out: torch.Tensor, index: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None,
+    block_rows: int | None, block_d: int | None,
+) -> torch.Tensor:
+    """Launch `_gather_rows_kernel` writing the contiguous `out` [n_rows, ..., D] (flat rows = index.numel())."""
+    n_rows, d = index.numel(), out.shape[-1]
+    if out.numel() == 0:
+        return out
+    auto_r, auto_d = _blocks(n_rows, d, out.element_size())
+    block_r, block_d = block_rows or auto_r, block_d or auto_d
+    signed = b is not None
+    b = b if signed else a
+    _gather_rows_kernel[(triton.cdiv(n_rows, block_r),)](
+        out, index.contiguous(), n_rows, d,
+        a, max(a.shape[1], 1), a.stride(0), a.stride(1),
+        b, max(b.shape[1], 1), b.stride(0), b.stride(1),
+        SIGNED=signed, A_FLAT=_flat_rows(a), B_FLAT=_flat_rows(b), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+    )
+    return out
+
+
+def _flat_rows(x: torch.Tensor) -> bool:
+    """True when row r of x [A, R, D] starts at r * x.stride(1) (x viewed as [A*R, D] without a copy)."""
+    return x.shape[0] <= 1 or x.stride(0) == x.shape[1] * x.stride(1)
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """`x` itself when its last dimension is dense (any row strides are fine), else a contiguous copy."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def splice_forward(
+    text: torch.Tensor, patches: torch.Tensor, plan: SplicePlan, *,
+    block_rows: int | None = None, block_d: int | None = None,
+) -> torch.Tensor:
+    """Triton forward: embeds [B, L_out, D] gathered from text and patches through `plan.source_index`."""
+    text, patches = _unit_stride(text), _unit_stride(patches)
+    out = text.new_empty(plan.batch_size, plan.output_length, text.shape[-1])
+    return _gather_rows(out, plan.source_index, text, patches, block_rows, block_d)
+
+
+def splice_backward(
+    grad: torch.Tensor, plan: SplicePlan, *, text_grad: bool = True, patch_grad: bool = True,
+    block_rows: int | None = None, block_d: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Triton backward: (grad_text [B, L, D], grad_patches [M, K, D]), each gathered through its inverse map."""
+    grad = _unit_stride(grad)
+    d = grad.shape[-1]
+    grad_text = grad_patches = None
+    if text_grad:
+        grad_text = grad.new_empty(plan.batch_size, plan.text_length, d)
+        _gather_rows(grad_text, plan.text_destination, grad, None, block_rows, block_d)
+    if patch_grad:
+        grad_patches = grad.new_empty(plan.num_slots, plan.patch_tokens, d)
+        _gather_rows(grad_patches, plan.patch_destination, grad, None, block_rows, block_d)
+    return grad_text, grad_patches
+
+
+_IMPLEMENTATIONS: dict[str, tuple[Callable, Callable]] = {
+    "triton": (splice_forward, splice_backward),
+    "reference": (reference.splice_forward, reference.splice_backward),
+}
+
+
+class _SpliceFunction(torch.autograd.Function):
+    """Ties a forward and its gather-based backward together for autograd."""
+
+    @staticmethod
+    def forward(ctx, text: torch.Tensor, patches: torch.Tensor, plan: SplicePlan, implementation: str):
+        forward, ctx.backward_fn = _IMPLEMENTATIONS[implementation]
+        ctx.plan = plan
+        return forward(text, patches, plan)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_text, grad_patches = ctx.backward_fn(
+            grad, ctx.plan, text_grad=ctx.needs_input_grad[0], patch_grad=ctx.needs_input_grad[1]
+        )
+        return grad_text, grad_patches, None, None
+
+
+class SpliceOutput(NamedTuple):
+    """The spliced batch: embeddings plus the per-token maps a transformer takes alongside them."""
+
+    embeds: torch.Tensor          # [B, L_out, D], dtype of the inputs
+    attention_mask: torch.Tensor  # int64 [B, L_out]: 1 token, 0 padding
+    modality_ids: torch.Tensor    # int64 [B, L_out]: 0 text, 1 patch (0 on padding)
+    position_ids: torch.Tensor    # int64 [B, L_out]: 0, 1, 2, ... per row, 0 on padding
+    source_index: torch.Tensor    # int32 [B, L_out]: the plan's signed source map
+
+
+def splice(text: torch.Tensor, patches: torch.Tensor, plan: SplicePlan, backend: Backend = "auto") -> SpliceOutput:
+    """Splice patch embeddings into text embeddings as `plan` says; differentiable in `text` and `patches`.
+
+    `text` is [B, L, D] (L = plan.text_length), `patches` is [M, K, D] (M = plan.num_slots, K =
+    plan.patch_tokens; M may be 0), both of one float dtype and on the plan's device. `backend` picks
+    "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "reference" (plain PyTorch) or "auto" (by device).
+    """
+    _check_inputs(text, patches, plan)
+    implementation = resolve_backend(backend, text.device)
+    embeds = _SpliceFunction.apply(text, patches, plan, implementation)
+    return SpliceOutput(embeds, plan.attention_mask, plan.modality_ids, plan.position_ids, plan.source_index)
+
+
+def _check_inputs(text: torch.Tensor, patches: torch.Tensor, plan: SplicePlan) -> None:
+    if not isinstance(plan, SplicePlan):
+        raise InputError(f"plan must be a SplicePlan (see SplicePlan.build), got {type(plan).__name__}")
+    for name, x in (("text", text), ("patches", patches)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+            found = f"{x.dtype} tensor of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputError(f"{name} must be a 3-D floating-point tensor, got {found}")
+    if patches.dtype != text.dtype:
+        raise InputError(f"text and patches must share a dtype, got {text.dtype} and {patches.dtype}; cast one")
+    b, l, m, k = plan.batch_size, plan.text_length, plan.num_slots, plan.patch_tokens
+    if tuple(text.shape[:2]) != (b, l):
+        hint = "; build the plan with text_length=text.shape[1]" if text.shape[0] == b else ""
+        raise InputError(f"text must have shape [B, L, D] = [{b}, {l}, D] for this plan, got {list(text.shape)}{hint}")
+    if tuple(patches.shape) != (m, k, text.shape[2]):
+        raise InputError(
+            f"patches must have shape [M, K, D] = [{m}, {k}, {text.shape[2]}] (one row of K tokens per patch slot "
+            f"of the plan, D as in text), got {list(patches.shape)}"
+        )
+    if not text.device == patches.device == plan.device:
+        raise InputError(
+            f"text ({text.device}), patches ({patches.device}) and plan ({plan.device}) must be on one device; "
+            "move the plan with plan.to(text.device, non_blocking=True)"
+        )

@@ -1,0 +1,68 @@
+"""Small random patch banks for the bank, writer, index and inspect tests (real files, real FAISS)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cmcaug import bank_format as fmt
+from cmcaug.bank_writer import write_bank
+from cmcaug.concepts import ConceptVocab
+
+VOCAB = ConceptVocab({"dog": ["puppy", "hound"], "cat": ["kitten"], "hot dog": [], "kite": [], "teddy bear": ["teddy"]})
+EMPTY_CONCEPT = "kite"  # random_inputs never draws it
+
+
+def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def random_inputs(n: int = 300, patch_size: int = 6, dim: int = 12, seed: int = 0) -> dict[str, Any]:
+    """`write_bank` keyword arguments for `n` random patches of every concept but EMPTY_CONCEPT, unsorted,
+    with repeated images so the (concept, image, box) sort has ties to break."""
+    rng = np.random.default_rng(seed)
+    concepts = np.array([i for i, name in enumerate(VOCAB.names) if name != EMPTY_CONCEPT], dtype=np.int32)
+    patches = pa.table({
+        "score": rng.random(n).astype(np.float32),
+        "image": [f"images/{i:03d}.jpg" for i in rng.integers(0, max(1, n // 4), n)],
+        "concept_id": rng.choice(concepts, n).astype(np.int32),
+        "box": pa.array(list(rng.integers(0, 5, (n, 4)).astype(np.float32)), pa.list_(pa.float32(), 4)),
+    })
+    return {
+        "vocab": VOCAB,
+        "patches": patches,
+        "pixels": rng.integers(0, 256, (n, patch_size, patch_size, 3), dtype=np.uint8),
+        "embeddings": unit_rows(rng, n, dim),
+        "provenance": {"detector": "annotations.json", "vocabulary": "test"},
+        "stats": {"images_read": n // 4, "boxes_kept": n},
+    }
+
+
+def expected_order(patches: pa.Table) -> np.ndarray:
+    """The bank's row order, computed the slow obvious way: sort by (concept_id, image, box, score)."""
+    rows = patches.to_pylist()
+    keys = [(r["concept_id"], r["image"], tuple(r["box"]), r["score"]) for r in rows]
+    return np.array(sorted(range(len(rows)), key=keys.__getitem__), dtype=np.int64)
+
+
+def write_random_bank(path: Path, **kwargs: Any) -> dict[str, Any]:
+    """Write a random bank to `path`; returns the inputs it was written from."""
+    inputs = random_inputs(**kwargs)
+    write_bank(path, **inputs)
+    return inputs
+
+
+def rehash(bank: Path) -> None:
+    """Make manifest.json vouch for the files as they are now (to reach the checks behind the checksums)."""
+    manifest = json.loads((bank / fmt.MANIFEST).read_text())
+    for name in fmt.DATA_FILES:
+        manifest["files"][name] = {"sha256": fmt.sha256_file(bank / name), "bytes": (bank / name).stat().st_size}
+    (bank / fmt.MANIFEST).write_text(fmt.manifest_json(manifest))
+
+
+def file_hashes(bank: Path) -> dict[str, str]:
+    return {p.name: fmt.sha256_file(p) for p in sorted(bank.iterdir()) if p.is_file()}

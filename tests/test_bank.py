@@ -1,0 +1,291 @@
+"""PatchBank: open, sample, pixels/embeddings/records, search, pickling, and every way a bank can be bad."""
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from bank_helpers import EMPTY_CONCEPT, VOCAB, expected_order, random_inputs, rehash, write_random_bank
+
+from cmcaug import bank_format as fmt
+from cmcaug.bank import PatchBank
+from cmcaug.errors import BankFormatError, InputError
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    path = tmp_path_factory.mktemp("bank") / "bank"
+    inputs = write_random_bank(path, n=400, patch_size=6, dim=12)
+    order = expected_order(inputs["patches"])
+    return path, {
+        "pixels": inputs["pixels"][order],
+        "embeddings": inputs["embeddings"][order].astype(np.float16),
+        "rows": inputs["patches"].take(order).to_pylist(),
+    }
+
+
+@pytest.fixture(scope="module")
+def bank(written: tuple[Path, dict]) -> PatchBank:
+    return PatchBank.open(written[0])
+
+
+def test_open_exposes_shape_vocab_and_counts(bank: PatchBank, written: tuple[Path, dict]) -> None:
+    rows = written[1]["rows"]
+    assert (len(bank), bank.patch_size, bank.embedding_dim) == (400, 6, 12)
+    assert bank.vocab == VOCAB
+    assert bank.manifest["format"] == fmt.FORMAT
+    for name in VOCAB.names:
+        expected = sum(r["concept_id"] == VOCAB.id(name) for r in rows)
+        assert bank.count(name) == bank.count(VOCAB.id(name)) == bank.count(name.upper()) == expected
+    assert bank.count(EMPTY_CONCEPT) == 0
+    assert np.array_equal(bank.offsets, np.concatenate([[0], np.cumsum(bank.counts)[:-1]]))
+    with pytest.raises(InputError, match="unknown concept"):
+        bank.count("zebra")
+
+
+# -- sampling --------------------------------------------------------------------------------------
+def test_sample_draws_from_the_right_concept(bank: PatchBank) -> None:
+    concepts = np.array([0, 1, 2, 4] * 50)
+    ids = bank.sample(concepts, generator=0)
+    assert ids.dtype == np.int64 and ids.shape == concepts.shape
+    assert np.array_equal(np.array([r["concept_id"] for r in bank.records(ids)]), concepts)
+
+
+def test_sample_is_uniform_within_a_concept(bank: PatchBank) -> None:
+    c = VOCAB.id("cat")
+    ids = bank.sample(np.full(40 * bank.count(c), c), generator=np.random.default_rng(0))
+    hist = np.bincount(ids - bank.offsets[c], minlength=bank.count(c))
+    assert len(hist) == bank.count(c) and hist.min() > 10 and hist.max() < 80  # mean 40 per patch
+
+
+@pytest.mark.parametrize("make", [lambda: 7, lambda: np.random.default_rng(7), lambda: torch.Generator().manual_seed(7)])
+def test_sample_is_reproducible(bank: PatchBank, make: Callable) -> None:
+    concepts = [0, 1, 2, 0, 4, 4]
+    assert np.array_equal(bank.sample(concepts, generator=make()), bank.sample(concepts, generator=make()))
+
+
+def test_sample_follows_the_input_kind_and_shape(bank: PatchBank) -> None:
+    ids = bank.sample(torch.tensor([[0, 1], [2, 4]]), generator=torch.Generator().manual_seed(0))
+    assert isinstance(ids, torch.Tensor) and ids.dtype == torch.int64 and ids.shape == (2, 2)
+    assert bank.pixels(ids).shape == (2, 2, 6, 6, 3)
+    assert bank.sample([], generator=0).shape == (0,)
+
+
+def test_empty_concept_draws_minus_one_and_is_reported(bank: PatchBank, caplog: pytest.LogCaptureFixture) -> None:
+    empty = VOCAB.id(EMPTY_CONCEPT)
+    with caplog.at_level(logging.WARNING, logger="cmcaug.bank"):
+        ids = bank.sample([0, empty, 1, empty], generator=0)
+    assert ids[1] == ids[3] == -1 and (ids[[0, 2]] >= 0).all()
+    assert EMPTY_CONCEPT in caplog.text
+    with pytest.raises(InputError, match=EMPTY_CONCEPT):
+        bank.sample([0, empty], generator=0, strict=True)
+
+
+@pytest.mark.parametrize("bad, message", [([0, 5], r"\[0, 5\)"), ([-1], r"\[0, 5\)"), ([0.5], "integers")])
+def test_sample_refuses_bad_concept_ids(bank: PatchBank, bad: list, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        bank.sample(bad, generator=0)
+
+
+# -- reads -----------------------------------------------------------------------------------------
+def test_pixels_embeddings_and_records_match_the_sorted_inputs(bank: PatchBank, written: tuple[Path, dict]) -> None:
+    expected = written[1]
+    ids = np.array([399, 0, 17, 17, 250])
+    pixels = bank.pixels(ids)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (5, 6, 6, 3)
+    assert np.array_equal(pixels.numpy(), expected["pixels"][ids])
+    assert np.array_equal(bank.embeddings(torch.from_numpy(ids)).numpy(), expected["embeddings"][ids])
+    for record, i in zip(bank.records(ids), ids):
+        row = expected["rows"][i]
+        assert record == {
+            "concept": VOCAB.name(row["concept_id"]), "concept_id": row["concept_id"], "image": row["image"],
+            "box": tuple(row["box"]), "score": row["score"],
+        }
+
+
+@pytest.mark.parametrize("bad", [[-1], [400], [1.0]])
+def test_reads_refuse_bad_patch_ids(bank: PatchBank, bad: list) -> None:
+    with pytest.raises(InputError, match="patch ids"):
+        bank.pixels(bad)
+
+
+# -- search ----------------------------------------------------------------------------------------
+def _brute_force(embeddings: np.ndarray, queries: np.ndarray, k: int, lo: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    scores = queries.astype(np.float32) @ embeddings.astype(np.float32).T
+    ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, ids, axis=1), ids + lo
+
+
+def test_search_is_exact_on_a_flat_bank(bank: PatchBank, written: tuple[Path, dict]) -> None:
+    embeddings = written[1]["embeddings"]
+    queries = embeddings[[3, 100, 333]].astype(np.float32)
+    scores, ids = bank.search(queries, k=5)
+    ref_scores, ref_ids = _brute_force(embeddings, queries, 5)
+    assert np.array_equal(ids, ref_ids) and np.allclose(scores, ref_scores, atol=1e-5)
+    assert np.array_equal(ids[:, 0], [3, 100, 333])
+
+
+def test_search_within_a_concept(bank: PatchBank, written: tuple[Path, dict]) -> None:
+    embeddings = written[1]["embeddings"]
+    c = VOCAB.id("hot dog")
+    lo, n = bank.offsets[c], bank.count(c)
+    queries = torch.from_numpy(embeddings[[0, 399]].astype(np.float32))
+    scores, ids = bank.search(queries, k=4, concept="hot dog")
+    assert isinstance(ids, torch.Tensor) and ids.shape == (2, 4)
+    ref_scores, ref_ids = _brute_force(embeddings[lo : lo + n], queries.numpy(), 4, lo)
+    assert np.array_equal(ids.numpy(), ref_ids) and np.allclose(scores.numpy(), ref_scores, atol=1e-5)
+    scores, ids = bank.search(queries[0], k=10_000, concept=c)
+    assert ids.shape == (1, n) and set(ids[0].tolist()) == set(range(lo, lo + n))
+    assert bank.search(queries, k=3, concept=EMPTY_CONCEPT)[1].shape == (2, 0)
+
+
+def test_search_refuses_bad_queries(bank: PatchBank) -> None:
+    with pytest.raises(InputError, match=r"\[Q, 12\]"):
+        bank.search(np.zeros((2, 5)), k=1)
+    with pytest.raises(InputError, match="k must be"):
+        bank.search(np.zeros(12), k=0)
+
+
+# -- pickling --------------------------------------------------------------------------------------
+def test_pickle_reopens_by_path_without_copying_arrays(bank: PatchBank) -> None:
+    blob = pickle.dumps(bank)
+    assert len(blob) < 4096 < bank._pixels.nbytes
+    clone = pickle.loads(blob)
+    assert isinstance(clone._pixels, np.memmap) and clone.vocab == bank.vocab
+    ids = np.arange(0, 400, 7)
+    assert torch.equal(clone.pixels(ids), bank.pixels(ids))
+    assert np.array_equal(clone.sample([0, 1, 2], generator=3), bank.sample([0, 1, 2], generator=3))
+    assert np.array_equal(clone.search(bank.embeddings([5]).float(), 2)[1], bank.search(bank.embeddings([5]).float(), 2)[1])
+
+
+# -- refusing bad banks ----------------------------------------------------------------------------
+@pytest.fixture
+def fresh(tmp_path: Path) -> Path:
+    write_random_bank(tmp_path / "bank", n=60)
+    return tmp_path / "bank"
+
+
+def _manifest_edit(**changes: object) -> Callable[[Path], None]:
+    def edit(bank: Path) -> None:
+        manifest = json.loads((bank / fmt.MANIFEST).read_text())
+        manifest.update(changes)
+        (bank / fmt.MANIFEST).write_text(json.dumps(manifest))
+    return edit
+
+
+def _save_npy(name: str, make: Callable[[np.ndarray], np.ndarray], allow_pickle: bool = False) -> Callable[[Path], None]:
+    def edit(bank: Path) -> None:
+        array = np.load(bank / name, allow_pickle=False)
+        np.save(bank / name, make(array), allow_pickle=allow_pickle)
+        rehash(bank)
+    return edit
+
+
+def _replace_bytes(name: str, change: Callable[[bytes], bytes], fix_manifest: bool = True) -> Callable[[Path], None]:
+    def edit(bank: Path) -> None:
+        (bank / name).write_bytes(change((bank / name).read_bytes()))
+        if fix_manifest:
+            rehash(bank)
+    return edit
+
+
+def _truncate(name: str, keep: int = -100, fix_manifest: bool = True) -> Callable[[Path], None]:
+    return _replace_bytes(name, lambda data: data[:keep], fix_manifest)
+
+
+def _write_parquet(name: str, change: Callable[[pa.Table], pa.Table]) -> Callable[[Path], None]:
+    def edit(bank: Path) -> None:
+        pq.write_table(change(pq.read_table(bank / name)), bank / name)
+        rehash(bank)
+    return edit
+
+
+def _set(table: pa.Table, column: str, values: np.ndarray) -> pa.Table:
+    return table.set_column(table.column_names.index(column), column, pa.array(values, table.schema.field(column).type))
+
+
+def _change_concepts(column: str, change: Callable[[np.ndarray], np.ndarray]) -> Callable[[Path], None]:
+    return _write_parquet(fmt.CONCEPTS, lambda t: _set(t, column, change(t.column(column).to_numpy())))
+
+
+def _flip_byte(bank: Path) -> None:
+    data = bytearray((bank / fmt.EMBEDDINGS).read_bytes())
+    data[-1] ^= 0xFF
+    (bank / fmt.EMBEDDINGS).write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "no manifest": (lambda b: (b / fmt.MANIFEST).unlink(), fmt.MANIFEST, "missing"),
+    "manifest not json": (lambda b: (b / fmt.MANIFEST).write_text("{not json"), fmt.MANIFEST, "not valid JSON"),
+    "manifest not object": (lambda b: (b / fmt.MANIFEST).write_text("[1, 2]"), fmt.MANIFEST, "JSON object"),
+    "wrong format": (_manifest_edit(format="other"), fmt.MANIFEST, "not a cmcaug patch bank"),
+    "newer version": (_manifest_edit(version=2), fmt.MANIFEST, "upgrade cmcaug"),
+    "manifest field": (_manifest_edit(patch_size="6"), fmt.MANIFEST, "patch_size"),
+    "files entry": (_manifest_edit(files={}), fmt.MANIFEST, "files"),
+    **{f"missing {name}": (lambda b, n=name: (b / n).unlink(), name, "missing") for name in fmt.DATA_FILES},
+    "truncated, manifest disagrees": (_truncate(fmt.PIXELS, fix_manifest=False), fmt.PIXELS, "truncated|bytes"),
+    "checksum mismatch": (_flip_byte, fmt.EMBEDDINGS, "sha256"),
+    "truncated npy": (_truncate(fmt.PIXELS), fmt.PIXELS, "truncated"),
+    "truncated npy header": (_truncate(fmt.EMBEDDINGS, keep=20), fmt.EMBEDDINGS, "not a readable .npy"),
+    "trailing bytes": (_replace_bytes(fmt.PIXELS, lambda data: data + b"\0"), fmt.PIXELS, "trailing"),
+    "wrong dtype": (_save_npy(fmt.PIXELS, lambda a: a.astype(np.int16)), fmt.PIXELS, "uint8"),
+    "fortran order": (_save_npy(fmt.PIXELS, np.asfortranarray), fmt.PIXELS, "Fortran"),
+    "pickled npy": (_save_npy(fmt.EMBEDDINGS, lambda a: a.astype(object), allow_pickle=True), fmt.EMBEDDINGS, "pickle"),
+    "wrong patch size": (_save_npy(fmt.PIXELS, lambda a: a[:, :5, :5]), fmt.PIXELS, "shape"),
+    "wrong row count": (_save_npy(fmt.EMBEDDINGS, lambda a: a[:-1]), fmt.EMBEDDINGS, "shape"),
+    "offsets not contiguous": (_change_concepts("offset", lambda offsets: offsets + 1), fmt.CONCEPTS, "not contiguous"),
+    "counts wrong total": (_change_concepts("count", lambda counts: counts * 2), fmt.CONCEPTS, "counts sum to 120"),
+    "negative count": (_change_concepts("count", lambda counts: -counts), fmt.CONCEPTS, ">= 0"),
+    "concept ids": (_change_concepts("concept_id", lambda ids: ids[::-1]), fmt.CONCEPTS, "concept_id"),
+    "duplicate names": (_write_parquet(fmt.CONCEPTS, lambda t: _set(t, "name", ["dog"] * t.num_rows)), fmt.CONCEPTS, "distinct|twice"),
+    "concepts schema": (_write_parquet(fmt.CONCEPTS, lambda t: t.drop_columns(["synonyms"])), fmt.CONCEPTS, "columns"),
+    "concepts garbage": (_replace_bytes(fmt.CONCEPTS, lambda data: b"garbage"), fmt.CONCEPTS, "parquet"),
+    "patches unsorted": (_write_parquet(fmt.PATCHES, lambda t: t.take(np.arange(t.num_rows)[::-1])), fmt.PATCHES, "sorted"),
+    "patches rows": (_write_parquet(fmt.PATCHES, lambda t: t.slice(1)), fmt.PATCHES, "rows"),
+    "patches schema": (_write_parquet(fmt.PATCHES, lambda t: t.rename_columns(["concept", *t.column_names[1:]])), fmt.PATCHES, "columns"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPTIONS)
+def test_bad_bank_is_refused_naming_the_file(fresh: Path, case: str) -> None:
+    corrupt, name, problem = CORRUPTIONS[case]
+    corrupt(fresh)
+    with pytest.raises(BankFormatError, match=problem) as info:
+        PatchBank.open(fresh)
+    assert str(fresh / name) in str(info.value)
+
+
+def test_no_validate_skips_checksums_but_not_structure(fresh: Path) -> None:
+    _flip_byte(fresh)
+    PatchBank.open(fresh, validate=False)
+    _truncate(fmt.PIXELS, fix_manifest=False)(fresh)
+    with pytest.raises(BankFormatError, match="pixels.npy"):
+        PatchBank.open(fresh, validate=False)
+
+
+def test_bad_index_is_reported_on_first_search(fresh: Path) -> None:
+    (fresh / fmt.INDEX).write_bytes(b"not an index")
+    rehash(fresh)
+    bank = PatchBank.open(fresh)
+    with pytest.raises(BankFormatError, match="index.faiss"):
+        bank.search(np.ones(12), k=1)
+
+
+def test_missing_folder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BankFormatError, match="does not exist"):
+        PatchBank.open(tmp_path / "nowhere")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(BankFormatError, match="not a patch bank.*--resume"):
+        PatchBank.open(tmp_path / "half")
+
+
+def test_inputs_fixture_is_unsorted() -> None:
+    ids = random_inputs().get("patches").column("concept_id").to_numpy()
+    assert (np.diff(ids) < 0).any()  # otherwise the sort tests would prove nothing

@@ -1,0 +1,307 @@
+"""splice: the Triton kernels (interpreted on CPU, compiled on CUDA) equal the reference bit for bit, forward
+and backward, and the reference equals a per-row construction, on random ragged plans of every shape."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import triton
+import triton.language as tl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import PlanSpec, plan_specs, random_spec, spliced_rows
+
+from cmcaug.errors import InputError
+from cmcaug.kernels import SpliceOutput, reference, splice
+from cmcaug.kernels.splice import _row_offsets, splice_backward, splice_forward
+from cmcaug.plan import SplicePlan
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+LAYOUTS = ["contiguous", "row_strided", "transposed", "d_strided", "expanded"]
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def examples(n: int) -> settings:
+    """Hypothesis settings: n examples, no deadline (the interpreter is slow), fixtures allowed (they are constants)."""
+    return settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def assert_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Same dtype, shape and raw bits (so -0.0, NaN payloads and infinities count too)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    bits = _BITS[actual.element_size()]
+    a, e = actual.detach().cpu().contiguous(), expected.detach().cpu().contiguous()
+    assert torch.equal(a.view(bits), e.view(bits)), f"{(a != e).sum().item()} of {a.numel()} elements differ"
+
+
+def make_tensor(shape: tuple[int, int, int], dtype: torch.dtype, layout: str, seed: int, device: str) -> torch.Tensor:
+    """A random [A, R, D] tensor with the given memory layout (a view of a larger or permuted buffer)."""
+    a, r, d = shape
+    base_shape = {"contiguous": (a, r, d), "row_strided": (a, r + 2, d + 3), "transposed": (r, a, d),
+                  "d_strided": (a, r, 2 * d), "expanded": (1, r, d)}[layout]
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(base_shape, generator=g).to(device=device, dtype=dtype)
+    view = {"contiguous": lambda x: x, "row_strided": lambda x: x[:, 1:r + 1, 2:d + 2],
+            "transposed": lambda x: x.transpose(0, 1), "d_strided": lambda x: x[..., ::2],
+            "expanded": lambda x: x.expand(a, r, d)}[layout](base)
+    assert view.shape == (a, r, d)
+    return view
+
+
+def naive_splice(text: torch.Tensor, patches: torch.Tensor, spec: PlanSpec) -> torch.Tensor:
+    """The spliced batch built row by row, token by token (autograd follows the copies)."""
+    rows = spliced_rows(spec)
+    out = text.new_zeros(len(rows), max(len(row) for row in rows), text.shape[-1])
+    for b, row in enumerate(rows):
+        for t, (kind, i, j) in enumerate(row):
+            out[b, t] = text[b, i] if kind == "text" else patches[i, j]
+    return out
+
+
+def case(spec: PlanSpec, d: int, dtype: torch.dtype, layout: str, seed: int, device: str, grad: bool = False):
+    plan = spec.build().to(device)
+    text = make_tensor((plan.batch_size, plan.text_length, d), dtype, layout, seed, device)
+    patches = make_tensor((plan.num_slots, plan.patch_tokens, d), dtype, layout, seed + 1, device)
+    if grad:
+        text, patches = text.detach().requires_grad_(), patches.detach().requires_grad_()
+    return plan, text, patches
+
+
+# -- the reference against the per-row construction ----------------------------------------------------
+@examples(600)
+@given(spec=plan_specs(), d=st.sampled_from([1, 3, 8]), dtype=st.sampled_from(DTYPES),
+       layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**16))
+def test_reference_matches_per_row_construction(spec: PlanSpec, d: int, dtype, layout: str, seed: int) -> None:
+    plan, text, patches = case(spec, d, dtype, layout, seed, "cpu", grad=True)
+    out = splice(text, patches, plan, backend="reference")
+    want = naive_splice(text, patches, spec)
+    assert_exact(out.embeds, want)
+    g = make_tensor(tuple(out.embeds.shape), dtype, "contiguous", seed + 2, "cpu")
+    got = torch.autograd.grad(out.embeds, (text, patches), g)
+    want_grads = torch.autograd.grad(want, (text, patches), g, allow_unused=True) if want.requires_grad else (None,) * 2
+    for actual, expected, x in zip(got, want_grads, (text, patches)):
+        assert_exact(actual, torch.zeros_like(x) if expected is None else expected)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_reference_on_large_random_plans(seed: int) -> None:
+    spec = random_spec(np.random.default_rng(1000 + seed), batch=64)
+    plan, text, patches = case(spec, 4, torch.float32, "contiguous", seed, "cpu")
+    assert_exact(reference.splice_forward(text, patches, plan), naive_splice(text, patches, spec))
+
+
+# -- Triton against the reference ----------------------------------------------------------------------
+@examples(400)
+@given(spec=plan_specs(max_batch=4, max_text=14), d=st.sampled_from([1, 3, 5, 16, 33, 100]),
+       dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**16),
+       blocks=st.sampled_from([(None, None), (8, None), (None, 4), (32, 16)]))
+def test_triton_matches_reference(triton_device, spec, d, dtype, layout, seed, blocks) -> None:
+    block_rows, block_d = blocks
+    plan, text, patches = case(spec, d, dtype, layout, seed, triton_device)
+    out = splice_forward(text, patches, plan, block_rows=block_rows, block_d=block_d)
+    assert_exact(out, reference.splice_forward(text, patches, plan))
+    g = make_tensor(tuple(out.shape), dtype, layout, seed + 2, triton_device)
+    got = splice_backward(g, plan, block_rows=block_rows, block_d=block_d)
+    for actual, expected in zip(got, reference.splice_backward(g, plan)):
+        assert_exact(actual, expected)
+
+
+@examples(80)
+@given(spec=plan_specs(max_batch=4, max_text=12), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
+       needs=st.sampled_from([(True, True), (True, False), (False, True)]))
+def test_triton_autograd_matches_reference(triton_device, spec, dtype, seed, needs) -> None:
+    outputs, grads = [], []
+    for backend in ("triton", "reference"):
+        plan, text, patches = case(spec, 6, dtype, "contiguous", seed, triton_device)
+        text.requires_grad_(needs[0])
+        patches.requires_grad_(needs[1])
+        out = splice(text, patches, plan, backend=backend)
+        g = make_tensor(tuple(out.embeds.shape), dtype, "contiguous", seed + 2, triton_device)
+        inputs = [x for x, need in zip((text, patches), needs) if need]
+        outputs.append(out)
+        grads.append(torch.autograd.grad(out.embeds, inputs, g))
+    for a, b in zip(outputs[0], outputs[1]):
+        assert_exact(a, b)
+    for a, b in zip(grads[0], grads[1]):
+        assert_exact(a, b)
+
+
+EDGE_CASES = {
+    "one row, no spans": PlanSpec((5,), ((),)),
+    "no patches at all (M = 0)": PlanSpec((3, 4), ((), ())),
+    "rows entirely patches": PlanSpec((3, 2), (((0, 1), (1, 3)), ((0, 2),)), patch_tokens=3),
+    "all rows empty": PlanSpec((0, 0), ((), ())),
+    "truncated by max_length": PlanSpec((9, 4), (((2, 4), (6, 7)), ((0, 4),)), patch_tokens=4, max_length=6),
+    "padded text width": PlanSpec((2, 3), (((1, 2),), ()), patch_tokens=2, text_length=7),
+}
+
+
+@pytest.mark.parametrize("d", [1, 1000])
+@pytest.mark.parametrize("name", list(EDGE_CASES))
+def test_edge_cases(triton_device, name: str, d: int) -> None:
+    spec = EDGE_CASES[name]
+    results = []
+    for backend in ("triton", "reference"):
+        plan, text, patches = case(spec, d, torch.bfloat16, "contiguous", 7, triton_device, grad=True)
+        out = splice(text, patches, plan, backend=backend)
+        results.append((out.embeds, *torch.autograd.grad(out.embeds, (text, patches), torch.ones_like(out.embeds))))
+    assert_exact(results[0][0], naive_splice(text.detach().cpu(), patches.detach().cpu(), spec))
+    for a, b in zip(*results):
+        assert_exact(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_special_values_keep_their_bits(triton_device, dtype) -> None:
+    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -3.5], dtype=torch.float64)
+    spec = PlanSpec((4, 3), (((1, 2),), ((0, 3),)), patch_tokens=2)
+    plan = spec.build().to(triton_device)
+    text = specials[torch.arange(2 * 4 * 5) % 7].reshape(2, 4, 5).to(device=triton_device, dtype=dtype)
+    patches = specials[torch.arange(2 * 2 * 5) % 5 + 1].reshape(2, 2, 5).to(device=triton_device, dtype=dtype)
+    out = splice_forward(text, patches, plan)
+    assert_exact(out, reference.splice_forward(text, patches, plan))
+    got = splice_backward(-out, plan)  # gradients with -0.0 and NaN
+    for actual, expected in zip(got, reference.splice_backward(-out, plan)):
+        assert_exact(actual, expected)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_gradcheck(triton_device, backend: str) -> None:
+    plan, text, patches = case(EDGE_CASES["truncated by max_length"], 2, torch.float64, "row_strided", 3,
+                               triton_device, grad=True)
+    assert torch.autograd.gradcheck(lambda t, p: splice(t, p, plan, backend=backend).embeds, (text, patches))
+
+
+def test_replaced_text_tokens_get_zero_gradient() -> None:
+    plan = SplicePlan.build([4], [[(1, 3)]])
+    text = torch.ones(1, 4, 2, requires_grad=True)
+    splice(text, torch.ones(1, 1, 2, requires_grad=True), plan).embeds.sum().backward()
+    assert text.grad[0, :, 0].tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_output_maps_come_from_the_plan() -> None:
+    plan = SplicePlan.build([3, 1], [[(1, 2)], []], patch_tokens=2)
+    out = splice(torch.zeros(2, 3, 4), torch.zeros(1, 2, 4), plan)
+    assert isinstance(out, SpliceOutput)
+    assert torch.equal(out.attention_mask, plan.attention_mask) and out.attention_mask.dtype == torch.int64
+    assert torch.equal(out.modality_ids, plan.modality_ids)
+    assert torch.equal(out.position_ids, plan.position_ids)
+    assert out.source_index is plan.source_index
+    assert out.position_ids.tolist() == [[0, 1, 2, 3], [0, 0, 0, 0]]
+
+
+@triton.jit
+def _row_offsets_probe(out_ptr, rows_ptr, inner, stride_outer, stride_inner, FLAT: tl.constexpr):
+    rows = tl.load(rows_ptr + tl.arange(0, 2))
+    tl.store(out_ptr + tl.arange(0, 2), _row_offsets(rows, inner, stride_outer, stride_inner, FLAT))
+
+
+@examples(40)
+@given(row=st.integers(0, 2**31 - 1), inner=st.integers(1, 2**31 - 1),
+       strides=st.tuples(st.integers(0, 2**40), st.integers(0, 2**40)))
+def test_row_offsets_use_64_bit_math(triton_device, row: int, inner: int, strides: tuple[int, int]) -> None:
+    """The offset helper of the kernels, on int32 rows whose offsets overflow 32 bits."""
+    rows = torch.tensor([row, max(row - 1, 0)], dtype=torch.int32, device=triton_device)
+    out = torch.zeros(2, dtype=torch.int64, device=triton_device)
+    _row_offsets_probe[(1,)](out, rows, inner, *strides, FLAT=False)
+    assert out.tolist() == [r // inner * strides[0] + r % inner * strides[1] for r in rows.tolist()]
+    _row_offsets_probe[(1,)](out, rows, inner, *strides, FLAT=True)
+    assert out.tolist() == [r * strides[1] for r in rows.tolist()]
+
+
+@pytest.mark.gpu
+def test_more_than_2_31_elements_on_cuda() -> None:
+    d, width = 1024, 2**21 + 5  # text and output each hold more than 2^31 bf16 elements
+    spans = [[(width - 9, width - 7), (width - 3, width - 2)]]
+    plan = SplicePlan.build([width], spans, patch_tokens=3).to("cuda")
+    text = torch.randn(1, width, d, device="cuda", dtype=torch.bfloat16)
+    patches = torch.randn(2, 3, d, device="cuda", dtype=torch.bfloat16)
+    out = splice(text, patches, plan).embeds
+    assert text.numel() > 2**31 and out.numel() > 2**31
+    assert_exact(out[0, -12:], reference.splice_forward(text, patches, plan)[0, -12:])
+    grad_text, grad_patches = splice_backward(out, plan)
+    assert_exact(grad_text[0, -12:], reference.splice_backward(out, plan)[0][0, -12:])
+    assert_exact(grad_patches, patches)
+
+
+_COMPILE_FOR_GPU = """
+import itertools, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from cmcaug.kernels.patch_gather import _patch_gather_kernel
+from cmcaug.kernels.splice import _gather_rows_kernel
+
+def compile(fn, types, constexprs):
+    signature = dict(types, **dict.fromkeys(constexprs, "constexpr"))
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+for dtype, signed, flat in itertools.product(("fp32", "bf16"), (True, False), (True, False)):
+    names = ["out_ptr", "index_ptr", "n_rows", "D", "a_ptr", "a_inner", "a_stride0", "a_stride1",
+             "b_ptr", "b_inner", "b_stride0", "b_stride1"]
+    types = ["*" + dtype, "*i32", "i32", "i32", "*" + dtype, "i32", "i64", "i32", "*" + dtype, "i32", "i32", "i32"]
+    compile(_gather_rows_kernel, dict(zip(names, types)),
+            {"SIGNED": signed, "A_FLAT": flat, "B_FLAT": not flat, "BLOCK_R": 16, "BLOCK_D": 256})
+for dtype, has_index in itertools.product(("fp32", "bf16"), (True, False)):
+    names = ["out_ptr", "pixels_ptr", "index_ptr", "affine_ptr", "M", "HW", "W", "stride_n", "stride_h",
+             "stride_w", "stride_c"]
+    types = ["*" + dtype, "*u8", "*i64", "*fp32"] + ["i32"] * 7
+    compile(_patch_gather_kernel, dict(zip(names, types)),
+            {"C": 3, "HAS_INDEX": has_index, "TO_BFLOAT16": dtype == "bf16", "BLOCK_M": 1, "BLOCK_Q": 1024})
+"""
+
+
+def test_kernels_compile_for_a_gpu_target() -> None:
+    """Compile every kernel variant to H100 code (no GPU needed): catches what only the compiler rejects."""
+    import inspect
+    import os
+    import subprocess
+    import sys
+
+    from triton.compiler import ASTSource
+
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests compile and run the kernels for real")
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        pytest.skip(f"triton {triton.__version__} has another ahead-of-time compile API")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# -- errors --------------------------------------------------------------------------------------------
+def test_errors() -> None:
+    plan = SplicePlan.build([3, 2], [[(0, 1)], []], patch_tokens=2)
+    text, patches = torch.zeros(2, 3, 4), torch.zeros(1, 2, 4)
+    with pytest.raises(InputError, match="build the plan with text_length"):
+        splice(torch.zeros(2, 5, 4), patches, plan)
+    with pytest.raises(InputError, match=r"\[M, K, D\] = \[1, 2, 4\]"):
+        splice(text, torch.zeros(2, 2, 4), plan)
+    with pytest.raises(InputError, match="share a dtype"):
+        splice(text, patches.half(), plan)
+    with pytest.raises(InputError, match="3-D floating-point"):
+        splice(text.long(), patches.long(), plan)
+    with pytest.raises(InputError, match="3-D floating-point"):
+        splice(text[0], patches, plan)
+    with pytest.raises(InputError, match="SplicePlan"):
+        splice(text, patches, plan.source_index)
+    with pytest.raises(InputError, match="one device"):
+        splice(text.to("meta"), patches.to("meta"), plan)
+    with pytest.raises(InputError, match="backend must be"):
+        splice(text, patches, plan, backend="cuda")
+
+
+# -- the benchmark's code path ---------------------------------------------------------------------------
+def test_benchmark_smoke_mode(tmp_path, monkeypatch) -> None:
+    from benchmarks import bench_splice, common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    assert bench_splice.main(["--smoke"]) == 0
+    (result,) = tmp_path.glob("splice-smoke-*.json")
+    payload = json.loads(result.read_text())
+    assert {"device", "copy_gbs", "rows"} <= payload.keys()
+    keys = {"provider", "pass", "dtype", "B", "L", "D", "K", "bytes", "ms", "gbs"}
+    assert payload["rows"] and all(keys <= row.keys() for row in payload["rows"])
+    assert {row["pass"] for row in payload["rows"]} == {"fwd", "bwd", "fwd+bwd"}
+    assert list(tmp_path.glob("splice-smoke-*.png"))
