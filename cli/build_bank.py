@@ -1,0 +1,89 @@
+"""`cmcaug build-bank IMAGES... -o BANK`: detect, crop and embed concept patches into a patch bank."""
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+inputs:
+  folders (searched recursively for .jpg .jpeg .png .webp .bmp), image files, text files listing one
+  image path per line, and uncompressed webdataset .tar shards as written by img2dataset. Unreadable,
+  truncated, empty, non-image and oversized images are skipped and counted; CMYK, 16-bit, grayscale,
+  palette and EXIF-rotated images are converted to upright RGB.
+
+resume:
+  the build keeps its state in BANK/.build/. If it is killed at any point, rerun the same command with
+  --resume: it redoes only the unfinished batches and writes exactly the bank an uninterrupted run
+  writes. --resume on a missing bank starts one; on a finished bank of the same inputs and options it
+  does nothing.
+
+exit codes:
+  0    the bank was built (or, with --resume, was already complete)
+  1    unexpected internal error (a bug; please report it)
+  2    bad usage: unknown flag, no -o, neither or both of --detector and --annotations,
+       both --resume and --overwrite
+  3    bad input: an input path does not exist; no images found; BANK exists without --resume or
+       --overwrite, or holds files that are not a bank's; --resume with other inputs or options than
+       the unfinished build; annotations for an image not among the inputs, an unknown category, a
+       box outside its image; a detector class list that shares no name with --vocab; YOLO weights
+       not found; --embedder detector without --detector; an option out of range
+  4    malformed bank or build state: an unreadable BANK/manifest.json or BANK/.build shard
+       (rerun with --overwrite)
+  5    a missing dependency: ultralytics (for --detector) or faiss
+  130  interrupted (Ctrl-C): rerun with --resume to continue
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "build-bank",
+        help="build a concept patch bank from images",
+        description="Find objects in IMAGES (YOLO detector or COCO annotations), cut a square patch around each "
+        "box, embed it and write a patch bank to BANK (patches sorted by concept, FAISS index, manifest).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGES", help="image folders, image files, path lists or .tar shards")
+    parser.add_argument("-o", "--output", required=True, metavar="BANK", help="bank folder to write")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--detector", metavar="WEIGHTS_OR_YAML", help="ultralytics YOLO .pt file or model yaml (e.g. yolov8n.yaml)")
+    source.add_argument("--annotations", metavar="COCO.json", help="COCO-format boxes instead of a detector")
+    parser.add_argument("--vocab", metavar="FILE", help='concept vocabulary JSON {"name": [synonyms...]} (default: the class names)')
+    parser.add_argument("--patch-size", type=int, default=64, metavar="P", help="patch side in pixels (default 64)")
+    parser.add_argument("--min-box", type=float, default=16, metavar="PX", help="drop boxes whose longer side is shorter (default 16)")
+    parser.add_argument("--conf", type=float, default=0.25, help="drop boxes scoring below this (default 0.25)")
+    parser.add_argument("--max-per-concept", type=int, metavar="N", help="keep at most N patches per concept, drawn with --seed")
+    parser.add_argument("--embedder", choices=("pixels", "detector"), default="pixels",
+                        help="pixels: model-free colour/layout descriptor (default); detector: pooled YOLO backbone features")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per detector batch and build shard (default 16)")
+    parser.add_argument("--workers", type=int, metavar="N", help="decode threads (default min(8, CPUs)); never changes the bank")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an interrupted build in BANK/.build/")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing bank in BANK")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --max-per-concept draw and of yaml models (default 0)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cmcaug.build import build_bank
+
+    from .render import summary, table
+
+    result = build_bank(
+        args.images, args.output, detector=args.detector, annotations=args.annotations, vocab=args.vocab,
+        patch_size=args.patch_size, min_box=args.min_box, conf=args.conf, max_per_concept=args.max_per_concept,
+        embedder=args.embedder, batch_size=args.batch_size, workers=args.workers, resume=args.resume,
+        overwrite=args.overwrite, seed=args.seed, progress=True,
+    )
+    images, boxes = result.stats["images"], result.stats["boxes"]
+    print(summary("patch bank", {
+        "path": str(result.bank), "patches": boxes["kept"], "seconds": round(result.seconds, 2),
+        "images/s": round(result.images_per_s, 1), "batches resumed": result.resumed_batches,
+        "status": "already complete" if result.already_built else "built",
+    }))
+    rows = [("images read", images["read"]), ("images decoded", images["decoded"])]
+    rows += [(f"  failed: {reason}", n) for reason, n in images["failed"].items()]
+    rows += [("boxes found", boxes["found"]), ("boxes kept", boxes["kept"])]
+    rows += [(f"  dropped: {reason}", n) for reason, n in boxes["dropped"].items()]
+    print(table(rows, ["stage", "count"]))
+    print(table(list(result.stats["patches_per_concept"].items()), ["concept", "patches"]))
+    return 0

@@ -1,0 +1,398 @@
+"""`build_bank`: image corpus -> concept patch bank, resumable and independent of the worker count.
+
+    list images (sorted by key) -> decode pool -> detect in batches -> square crops -> embed
+      -> one shard per batch under BANK/.build/ -> finalize with `write_bank` -> remove .build/
+
+Determinism: batch b always holds images [b*B, (b+1)*B) of the key-sorted list, decoding results are
+consumed in key order, and the finalize step reads shards in batch order, so neither `workers` nor a
+resume changes a byte of the bank. `max_per_concept` draws from a generator seeded by (seed, concept).
+
+Resume: a shard is written to a temporary name and renamed into place, so a shard file exists only
+when its batch is complete; `state.json` pins the inputs and options. A build killed at any point
+(SIGKILL included) and re-run with `resume=True` redoes only the missing batches, then finalizes from
+scratch; `write_bank` publishes the bank by writing `manifest.json` last. `.build/` is renamed away
+before it is deleted, so it is either whole or gone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+from tqdm import tqdm
+
+from . import bank_format as fmt
+from .bank_writer import write_bank
+from .concepts import ConceptVocab
+from .detect import AnnotationDetector, Detector, UltralyticsDetector
+from .embed import Embedder, make_embedder
+from .errors import BankFormatError, InputError
+from .images import DEFAULT_MAX_PIXELS, FAILURE_REASONS, ImageRef, decode_stream, list_images
+
+log = logging.getLogger(__name__)
+
+BUILD_DIR = ".build"
+DROP_REASONS = ("unknown_concept", "low_score", "small", "max_per_concept")
+CRASH_ENV = "CMCAUG_BUILD_CRASH_AT"  # test hook: "shard:N", "finalize:before", "finalize:written", "finalize:renamed"
+_TRASH = ".build.trash"
+_STATE = "state.json"
+_BANK_NAMES = {fmt.MANIFEST, *fmt.DATA_FILES, *(f".{n}.tmp" for n in (fmt.MANIFEST, *fmt.DATA_FILES)), BUILD_DIR, _TRASH}
+
+
+@dataclass(frozen=True)
+class BuildStats:
+    """What a build did. `stats` is also stored in the bank's manifest (everything but timings)."""
+
+    bank: Path
+    stats: dict[str, Any]
+    seconds: float
+    images_per_s: float
+    resumed_batches: int = 0
+    already_built: bool = False
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def crop_patch(image: Image.Image, box: Sequence[float], size: int) -> np.ndarray:
+    """Square crop centred on `box` (x0, y0, x1, y1), side = the box's longer side; the part outside the
+    image is black; resized to `size` x `size` with Pillow's antialiased bicubic filter."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = max(1, round(max(x1 - x0, y1 - y0)))
+    left, top = math.floor((x0 + x1 - side) / 2 + 0.5), math.floor((y0 + y1 - side) / 2 + 0.5)
+    crop = image.crop((left, top, left + side, top + side))
+    return np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
+def _crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+# -- the output directory --------------------------------------------------------------------------
+def _clear(out: Path) -> None:
+    for entry in sorted(out.iterdir(), key=lambda p: p.name == BUILD_DIR):  # .build/ last: stays recognisable
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def _open_build(out: Path, state: dict[str, Any], resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Make `out/.build/` ready for `state`; return the finished bank's manifest when resuming one."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} exists and is not a directory; pass a directory path for the bank")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / _TRASH, ignore_errors=True)
+    build, manifest = out / BUILD_DIR, out / fmt.MANIFEST
+    entries = sorted(p.name for p in out.iterdir())
+    foreign = [e for e in entries if e not in _BANK_NAMES]
+    if foreign:
+        raise InputError(f"output {out} holds files that are not part of a cmcaug bank ({', '.join(foreign[:3])}); "
+                         "choose a new or empty directory")
+    if overwrite:
+        _clear(out)
+    elif resume and build.is_dir():
+        old = _read_state(build)
+        if old is None:
+            shutil.rmtree(build)  # killed before its state was written: nothing to keep
+        elif old["fingerprint"] != state["fingerprint"]:
+            changed = sorted(k for k in state["description"] if old["description"].get(k) != state["description"][k])
+            raise InputError(f"the unfinished build in {build} was started with other inputs or options (differs in: "
+                             f"{', '.join(changed)}); rerun with the same ones to resume, or pass --overwrite to start over")
+    elif resume and manifest.is_file():
+        try:
+            finished = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BankFormatError(f"{manifest}: unreadable manifest ({exc}); pass --overwrite to rebuild the bank") from exc
+        if finished.get("provenance", {}).get("fingerprint") == state["fingerprint"]:
+            return finished
+        raise InputError(f"{out} is a finished bank built from other inputs or options; pass --overwrite to rebuild it")
+    elif resume:
+        _clear(out)  # leftovers of a bank being deleted: start over
+    elif entries:
+        what = ("an unfinished build: pass --resume to continue it or --overwrite to start over" if build.is_dir()
+                else "a bank: pass --overwrite to replace it")
+        raise InputError(f"output {out} already holds {what}")
+    (build / "shards").mkdir(parents=True, exist_ok=True)
+    for stale in (build / "shards").glob("*.tmp"):
+        stale.unlink()
+    if _read_state(build) is None:
+        _write_atomic(build / _STATE, lambda f: f.write(json.dumps(state, sort_keys=True, indent=1).encode()))
+    return None
+
+
+def _read_state(build: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((build / _STATE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# -- one batch -------------------------------------------------------------------------------------
+def _shard_path(build: Path, batch: int) -> Path:
+    return build / "shards" / f"{batch:08d}.npz"
+
+
+def _concept_map(names: Sequence[str], vocab: ConceptVocab) -> np.ndarray:
+    """Detector class index -> concept id (-1 when the vocabulary has no such name or synonym)."""
+    forms = vocab.surface_forms
+    out = np.array([vocab.id(n) if n in vocab else forms.get(" ".join(n.lower().split()), -1) for n in names], np.int32)
+    if not (out >= 0).any():
+        raise InputError(f"none of the detector's classes ({', '.join(names[:6])}, ...) is a concept or synonym of the "
+                         f"vocabulary ({', '.join(vocab.names[:6])}, ...); pass a matching --vocab")
+    return out
+
+
+def _run_batch(first: int, decoded: Sequence[Any], detector: Detector, concept_of: np.ndarray, embedder: Embedder,
+               opts: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Detect, filter, crop and embed one batch; the shard's arrays and its stats."""
+    ok = [(i, d) for i, d in enumerate(decoded) if d.pixels is not None]
+    found = detector.detect([d.pixels for _, d in ok], [d.key for _, d in ok]) if ok else []
+    dropped: Counter[str] = Counter()
+    rows: dict[str, list[Any]] = {"concept_id": [], "image": [], "box": [], "score": []}
+    crops: list[np.ndarray] = []
+    for (i, d), det in zip(ok, found, strict=True):
+        known = (det.labels >= 0) & (det.labels < len(concept_of))
+        concept = np.full(len(det), -1, np.int32)
+        concept[known] = concept_of[det.labels[known]]
+        sides = np.stack([det.boxes[:, 2] - det.boxes[:, 0], det.boxes[:, 3] - det.boxes[:, 1]], axis=1)
+        unknown = concept < 0
+        low = ~unknown & (det.scores < opts["conf"])
+        small = ~unknown & ~low & ((sides.max(axis=1) < opts["min_box"]) | (sides.min(axis=1) < 1))
+        dropped.update(unknown_concept=int(unknown.sum()), low_score=int(low.sum()), small=int(small.sum()))
+        keep = np.flatnonzero(~(unknown | low | small))
+        image = Image.fromarray(d.pixels) if keep.size else None
+        for k in keep:
+            crops.append(crop_patch(image, det.boxes[k], opts["patch_size"]))
+            rows["concept_id"].append(concept[k])
+            rows["image"].append(first + i)
+            rows["box"].append(det.boxes[k])
+            rows["score"].append(det.scores[k])
+    p = opts["patch_size"]
+    pixels = np.stack(crops) if crops else np.zeros((0, p, p, 3), np.uint8)
+    arrays = {
+        "concept_id": np.array(rows["concept_id"], np.int32), "image": np.array(rows["image"], np.int64),
+        "box": np.array(rows["box"], np.float32).reshape(-1, 4), "score": np.array(rows["score"], np.float32),
+        "pixels": pixels, "embeddings": embedder.embed(pixels).astype(np.float16),
+    }
+    failed = Counter(d.failure for d in decoded if d.failure)
+    stats = {"read": len(decoded), "decoded": len(ok), "failed": dict(failed), "found": int(sum(len(f) for f in found)),
+             "dropped": dict(dropped)}
+    return arrays, stats
+
+
+def _save_shard(path: Path, arrays: dict[str, np.ndarray], stats: dict[str, Any]) -> None:
+    blob = np.frombuffer(json.dumps(stats, sort_keys=True).encode(), np.uint8)
+    _write_atomic(path, lambda f: np.savez(f, stats=blob, **arrays))
+
+
+def _load_shard(path: Path, names: Sequence[str]) -> dict[str, Any]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out: dict[str, Any] = {n: z[n] for n in names}
+            out["stats"] = json.loads(bytes(z["stats"]).decode())
+            return out
+    except (OSError, ValueError, KeyError) as exc:
+        raise BankFormatError(f"{path}: unreadable build shard ({exc}); pass --overwrite to start the build over") from exc
+
+
+# -- finalize --------------------------------------------------------------------------------------
+def select_per_concept(concept: np.ndarray, image: np.ndarray, box: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """Boolean mask keeping at most `limit` rows per concept: a seeded draw per concept over the rows in
+    (image, box) order, so the choice depends only on the rows, `limit` and `seed`."""
+    keep = np.ones(len(concept), bool)
+    if limit is None:
+        return keep
+    order = np.lexsort((box[:, 3], box[:, 2], box[:, 1], box[:, 0], image, concept))
+    for c in np.unique(concept):
+        rows = order[concept[order] == c]
+        if len(rows) > limit:
+            chosen = np.random.default_rng([seed, int(c)]).choice(len(rows), size=limit, replace=False)
+            keep[rows] = False
+            keep[rows[chosen]] = True
+    return keep
+
+
+def _finalize(out: Path, build: Path, n_batches: int, keys: Sequence[str], vocab: ConceptVocab, opts: dict[str, Any],
+              dim: int, provenance: dict[str, Any], progress: bool) -> dict[str, Any]:
+    meta = [_load_shard(_shard_path(build, b), ("concept_id", "image", "box", "score")) for b in range(n_batches)]
+    concept = np.concatenate([m["concept_id"] for m in meta])
+    image = np.concatenate([m["image"] for m in meta])
+    box = np.concatenate([m["box"] for m in meta])
+    keep = select_per_concept(concept, image, box, opts["max_per_concept"], opts["seed"])
+    n, p = int(keep.sum()), opts["patch_size"]
+    pixels = np.lib.format.open_memmap(build / "pixels.npy", "w+", np.uint8, (n, p, p, 3)) if n else np.zeros((0, p, p, 3), np.uint8)
+    embeddings = np.lib.format.open_memmap(build / "embeddings.npy", "w+", np.float16, (n, dim)) if n else np.zeros((0, dim), np.float16)
+    start, row = 0, 0
+    for b, m in enumerate(meta):
+        mask = keep[start:start + len(m["concept_id"])]
+        start += len(mask)
+        if mask.any():
+            with np.load(_shard_path(build, b), allow_pickle=False) as z:
+                pixels[row:row + mask.sum()] = z["pixels"][mask]
+                embeddings[row:row + mask.sum()] = z["embeddings"][mask]
+            row += int(mask.sum())
+    counts = np.bincount(concept[keep], minlength=len(vocab))
+    total: Counter[str] = Counter()
+    failed: Counter[str] = Counter({r: 0 for r in FAILURE_REASONS})
+    dropped: Counter[str] = Counter({r: 0 for r in DROP_REASONS})
+    for m in meta:
+        total.update(read=m["stats"]["read"], decoded=m["stats"]["decoded"], found=m["stats"]["found"])
+        failed.update(m["stats"]["failed"])
+        dropped.update(m["stats"]["dropped"])
+    dropped["max_per_concept"] = int((~keep).sum())
+    stats = {
+        "images": {"read": total["read"], "decoded": total["decoded"], "failed": dict(failed)},
+        "boxes": {"found": total["found"], "kept": n, "dropped": dict(dropped)},
+        "patches_per_concept": {name: int(c) for name, c in zip(vocab.names, counts)},
+    }
+    patches = pa.table({
+        "concept_id": pa.array(concept[keep], pa.int32()),
+        "image": pa.array([keys[i] for i in image[keep]], pa.string()),
+        "box": pa.FixedSizeListArray.from_arrays(pa.array(box[keep].ravel(), pa.float32()), 4),
+        "score": pa.array(np.concatenate([m["score"] for m in meta])[keep], pa.float32()),
+    })
+    _crash_point("finalize:before")
+    for entry in out.iterdir():  # leftovers of a write_bank that was killed
+        if entry.name != BUILD_DIR:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    manifest = write_bank(out, vocab=vocab, patches=patches, pixels=pixels, embeddings=embeddings,
+                          provenance=provenance, stats=stats, progress=progress)
+    del pixels, embeddings
+    _crash_point("finalize:written")
+    os.replace(build, out / _TRASH)
+    _crash_point("finalize:renamed")
+    shutil.rmtree(out / _TRASH)
+    return manifest
+
+
+# -- the pipeline ----------------------------------------------------------------------------------
+def _make_detector(detector: str | Path | Detector | None, annotations: str | Path | None, conf: float,
+                   batch_size: int, seed: int) -> Detector:
+    if (detector is None) == (annotations is None):
+        raise InputError("pass exactly one box source: a YOLO detector (--detector WEIGHTS_OR_YAML) or COCO annotations (--annotations FILE)")
+    if annotations is not None:
+        return AnnotationDetector(annotations)
+    if isinstance(detector, (str, Path)):
+        return UltralyticsDetector(detector, conf=conf, batch_size=batch_size, seed=seed)
+    if not isinstance(detector, Detector):
+        raise InputError(f"detector must be a weights path, a model yaml or a Detector, got {type(detector).__name__}")
+    return detector
+
+
+def _check_options(patch_size: int, min_box: float, conf: float, max_per_concept: int | None, batch_size: int,
+                   workers: int, resume: bool, overwrite: bool) -> None:
+    problems = [
+        (patch_size < 8, f"patch_size must be at least 8, got {patch_size}"),
+        (min_box < 0, f"min_box must be >= 0, got {min_box}"),
+        (not 0.0 <= conf <= 1.0, f"conf must lie in [0, 1], got {conf}"),
+        (max_per_concept is not None and max_per_concept < 1, f"max_per_concept must be >= 1, got {max_per_concept}"),
+        (batch_size < 1, f"batch_size must be >= 1, got {batch_size}"),
+        (workers < 0, f"workers must be >= 0, got {workers}"),
+        (resume and overwrite, "resume and overwrite exclude each other: pass one"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise InputError(message)
+
+
+def build_bank(
+    inputs: str | Path | Sequence[str | Path],
+    out: str | Path,
+    *,
+    detector: str | Path | Detector | None = None,
+    annotations: str | Path | None = None,
+    vocab: ConceptVocab | str | Path | None = None,
+    patch_size: int = 64,
+    min_box: float = 16,
+    conf: float = 0.25,
+    max_per_concept: int | None = None,
+    embedder: str = "pixels",
+    batch_size: int = 16,
+    workers: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> BuildStats:
+    """Build a patch bank at `out` from images (folders, image files, path lists, img2dataset .tar shards).
+
+    Boxes come from `detector` (YOLO weights / yaml, or any `Detector`) or `annotations` (COCO JSON).
+    Boxes are dropped when their class is not in `vocab` (default: the detector's class names), their
+    score is below `conf`, or their longer side is below `min_box` pixels; at most `max_per_concept`
+    patches per concept are kept (a draw seeded by `seed`, which also seeds a yaml model's random
+    weights). `workers` decode threads (default: min(8, CPUs)) never change the result. Images over
+    `max_pixels` pixels are skipped as decompression bombs. Same as `cmcaug build-bank`.
+    """
+    started = time.perf_counter()
+    workers = min(8, os.cpu_count() or 1) if workers is None else int(workers)
+    _check_options(patch_size, min_box, conf, max_per_concept, batch_size, workers, resume, overwrite)
+    refs: list[ImageRef] = list_images([inputs] if isinstance(inputs, (str, Path)) else inputs)
+    keys = [r.key for r in refs]
+    det = _make_detector(detector, annotations, conf, batch_size, seed)
+    if isinstance(det, AnnotationDetector):
+        det.match(keys)
+    if not isinstance(vocab, ConceptVocab):
+        vocab = ConceptVocab.from_names(det.names) if vocab is None else ConceptVocab.from_json(vocab)
+    concept_of = _concept_map(det.names, vocab)
+    emb = make_embedder(embedder, det)
+    opts = {"patch_size": int(patch_size), "min_box": float(min_box), "conf": float(conf), "max_per_concept": max_per_concept,
+            "batch_size": int(batch_size), "seed": int(seed), "max_pixels": int(max_pixels)}
+    description = {
+        "inputs": [str(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)],
+        "images": {"count": len(keys), "keys_sha256": _digest(keys)}, "detector": det.describe(),
+        "embedder": emb.describe(), "vocab": {"concepts": len(vocab), "sha256": _digest(vocab.to_dict())}, "options": opts,
+    }
+    state = {"fingerprint": _digest(description), "description": description}
+    out = Path(out)
+    finished = _open_build(out, state, resume, overwrite)
+    if finished is not None:
+        log.info("%s is already a finished bank of these inputs and options", out)
+        return BuildStats(out, finished.get("stats", {}), time.perf_counter() - started, 0.0, already_built=True, manifest=finished)
+
+    build = out / BUILD_DIR
+    n_batches = -(-len(refs) // batch_size)
+    todo = [b for b in range(n_batches) if not _shard_path(build, b).is_file()]
+    resumed = n_batches - len(todo)
+    if resumed:
+        log.info("resuming %s: %d of %d batches already done", build, resumed, n_batches)
+    todo_refs = [r for b in todo for r in refs[b * batch_size:(b + 1) * batch_size]]
+    stream = decode_stream(todo_refs, workers=workers, max_pixels=max_pixels, prefetch=2 * max(batch_size, workers))
+    done_images = len(refs) - len(todo_refs)
+    loop_started = time.perf_counter()
+    with tqdm(total=len(refs), initial=done_images, unit="img", desc="build-bank", disable=not progress) as bar:
+        try:
+            for count, b in enumerate(todo, 1):
+                decoded = [next(stream) for _ in refs[b * batch_size:(b + 1) * batch_size]]
+                arrays, shard_stats = _run_batch(b * batch_size, decoded, det, concept_of, emb, opts)
+                _save_shard(_shard_path(build, b), arrays, shard_stats)
+                _crash_point(f"shard:{count}")
+                bar.update(len(decoded))
+        finally:
+            stream.close()
+    processing = time.perf_counter() - loop_started
+    provenance = {**description, "fingerprint": state["fingerprint"]}
+    manifest = _finalize(out, build, n_batches, keys, vocab, opts, emb.dim, provenance, progress)
+    seconds = time.perf_counter() - started
+    return BuildStats(out, manifest["stats"], seconds, len(todo_refs) / max(processing, 1e-9), resumed, manifest=manifest)

@@ -1,0 +1,256 @@
+"""Detectors: where a bank's boxes come from.
+
+A `Detector` maps a batch of decoded RGB images (and their keys) to boxes in source pixels, with a
+score and a class index into `names`. Two ship:
+
+- `UltralyticsDetector`: any YOLO `.pt` file or model yaml, batched inference; its class names are the
+  vocabulary unless the build is given one.
+- `AnnotationDetector`: existing COCO-format boxes (COCO, Visual Genome or Objects365 converted to COCO),
+  for building a bank without running a model.
+
+Box policy (documented choice): boxes partly outside the image are clipped to it; a box with no
+overlap with its image, a non-positive width or height, or a non-finite coordinate is an `InputError`,
+because it means the annotations belong to other images or use another box format.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from .deps import require
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Boxes found in one image: `boxes` float32 [n, 4] (x0, y0, x1, y1), `scores` float32 [n],
+    `labels` int64 [n] (index into the detector's `names`)."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def empty(cls) -> Detections:
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """What `build_bank` needs from a detector."""
+
+    names: list[str]  # class index -> class name
+
+    def detect(self, images: Sequence[np.ndarray], keys: Sequence[str]) -> list[Detections]:
+        """One `Detections` per image (RGB uint8 [H, W, 3]), in order."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able provenance: everything that decides the boxes, nothing machine-specific."""
+        ...
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def clip_box(box: Sequence[float], width: int, height: int, what: str) -> np.ndarray:
+    """`box` (x0, y0, x1, y1) clipped to the image; `InputError` when it does not overlap the image."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
+        raise InputError(f"{what}: box {[x0, y0, x1, y1]} is not a box (expected finite x0 < x1, y0 < y1)")
+    clipped = np.array([max(x0, 0.0), max(y0, 0.0), min(x1, width), min(y1, height)], np.float32)
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        raise InputError(
+            f"{what}: box {[x0, y0, x1, y1]} lies outside its {width}x{height} image; check that the annotations "
+            "belong to these images and use COCO's [x, y, width, height] in pixels"
+        )
+    return clipped
+
+
+# -- COCO annotations ------------------------------------------------------------------------------
+def _norm(name: str) -> str:
+    return PurePosixPath(name.replace("\\", "/").removeprefix("./")).as_posix()
+
+
+def _is_tail(short: str, long: str) -> bool:
+    return short == long or long.endswith("/" + short)
+
+
+class AnnotationDetector:
+    """Boxes from a COCO-format `annotations.json` (bbox = [x, y, width, height] in pixels).
+
+    Images are matched to COCO `file_name`s by path: equal, or one is a trailing part of the other
+    (`images/0001.png` matches `0001.png`). Crowd regions (`iscrowd: 1`) are ignored; an annotation's
+    optional `score` is kept (pseudo-labels), otherwise the score is 1.
+    """
+
+    def __init__(self, coco_json: str | Path):
+        self.path = Path(coco_json)
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+            images = {int(im["id"]): (_norm(str(im["file_name"])), im.get("width"), im.get("height")) for im in data["images"]}
+            annotations = data["annotations"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{self.path}: expected COCO JSON with 'images' (id, file_name), 'annotations' "
+                             f"(image_id, category_id, bbox) and 'categories' (id, name) ({type(exc).__name__}: {exc})") from exc
+        self.names = [categories[k] for k in sorted(categories)]
+        label_of = {cid: i for i, cid in enumerate(sorted(categories))}
+        rows: dict[str, list[tuple[list[float], float, int]]] = defaultdict(list)
+        for ann in annotations:
+            what = f"{self.path}: annotation {ann.get('id', '?')}"
+            if ann.get("iscrowd", 0):
+                continue
+            cid, iid = ann.get("category_id"), ann.get("image_id")
+            if cid not in label_of:
+                raise InputError(f"{what} has category_id {cid!r}, which is not among the file's categories {sorted(categories)}")
+            if iid not in images:
+                raise InputError(f"{what} refers to image_id {iid!r}, which the file's 'images' list does not hold")
+            name, width, height = images[iid]
+            try:
+                x, y, w, h = (float(v) for v in ann["bbox"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise InputError(f"{what}: expected bbox [x, y, width, height], got {ann.get('bbox')!r}") from exc
+            box = [x, y, x + w, y + h]
+            if width and height:
+                clip_box(box, int(width), int(height), f"{what} (image {name})")
+            rows[name].append((box, float(ann.get("score", 1.0)), label_of[cid]))
+        self._boxes = {name: Detections(np.array([r[0] for r in rs], np.float32).reshape(-1, 4),
+                                        np.array([r[1] for r in rs], np.float32), np.array([r[2] for r in rs], np.int64))
+                       for name, rs in rows.items()}
+        self._by_base: dict[str, list[str]] = defaultdict(list)
+        for name, _, _ in images.values():
+            self._by_base[PurePosixPath(name).name].append(name)
+        self._sha256 = file_sha256(self.path)
+
+    def _file_name(self, key: str) -> str | None:
+        key = _norm(key)
+        found = [n for n in self._by_base.get(PurePosixPath(key).name, ()) if _is_tail(n, key) or _is_tail(key, n)]
+        if len(found) > 1:
+            found = [n for n in found if n == key] or found
+        if len(found) > 1:
+            raise InputError(f"image {key!r} matches several images of {self.path}: {found[:4]}; pass inputs whose keys are unambiguous")
+        return found[0] if found else None
+
+    def match(self, keys: Sequence[str]) -> dict[str, str]:
+        """Image key -> COCO file name, checking that every annotated image is among `keys`."""
+        matched: dict[str, str] = {}
+        owner: dict[str, str] = {}
+        for key in keys:
+            name = self._file_name(key)
+            if name is None:
+                continue
+            if name in owner:
+                raise InputError(f"images {owner[name]!r} and {key!r} both match {name!r} in {self.path}; keys must be unambiguous")
+            owner[name] = key
+            matched[key] = name
+        missing = sorted(set(self._boxes) - set(owner))
+        if missing:
+            raise InputError(
+                f"{self.path} annotates {len(missing)} image(s) that are not among the inputs, e.g. {missing[:3]}; "
+                "pass the folder that holds them or remove their annotations"
+            )
+        return matched
+
+    def detect(self, images: Sequence[np.ndarray], keys: Sequence[str]) -> list[Detections]:
+        out = []
+        for image, key in zip(images, keys, strict=True):
+            name = self._file_name(key)
+            found = self._boxes.get(name) if name is not None else None
+            if found is None:
+                out.append(Detections.empty())
+                continue
+            height, width = image.shape[:2]
+            boxes = np.stack([clip_box(b, width, height, f"{self.path}: a box of image {key}") for b in found.boxes])
+            out.append(Detections(boxes, found.scores, found.labels))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "annotations", "path": str(self.path), "sha256": self._sha256}
+
+
+# -- ultralytics YOLO ------------------------------------------------------------------------------
+class UltralyticsDetector:
+    """Batched YOLO inference with ultralytics on decoded RGB arrays.
+
+    `weights` is a local `.pt` file or a model yaml (`yolov8n.yaml`: random weights, no download, drawn
+    from `seed` so two builds get the same model). `classes` restricts detection to class indices or
+    names. `imgsz` and `max_det` are passed to ultralytics' predict.
+    """
+
+    def __init__(self, weights: str | Path, conf: float = 0.25, iou: float = 0.7, device: str | None = None,
+                 batch_size: int = 16, classes: Sequence[int | str] | None = None, *, imgsz: int = 640,
+                 max_det: int = 300, seed: int = 0):
+        self.weights = str(weights)
+        local = Path(self.weights)
+        if local.suffix not in (".yaml", ".yml") and not local.is_file():
+            raise InputError(
+                f"YOLO weights {self.weights!r} not found: pass a local .pt file or a model yaml such as yolov8n.yaml "
+                "(random weights); cmcaug never downloads weights"
+            )
+        ultralytics = require("ultralytics", "Detecting objects with YOLO (--detector)")
+        import torch
+
+        if batch_size < 1 or imgsz < 32 or max_det < 1 or not 0.0 <= conf <= 1.0 or not 0.0 <= iou <= 1.0:
+            raise InputError(f"UltralyticsDetector: need batch_size >= 1, imgsz >= 32, max_det >= 1, conf and iou in [0, 1]; "
+                             f"got batch_size={batch_size}, imgsz={imgsz}, max_det={max_det}, conf={conf}, iou={iou}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                self.model = ultralytics.YOLO(self.weights)
+            except (FileNotFoundError, RuntimeError, KeyError, ValueError) as exc:
+                raise InputError(f"cannot load YOLO model {self.weights!r}: {exc}") from exc
+        names = self.model.names
+        self.names = [str(names[k]) for k in sorted(names)] if isinstance(names, Mapping) else [str(n) for n in names]
+        self.conf, self.iou, self.device, self.batch_size = float(conf), float(iou), device, int(batch_size)
+        self.imgsz, self.max_det, self.seed = int(imgsz), int(max_det), int(seed)
+        self.classes = None if classes is None else sorted({self._class_index(c) for c in classes})
+        self._sha256 = file_sha256(local) if local.is_file() else None
+        self._version = ultralytics.__version__
+
+    def _class_index(self, cls: int | str) -> int:
+        if isinstance(cls, str):
+            lowered = [n.lower() for n in self.names]
+            if cls.lower() not in lowered:
+                raise InputError(f"class {cls!r} is not one of the model's {len(self.names)} classes: {self.names[:8]}...")
+            return lowered.index(cls.lower())
+        if not 0 <= int(cls) < len(self.names):
+            raise InputError(f"class index {cls} is out of range [0, {len(self.names)})")
+        return int(cls)
+
+    def detect(self, images: Sequence[np.ndarray], keys: Sequence[str] | None = None) -> list[Detections]:
+        out: list[Detections] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = [np.ascontiguousarray(im[..., ::-1]) for im in images[start:start + self.batch_size]]  # RGB -> BGR
+            results = self.model.predict(
+                chunk, conf=self.conf, iou=self.iou, imgsz=self.imgsz, max_det=self.max_det, classes=self.classes,
+                device=self.device, batch=len(chunk), verbose=False,
+            )
+            for r in results:
+                b = r.boxes
+                out.append(Detections(b.xyxy.cpu().numpy().astype(np.float32).reshape(-1, 4),
+                                      b.conf.cpu().numpy().astype(np.float32), b.cls.cpu().numpy().astype(np.int64)))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "type": "ultralytics", "weights": self.weights, "sha256": self._sha256, "ultralytics": self._version,
+            "conf": self.conf, "iou": self.iou, "imgsz": self.imgsz, "max_det": self.max_det, "classes": self.classes,
+            "seed": self.seed,
+        }

@@ -1,0 +1,128 @@
+"""Resume: a build SIGKILLed at any point and re-run with --resume writes exactly the uninterrupted bank.
+
+The kills hit the real CLI in a subprocess, at named points (via the `CMCAUG_BUILD_CRASH_AT` hook) and
+at random moments while it works; the final files are compared by sha256 with an uninterrupted build.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cmcaug.build import BUILD_DIR, CRASH_ENV, build_bank
+from cmcaug.errors import BankFormatError, InputError
+from cmcaug.synth import make_corpus
+
+CLI = [sys.executable, "-m", "cmcaug.cli.main", "build-bank"]
+BATCHES = 6
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("resume") / "corpus", 4 * BATCHES, seed=2, image_size=128).root
+
+
+def options(corpus: Path) -> dict:
+    return {"annotations": str(corpus / "annotations.json"), "vocab": str(corpus / "vocab.json"), "batch_size": 4,
+            "min_box": 4, "max_per_concept": 5, "workers": 2}
+
+
+def cli_args(corpus: Path, out: Path, *extra: str) -> list[str]:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options(corpus).items()]
+    return [*CLI, str(corpus / "images"), "-o", str(out), *flags, *extra]
+
+
+def build(corpus: Path, out: Path, **kwargs):
+    return build_bank([str(corpus / "images")], out, progress=False, **{**options(corpus), **kwargs})
+
+
+def digests(bank: Path) -> dict[str, str]:
+    """Every entry of the bank folder, hidden ones included, so a leftover .build/ shows up."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in sorted(bank.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    out = tmp_path_factory.mktemp("reference") / "bank"
+    build(corpus, out)
+    return digests(out)
+
+
+def shards(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / BUILD_DIR / "shards").glob("*"))
+
+
+def progress(out: Path) -> tuple[int, bool]:
+    return len([s for s in shards(out) if s.endswith(".npz")]), (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("point", ["shard:2", "finalize:before", "finalize:written", "finalize:renamed"])
+def test_sigkill_at_named_points(point: str, corpus: Path, reference: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "bank"
+    killed = subprocess.run(cli_args(corpus, out), env={**os.environ, CRASH_ENV: point}, capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    published = (out / "manifest.json").exists()
+    if point == "shard:2":
+        assert shards(out) == ["00000000.npz", "00000001.npz"] and not published  # committed whole, nothing else
+        resumed = subprocess.run(cli_args(corpus, out, "--resume"), capture_output=True, text=True, timeout=120)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert "batches resumed: 2" in resumed.stdout and "boxes kept" in resumed.stdout
+    else:
+        assert published == (point != "finalize:before")
+        assert (out / BUILD_DIR).exists() == (point != "finalize:renamed")
+        result = build(corpus, out, resume=True)
+        assert result.resumed_batches == (BATCHES if point != "finalize:renamed" else 0)
+    assert digests(out) == reference
+
+
+def test_random_sigkills(corpus: Path, tmp_path: Path) -> None:
+    """Runs killed at random moments after they made progress (a new shard or the manifest), one batch
+    per image so kills land between and inside shard commits, until a run finishes on its own."""
+    build(corpus, tmp_path / "reference", batch_size=1)
+    out, rnd, kills = tmp_path / "bank", random.Random(0), 0
+    for _ in range(30):
+        before = progress(out)
+        proc = subprocess.Popen(cli_args(corpus, out, "--resume", "--batch-size=1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and progress(out) == before and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(rnd.uniform(0, 0.03))
+        proc.kill()
+        if proc.wait() == 0:
+            break
+        kills += 1
+    assert kills >= 1 and progress(out)[1]
+    build(corpus, out, resume=True, batch_size=1)
+    assert digests(out) == digests(tmp_path / "reference")
+
+
+def test_resume_rules(corpus: Path, reference: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "bank"
+    (out / BUILD_DIR / "shards").mkdir(parents=True)  # killed before its state was written
+    with pytest.raises(InputError, match="unfinished build: pass --resume"):
+        build(corpus, out)
+    assert not build(corpus, out, resume=True).already_built and digests(out) == reference
+    again = build(corpus, out, resume=True)  # a finished bank of the same inputs: nothing to do
+    assert again.already_built and again.stats["boxes"]["kept"] > 0 and digests(out) == reference
+    with pytest.raises(InputError, match="finished bank built from other inputs or options"):
+        build(corpus, out, resume=True, seed=1)
+    assert build(corpus, tmp_path / "new", resume=True).resumed_batches == 0  # --resume on no bank starts one
+    assert digests(tmp_path / "new") == reference
+
+
+def test_resume_refuses_other_options_and_bad_shards(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bank"
+    killed = subprocess.run(cli_args(corpus, out), env={**os.environ, CRASH_ENV: "finalize:before"}, capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    with pytest.raises(InputError, match=r"differs in: options"):
+        build(corpus, out, resume=True, patch_size=32)
+    (out / BUILD_DIR / "shards" / "00000003.npz").write_bytes(b"garbage")
+    with pytest.raises(BankFormatError, match="00000003.npz: unreadable build shard"):
+        build(corpus, out, resume=True)

@@ -1,0 +1,74 @@
+"""`cmcaug build-bank`: the real CLI end to end (annotations and YOLO paths), exit codes and help."""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cmcaug.bank import PatchBank
+from cmcaug.build import build_bank
+from cmcaug.cli.main import main
+from cmcaug.synth import make_corpus
+
+CLI = [sys.executable, "-m", "cmcaug.cli.main", "build-bank"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("cli") / "corpus", 12, seed=4, image_size=128).root
+
+
+def digests(bank: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(bank.iterdir())}
+
+
+def test_cli_annotations_equals_python_api(corpus: Path, tmp_path: Path) -> None:
+    args = [str(corpus), "-o", str(tmp_path / "cli"), "--annotations", str(corpus / "annotations.json"),
+            "--vocab", str(corpus / "vocab.json"), "--patch-size", "32", "--min-box", "8", "--max-per-concept", "3",
+            "--batch-size", "5", "--workers", "2", "--seed", "3"]
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for text in ("images read", "failed: truncated", "boxes kept", "dropped: max_per_concept", "circle", "images/s"):
+        assert text in done.stdout
+    assert "build-bank" in done.stderr  # the progress bar
+    build_bank([str(corpus)], tmp_path / "api", annotations=str(corpus / "annotations.json"), vocab=str(corpus / "vocab.json"),
+               patch_size=32, min_box=8, max_per_concept=3, batch_size=5, workers=0, seed=3, progress=False)
+    assert digests(tmp_path / "cli") == digests(tmp_path / "api")
+    assert PatchBank.open(tmp_path / "cli").patch_size == 32
+
+
+def test_cli_yolo_yaml_with_detector_embedder(corpus: Path, tmp_path: Path) -> None:
+    images = tmp_path / "few"
+    images.mkdir()
+    for name in ("000001.png", "000002.png", "000003.png"):
+        (images / name).write_bytes((corpus / "images" / name).read_bytes())
+    args = [str(images), "-o", str(tmp_path / "bank"), "--detector", "yolov8n.yaml", "--conf", "0", "--min-box", "32",
+            "--max-per-concept", "4", "--embedder", "detector", "--batch-size", "2"]
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bank = PatchBank.open(tmp_path / "bank")
+    assert 0 < len(bank) <= 4 * len(bank.vocab) and bank.manifest["provenance"]["detector"]["weights"] == "yolov8n.yaml"
+    assert bank.manifest["stats"]["boxes"]["found"] > len(bank)
+
+
+def test_exit_codes(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["build-bank", str(corpus / "images"), "--annotations", str(corpus / "annotations.json")]
+    assert main([*base, "-o", str(tmp_path / "bank"), "--batch-size", "4"]) == 0
+    assert main([*base, "-o", str(tmp_path / "bank")]) == 3  # exists, no --resume / --overwrite
+    assert "already holds a bank" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["build-bank", str(tmp_path / "empty"), "-o", str(tmp_path / "b2"), "--annotations", str(corpus / "annotations.json")]) == 3
+    assert main(["build-bank", str(corpus / "images"), "-o", str(tmp_path / "b3"), "--detector", str(tmp_path / "no.pt")]) == 3
+    (tmp_path / "bank" / "manifest.json").write_text("{damaged")
+    assert main([*base, "-o", str(tmp_path / "bank"), "--batch-size", "4", "--resume"]) == 4
+    assert "unreadable manifest" in capsys.readouterr().err
+    for usage in (["--resume", "--overwrite"], ["--detector", "yolov8n.yaml"], ["--embedder", "clip"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*base, "-o", str(tmp_path / "b4"), *usage])
+        assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["build-bank", "--help"])
+    assert exc.value.code == 0 and "exit codes:" in capsys.readouterr().out

@@ -1,0 +1,132 @@
+"""Detectors: COCO annotations (matching, box policy, errors) and ultralytics YOLO on decoded arrays."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmcaug.detect import AnnotationDetector, Detector, UltralyticsDetector, clip_box
+from cmcaug.errors import InputError
+from cmcaug.images import ImageDecodeError, decode_image, list_images, load_image
+from cmcaug.synth import make_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("detect") / "corpus", 6, seed=3, image_size=128).root
+
+
+@pytest.fixture(scope="module")
+def images(corpus: Path) -> list[np.ndarray]:
+    return [load_image(r).pixels for r in list_images([corpus / "images"])]
+
+
+def coco(tmp_path: Path, annotations: list[dict], images: list[dict] | None = None) -> Path:
+    path = tmp_path / "coco.json"
+    images = images or [{"id": 1, "file_name": "a.png", "width": 100, "height": 50}]
+    categories = [{"id": 3, "name": "dog"}, {"id": 7, "name": "hot dog"}]
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
+
+
+def ann(bbox: list[float], category_id: int = 3, image_id: int = 1, **extra) -> dict:
+    return {"id": 1, "image_id": image_id, "category_id": category_id, "bbox": bbox, **extra}
+
+
+def test_annotations_match_keys_and_give_xyxy_boxes(corpus: Path, images: list[np.ndarray]) -> None:
+    det = AnnotationDetector(corpus / "annotations.json")
+    assert isinstance(det, Detector)
+    data = json.loads((corpus / "annotations.json").read_text())
+    assert det.names == [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
+    for folder, prefix in [(corpus / "images", ""), (corpus, "images/")]:  # folder or its parent: both match
+        keys = [r.key for r in list_images([folder])]
+        assert keys[0] == prefix + "000001.png" and det.match(keys) == {k: k.removeprefix("images/") for k in keys}
+    found = det.detect(images, [r.key for r in list_images([corpus / "images"])])
+    first = [a for a in data["annotations"] if a["image_id"] == 1]
+    x, y, w, h = first[0]["bbox"]
+    assert len(found[0]) == len(first) and found[0].boxes[0].tolist() == [x, y, x + w, y + h]
+    assert (found[0].scores == 1).all()
+    assert [det.names[i] for i in found[0].labels] == [det.names[a["category_id"] - 1] for a in first]
+    assert json.loads(json.dumps(det.describe()))["sha256"]
+
+
+def test_box_policy_clip_partial_refuse_outside(tmp_path: Path) -> None:
+    det = AnnotationDetector(coco(tmp_path, [ann([-10, 40, 30, 30], score=0.4), ann([0, 0, 5, 5], iscrowd=1)]))
+    found = det.detect([np.zeros((50, 100, 3), np.uint8)], ["a.png"])[0]
+    assert found.boxes.tolist() == [[0, 40, 20, 50]] and found.scores.tolist() == [pytest.approx(0.4)]  # clipped; crowd ignored
+    with pytest.raises(InputError, match="outside its 100x50 image"):
+        AnnotationDetector(coco(tmp_path, [ann([120, 10, 5, 5])]))
+    undeclared = [{"id": 1, "file_name": "a.png"}]
+    det = AnnotationDetector(coco(tmp_path, [ann([60, 10, 5, 5])], undeclared))  # no declared size: checked on decode
+    with pytest.raises(InputError, match="outside its 40x40 image"):
+        det.detect([np.zeros((40, 40, 3), np.uint8)], ["a.png"])
+    with pytest.raises(InputError, match="not a box"):
+        clip_box([5, 5, 5, 9], 10, 10, "x")
+    with pytest.raises(InputError, match="not a box"):
+        AnnotationDetector(coco(tmp_path, [ann([1, 1, float("nan"), 2])]))
+
+
+def test_annotation_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="category_id 5"):
+        AnnotationDetector(coco(tmp_path, [ann([1, 1, 5, 5], category_id=5)]))
+    with pytest.raises(InputError, match="image_id 9"):
+        AnnotationDetector(coco(tmp_path, [ann([1, 1, 5, 5], image_id=9)]))
+    with pytest.raises(InputError, match="bbox"):
+        AnnotationDetector(coco(tmp_path, [ann([1, 1, 5])]))
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(InputError, match="expected COCO JSON"):
+        AnnotationDetector(tmp_path / "broken.json")
+    det = AnnotationDetector(coco(tmp_path, [ann([1, 1, 5, 5])]))
+    with pytest.raises(InputError, match="not among the inputs"):
+        det.match(["b.png", "other/c.png"])
+    with pytest.raises(InputError, match="both match"):
+        det.match(["x/a.png", "y/a.png"])
+    assert det.match(["x/a.png", "b.png"]) == {"x/a.png": "a.png"}
+
+
+@pytest.fixture(scope="module")
+def yolo() -> UltralyticsDetector:
+    return UltralyticsDetector("yolov8n.yaml", conf=0.0, imgsz=160, max_det=3, batch_size=4)
+
+
+def test_yolo_yaml_detects_in_source_pixels_deterministically(yolo: UltralyticsDetector, images: list[np.ndarray]) -> None:
+    wide = [np.ascontiguousarray(images[0][:64]), *images[1:]]  # mixed shapes in one batch
+    found = yolo.detect(wide, [f"k{i}" for i in range(len(wide))])
+    assert isinstance(yolo, Detector) and len(found) == len(wide) and len(yolo.names) == 80
+    for im, d in zip(wide, found):
+        assert 0 < len(d) <= 3 and d.boxes.dtype == np.float32 and d.labels.dtype == np.int64
+        h, w = im.shape[:2]
+        assert (d.boxes >= 0).all() and (d.boxes[:, [0, 2]] <= w).all() and (d.boxes[:, [1, 3]] <= h).all()
+    again = UltralyticsDetector("yolov8n.yaml", conf=0.0, imgsz=160, max_det=3, batch_size=4).detect(wide, [])
+    assert all(np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores) for a, b in zip(found, again))
+    described = json.loads(json.dumps(yolo.describe()))
+    assert described["weights"] == "yolov8n.yaml" and described["sha256"] is None and described["imgsz"] == 160
+
+
+def test_decoding_ignores_ultralytics_pil_patch(yolo: UltralyticsDetector) -> None:
+    """ultralytics wraps PIL.Image.open to pip-install a HEIF plugin on unknown files; decoding must not."""
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(b"plain text, not an image")
+    assert info.value.reason == "not_image"
+
+
+def test_yolo_class_filter_and_errors(tmp_path: Path, images: list[np.ndarray]) -> None:
+    det = UltralyticsDetector("yolov8n.yaml", conf=0.0, imgsz=160, max_det=4, classes=["16", 0])  # a yaml model names its classes "0".."79"
+    assert det.classes == [0, 16]
+    assert set(np.concatenate([d.labels for d in det.detect(images[:2], [])]).tolist()) <= {0, 16}
+    with pytest.raises(InputError, match="not one of the model"):
+        UltralyticsDetector("yolov8n.yaml", classes=["unicorn"])
+    with pytest.raises(InputError, match="never downloads"):
+        UltralyticsDetector(tmp_path / "missing.pt")
+    with pytest.raises(InputError, match="conf"):
+        UltralyticsDetector("yolov8n.yaml", conf=2.0)
+
+
+@pytest.mark.skipif(not os.environ.get("CMCAUG_YOLO_WEIGHTS"), reason="set CMCAUG_YOLO_WEIGHTS to a local YOLO .pt file")
+def test_real_weights_find_objects(images: list[np.ndarray]) -> None:
+    det = UltralyticsDetector(os.environ["CMCAUG_YOLO_WEIGHTS"], conf=0.05)
+    found = det.detect(images, [])
+    assert len(found) == len(images) and det.describe()["sha256"]
