@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cmcaug-installed
+CMCAUG := YOLO_CONFIG_DIR=$(CURDIR)/demo/.yolo $(VENV)/bin/cmcaug
 TORCH  := torch==2.14.1 torchvision==0.29.1
 export YOLO_OFFLINE := 1
 export YOLO_AUTOINSTALL := 0
@@ -13,13 +14,19 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The main job on built-in data: a generated shapes-world corpus -> patch bank -> summary -> preview image.
 demo: $(STAMP)
-	YOLO_CONFIG_DIR=$(CURDIR)/demo/.yolo $(PY) -m cmcaug.demo demo
+	$(CMCAUG) synth demo/corpus --images 200 --seed 0 --overwrite
+	$(CMCAUG) build-bank demo/corpus/images -o demo/bank --annotations demo/corpus/annotations.json \
+		--vocab demo/corpus/vocab.json --overwrite
+	$(CMCAUG) inspect demo/bank
+	$(CMCAUG) preview demo/bank -o demo/bank-preview.png
+	$(CMCAUG) tag-text demo/corpus/captions.jsonl -o demo/tags.parquet --bank demo/bank
+	@echo "demo: bank in demo/bank, preview in demo/bank-preview.png, caption tags in demo/tags.parquet"
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup -q

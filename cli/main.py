@@ -42,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cmcaug {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cmcaug ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,274 @@
+"""Character spans -> token ranges, for any tokenizer that can say where its tokens came from.
+
+Grounding finds words as character spans of the caption; the model sees token ids. `align_spans` maps
+one onto the other from each token's character offsets (`(start, end)`, as HF fast tokenizers return
+with `return_offsets_mapping=True`):
+
+- a span maps to the half-open token range `[first, last + 1)` of every token that overlaps it, so a word
+  split into sub-tokens ("skate", "##board") maps to all of them;
+- tokens with an empty offset (`start == end`: special tokens, padding) never belong to a span;
+- a span the token sequence does not cover completely (cut by truncation, or by a sliding window) is
+  dropped, never half-kept: its entry is `None`. Results stay in input order, one per span.
+
+`tokenize_with_offsets` produces such offsets for a batch: for HF fast tokenizers directly, for
+open_clip's `SimpleTokenizer` (which returns none) by decoding its byte-pair tokens back to bytes and
+walking them along the original text, and for any callable that returns ids and offsets.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+TokenRange = tuple[int, int]
+
+
+def _pairs(values: Any) -> list[tuple[int, int]]:
+    if hasattr(values, "tolist"):  # numpy arrays, torch tensors
+        values = values.tolist()
+    return [(int(v[0]), int(v[1])) for v in values]
+
+
+def _bounds(span: Any) -> tuple[int, int]:
+    if hasattr(span, "start") and hasattr(span, "end"):
+        return int(span.start), int(span.end)
+    return int(span[0]), int(span[1])
+
+
+def align_spans(spans: Iterable[Any], offsets: Any) -> list[TokenRange | None]:
+    """Token range `(token_start, token_end)` (end exclusive) of each character span, or `None` if dropped.
+
+    `spans`: `GroundedSpan`s or `(start, end, ...)` tuples. `offsets`: one `(start, end)` per token of
+    one sequence (list, numpy `[L, 2]` or torch `[L, 2]`). A span is dropped when no token overlaps it
+    or when the tokens end before it ends (or start after it starts): the model sees only part of it.
+    """
+    content = [(i, s, e) for i, (s, e) in enumerate(_pairs(offsets)) if e > s]
+    if not content:
+        return [None for _ in spans]
+    first_char = min(s for _, s, _ in content)
+    last_char = max(e for _, _, e in content)
+    out: list[TokenRange | None] = []
+    for span in spans:
+        start, end = _bounds(span)
+        if end <= start or start < first_char or end > last_char:
+            out.append(None)
+            continue
+        hit = [i for i, s, e in content if s < end and e > start]
+        out.append((hit[0], hit[-1] + 1) if hit else None)
+    return out
+
+
+def align_batch(spans: Sequence[Iterable[Any]], offsets: Any) -> list[list[TokenRange | None]]:
+    """`align_spans` for each sequence of a batch: `offsets` is `[B, L, 2]` (or a list of per-text lists)."""
+    if len(spans) != len(offsets):
+        raise InputError(f"align_batch needs one span list per sequence: got {len(spans)} span lists, {len(offsets)} sequences")
+    return [align_spans(s, o) for s, o in zip(spans, offsets)]
+
+
+# -- tokenizing with offsets -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizedBatch:
+    """A padded batch: `input_ids` int64 `[B, L]`, `attention_mask` int64 `[B, L]`, `offsets` int32 `[B, L, 2]`.
+
+    Special tokens and padding have offset `(0, 0)`, so `align_spans(spans, batch.offsets[b])` works as is.
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    offsets: np.ndarray
+
+
+def _pad(ids: Sequence[Sequence[int]], offsets: Sequence[Sequence[tuple[int, int]]], masks: Sequence[Sequence[int]] | None,
+         length: int | None = None, pad_id: int = 0) -> TokenizedBatch:
+    if len(ids) != len(offsets):
+        raise InputError(f"tokenizer returned {len(ids)} id lists but {len(offsets)} offset lists")
+    width = length if length is not None else max((len(x) for x in ids), default=0)
+    batch = TokenizedBatch(np.full((len(ids), width), pad_id, dtype=np.int64), np.zeros((len(ids), width), dtype=np.int64),
+                           np.zeros((len(ids), width, 2), dtype=np.int32))
+    for b, (row_ids, row_offsets) in enumerate(zip(ids, offsets)):
+        n = len(row_ids)
+        if len(row_offsets) != n:
+            raise InputError(f"text {b}: tokenizer returned {n} ids but {len(row_offsets)} offsets")
+        batch.input_ids[b, :n] = row_ids
+        batch.attention_mask[b, :n] = masks[b] if masks is not None else 1
+        if n:
+            batch.offsets[b, :n] = row_offsets
+    return batch
+
+
+def _is_hf_fast(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "is_fast", False)) and callable(tokenizer)
+
+
+def _is_open_clip(tokenizer: Any) -> bool:
+    return all(hasattr(tokenizer, a) for a in ("byte_decoder", "decoder", "encode", "clean_fn", "sot_token_id"))
+
+
+def _hf_batch(tokenizer: Any, texts: list[str], max_length: int | None) -> TokenizedBatch:
+    # Padded here, not by the tokenizer: byte-level BPE tokenizers (GPT-2 style) often have no pad token.
+    enc = tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True,
+                    truncation=max_length is not None, max_length=max_length)
+    offsets = [[(0, 0) if special else (s, e) for (s, e), special in zip(row, specials)]  # some give specials a span
+               for row, specials in zip(enc["offset_mapping"], enc["special_tokens_mask"])]
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    return _pad(enc["input_ids"], offsets, enc["attention_mask"], pad_id=0 if pad_id is None else int(pad_id))
+
+
+def tokenize_with_offsets(tokenizer: Any, texts: Sequence[str], *, max_length: int | None = None) -> TokenizedBatch:
+    """Tokenize `texts` and report every token's character offsets into the original text.
+
+    `tokenizer` is one of:
+    - an HF fast tokenizer (`transformers.PreTrainedTokenizerFast`: BERT WordPiece, RoBERTa / CLIP
+      byte-level BPE, ...); a raw `tokenizers.Tokenizer` works once wrapped as
+      `PreTrainedTokenizerFast(tokenizer_object=tok)`. Pads to the longest text, truncates at `max_length`.
+    - open_clip's `SimpleTokenizer` (`open_clip.get_tokenizer("ViT-B-32")`): ids equal `tokenizer(texts,
+      max_length)`, i.e. `<start>` tokens `<end>` zero-padded to its context length, `<end>` replacing the
+      last token when truncated.
+    - any callable `f(texts) -> (ids, offsets)` with one id list and one `(start, end)` list per text.
+    """
+    texts = list(texts)
+    if not texts:
+        return _pad([], [], None)
+    if not all(isinstance(t, str) for t in texts):
+        bad = next(i for i, t in enumerate(texts) if not isinstance(t, str))
+        raise InputError(f"texts[{bad}] is a {type(texts[bad]).__name__}, expected a str")
+    if _is_hf_fast(tokenizer):
+        return _hf_batch(tokenizer, texts, max_length)
+    if _is_open_clip(tokenizer):
+        return OpenClipOffsets.for_tokenizer(tokenizer).batch(texts, max_length)
+    if getattr(tokenizer, "is_fast", None) is False:
+        raise InputError(f"{type(tokenizer).__name__} is a slow (Python) HF tokenizer, which cannot return offsets: "
+                         "load the fast one, e.g. AutoTokenizer.from_pretrained(name, use_fast=True)")
+    if callable(tokenizer):
+        result = tokenizer(texts)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise InputError(f"a tokenizer callable must return (ids, offsets) per text, got {type(result).__name__}")
+        ids, offsets = result
+        return _pad([list(map(int, r)) for r in ids], [_pairs(o) for o in offsets], None)
+    raise InputError(f"cannot tokenize with a {type(tokenizer).__name__}: expected an HF fast tokenizer, "
+                     "open_clip's SimpleTokenizer, or a callable texts -> (ids, offsets)")
+
+
+# -- open_clip: offsets recovered from the byte-pair decoding -------------------------------------
+
+# A character with its combining marks, or an HTML entity (which open_clip unescapes), is one unit.
+_UNIT = re.compile(r"&(?:amp;)*(?:#[0-9]{1,7};?|#[xX][0-9a-fA-F]{1,6};?|[A-Za-z][A-Za-z0-9]{0,31};?)|.[\u0300-\u036f]*", re.S)
+
+
+class OpenClipOffsets:
+    """Character offsets for open_clip's `SimpleTokenizer`, which returns ids only.
+
+    The tokenizer cleans the text (ftfy, HTML unescaping, whitespace collapsing, lowercasing) before
+    byte-pair encoding, and every non-space byte of the cleaned text lands in exactly one token. So the
+    token bytes, concatenated, equal the cleaned text without whitespace. Cleaning the original text
+    unit by unit (a character, or an HTML entity) gives the same string with each character's origin
+    known; the tokens then take the origins of their bytes. Where cleaning in context differs from
+    cleaning unit by unit (mojibake repair, final sigma), a sequence alignment maps what it can and
+    tokens with no origin get `(0, 0)`, so spans over them are dropped rather than misplaced.
+    """
+
+    def __init__(self, tokenizer: Any):
+        if getattr(tokenizer, "reduction_fn", None) is not None:
+            raise InputError("open_clip tokenizers with a reduction_mask drop tokens at random, so offsets cannot be "
+                             "recovered: build the tokenizer with reduction_mask='' (the default)")
+        self.tokenizer = tokenizer
+        self._token_bytes: dict[int, bytes] = {}
+        self._clean_units: dict[str, str] = {}
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any) -> OpenClipOffsets:
+        """One instance per tokenizer, stored on it (so it lives and dies with it; its caches make it fast)."""
+        cached = getattr(tokenizer, "_cmcaug_offsets", None)
+        if cached is None:
+            cached = cls(tokenizer)
+            with contextlib.suppress(AttributeError):  # a tokenizer with __slots__: no caching across calls
+                tokenizer._cmcaug_offsets = cached
+        return cached
+
+    def _bytes_of(self, token_id: int) -> bytes:
+        piece = self._token_bytes.get(token_id)
+        if piece is None:
+            text = self.tokenizer.decoder[token_id].replace("</w>", "")
+            piece = bytes(self.tokenizer.byte_decoder[c] for c in text)
+            self._token_bytes[token_id] = piece
+        return piece
+
+    def _clean(self, unit: str) -> str:
+        out = self._clean_units.get(unit)
+        if out is None:
+            out = "".join(self.tokenizer.clean_fn(unit).split())
+            self._clean_units[unit] = out
+        return out
+
+    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` (as `tokenizer.encode`) and each token's `(start, end)` in `text`."""
+        ids = self.tokenizer.encode(text)
+        pieces = [self._bytes_of(i) for i in ids]
+        raw = b"".join(pieces)
+        stream = raw.decode("utf-8")  # the bytes of valid text, split into tokens
+        origins = self._origins(text, stream)
+        if len(raw) == len(stream):
+            char_of: Sequence[int] = range(len(raw))
+        else:  # byte b lies in character char_of[b]; a multi-byte character may span two tokens
+            char_of = [k for k, ch in enumerate(stream) for _ in range(len(ch.encode("utf-8")))]
+        offsets, b = [], 0
+        for piece in pieces:
+            known = [o for o in origins[char_of[b]:char_of[b + len(piece) - 1] + 1] if o is not None] if piece else []
+            b += len(piece)
+            offsets.append((known[0][0], known[-1][1]) if known else (0, 0))  # origins are in text order
+        return ids, offsets
+
+    def _origins(self, text: str, stream: str) -> list[tuple[int, int] | None]:
+        """The `(start, end)` in `text` of each character of `stream` (the cleaned text without spaces)."""
+        kept = [i for i, ch in enumerate(text) if not ch.isspace()]
+        if len(kept) == len(stream) and "".join([text[i] for i in kept]).lower() == stream:
+            return [(i, i + 1) for i in kept]  # cleaning only lowercased and dropped whitespace
+        cleaned: list[str] = []
+        spans: list[tuple[int, int]] = []
+        for m in _UNIT.finditer(text):
+            for ch in self._clean(m.group()):
+                cleaned.append(ch)
+                spans.append(m.span())
+        if "".join(cleaned) == stream:
+            return list(spans)
+        origins: list[tuple[int, int] | None] = [None] * len(stream)
+        matcher = difflib.SequenceMatcher(None, stream, "".join(cleaned), autojunk=False)
+        for tag, i0, i1, j0, j1 in matcher.get_opcodes():
+            if tag == "equal" or (tag == "replace" and i1 - i0 == j1 - j0):
+                origins[i0:i1] = spans[j0:j1]
+            elif tag == "replace":
+                whole = (spans[j0][0], spans[j1 - 1][1])
+                origins[i0:i1] = [whole] * (i1 - i0)
+        return origins
+
+    def batch(self, texts: Sequence[str], context_length: int | None = None) -> TokenizedBatch:
+        """Ids exactly as `tokenizer(texts, context_length)` returns them, with offsets and a mask."""
+        tok = self.tokenizer
+        length = context_length or tok.context_length
+        if not length or length < 2:
+            raise InputError(f"open_clip context length must be >= 2, got {length}")
+        ids, offsets = [], []
+        for text in texts:
+            row_ids, row_offsets = self.encode(text)
+            row_ids = [tok.sot_token_id, *row_ids, tok.eot_token_id]
+            row_offsets = [(0, 0), *row_offsets, (0, 0)]
+            if len(row_ids) > length:
+                row_ids, row_offsets = row_ids[:length], row_offsets[:length]
+                row_ids[-1], row_offsets[-1] = tok.eot_token_id, (0, 0)
+            ids.append(row_ids)
+            offsets.append(row_offsets)
+        return _pad(ids, offsets, None, length)
+
+
+def open_clip_offsets(tokenizer: Any, text: str) -> list[tuple[int, int]]:
+    """Character offsets of each token of `tokenizer.encode(text)` (no start/end tokens)."""
+    return OpenClipOffsets.for_tokenizer(tokenizer).encode(text)[1]

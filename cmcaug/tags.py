@@ -1,0 +1,247 @@
+"""Tagging a caption corpus into a Parquet tags file, streaming, so a corpus larger than memory works.
+
+Inputs, read in the order given: `.txt` (one caption a line), `.jsonl` (a string field of each object)
+and `.parquet` (a string column); `.txt.gz` and `.jsonl.gz` too. The tags file has one row per input
+row, in input order, so it joins back to the corpus by position or by `row_id`:
+
+| column | type | meaning |
+|---|---|---|
+| `row_id` | int64 | 0-based index of the row across all inputs, in the order given |
+| `source` | string | the input file the row came from (as given) |
+| `source_row` | int64 | 0-based line (txt, jsonl) or row (parquet) within that file |
+| `caption` | string | the caption; null when the value was not a string (or the JSON line was unreadable) |
+| `spans` | list<struct<start: int32, end: int32, concept_id: int32>> | grounded spans, character offsets into `caption` |
+
+Rows that are not tagged keep an empty `spans` list: empty or blank captions, values that are not
+strings, and captions longer than the tagger's `max_chars`; each kind is counted in the returned stats.
+The schema metadata records the vocabulary (`cmcaug.vocab`, JSON) and the tagger (`cmcaug.tagger`), so a
+reader can check that concept ids mean what its bank means by them. The file appears atomically: it is
+written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import InputError
+from .grounding import GroundingTagger
+
+log = logging.getLogger(__name__)
+
+SPAN_TYPE = pa.struct([("start", pa.int32()), ("end", pa.int32()), ("concept_id", pa.int32())])
+TAGS_SCHEMA = pa.schema([("row_id", pa.int64()), ("source", pa.string()), ("source_row", pa.int64()),
+                         ("caption", pa.string()), ("spans", pa.list_(SPAN_TYPE))])
+SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
+_UNREADABLE = object()  # a JSON line that does not parse
+
+
+def _kind(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in sorted(SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    raise InputError(f"{path}: unknown corpus format; expected a file ending in {', '.join(SUFFIXES)}")
+
+
+def _open_text(path: Path) -> TextIO:
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed by the caller's `with`
+
+
+def _read_captions(paths: Sequence[str | Path], field: str = "caption", batch_rows: int = 8192) -> Iterator[tuple[str, int, Any]]:
+    """`(source, source_row, value)` for every row of every input; `value` is whatever the row holds.
+
+    Undecodable UTF-8 bytes in text inputs read as U+FFFD; a JSON line that does not parse yields an
+    internal marker that `tag_corpus` counts as unreadable.
+    """
+    for raw in paths:
+        path = Path(raw)
+        kind = _kind(path)
+        if kind == ".parquet":
+            yield from _read_parquet(path, str(raw), field, batch_rows)
+            continue
+        with _open_text(path) as f:
+            for row, line in enumerate(f):
+                line = line[:-1] if line.endswith("\n") else line
+                if kind.startswith(".txt"):
+                    yield str(raw), row, line
+                    continue
+                yield str(raw), row, _json_field(line, field, path, row)
+
+
+def _json_field(line: str, field: str, path: Path, row: int) -> Any:
+    if not line.strip():
+        return ""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        log.warning("%s:%d: not valid JSON (%s); the row gets no tags", path, row + 1, exc)
+        return _UNREADABLE
+    return obj.get(field) if isinstance(obj, dict) else None
+
+
+def _parquet_file(path: Path, field: str) -> pq.ParquetFile:
+    try:
+        file = pq.ParquetFile(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({exc})") from exc
+    if field not in file.schema_arrow.names:
+        raise InputError(f"{path}: no column {field!r}; it has {file.schema_arrow.names}; choose one with --field")
+    return file
+
+
+def _read_parquet(path: Path, source: str, field: str, batch_rows: int) -> Iterator[tuple[str, int, Any]]:
+    row = 0
+    for batch in _parquet_file(path, field).iter_batches(batch_size=batch_rows, columns=[field]):
+        for value in batch.column(0).to_pylist():
+            yield source, row, value
+            row += 1
+
+
+def _check_inputs(paths: Sequence[str | Path], field: str) -> int | None:
+    """Refuse missing, unknown or unreadable inputs before any work; the total rows if all are Parquet."""
+    if not paths:
+        raise InputError("tag_corpus needs at least one corpus file")
+    rows: int | None = 0
+    for raw in paths:
+        path = Path(raw)
+        if _kind(path) and not path.is_file():
+            raise InputError(f"{path}: no such corpus file")
+        if _kind(path) == ".parquet":
+            rows = None if rows is None else rows + _parquet_file(path, field).metadata.num_rows
+        else:
+            rows = None
+    return rows
+
+
+class _TagsWriter:
+    """Buffers output rows and writes them as record batches of `batch_rows`."""
+
+    def __init__(self, path: Path, schema: pa.Schema, batch_rows: int):
+        self.writer = pq.ParquetWriter(path, schema)
+        self.schema, self.batch_rows = schema, batch_rows
+        self._clear()
+
+    def _clear(self) -> None:
+        self.row_id: list[int] = []
+        self.source: list[str] = []
+        self.source_row: list[int] = []
+        self.caption: list[str | None] = []
+        self.offsets: list[int] = [0]
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.ids: list[int] = []
+
+    def add(self, row_id: int, source: str, source_row: int, caption: str | None, spans: Sequence[Any]) -> None:
+        self.row_id.append(row_id)
+        self.source.append(source)
+        self.source_row.append(source_row)
+        self.caption.append(caption)
+        for s in spans:
+            self.starts.append(s[0])
+            self.ends.append(s[1])
+            self.ids.append(s[2])
+        self.offsets.append(len(self.ids))
+        if len(self.row_id) >= self.batch_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.row_id:
+            return
+        structs = pa.StructArray.from_arrays(
+            [pa.array(self.starts, pa.int32()), pa.array(self.ends, pa.int32()), pa.array(self.ids, pa.int32())],
+            fields=list(SPAN_TYPE))
+        spans = pa.ListArray.from_arrays(pa.array(self.offsets, pa.int32()), structs, type=pa.list_(SPAN_TYPE))
+        columns = [pa.array(self.row_id, pa.int64()), pa.array(self.source, pa.string()),
+                   pa.array(self.source_row, pa.int64()), pa.array(self.caption, pa.string()), spans]
+        self.writer.write_batch(pa.record_batch(columns, schema=self.schema))
+        self._clear()
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+def tag_corpus(paths: Sequence[str | Path], output: str | Path, tagger: GroundingTagger, *, field: str = "caption",
+               batch_rows: int = 8192, progress: bool = True) -> dict[str, Any]:
+    """Tag every caption of `paths` with `tagger` and write the tags file `output`; returns the run's stats.
+
+    Stats: `captions` (rows read), `tagged`, `grounded` (rows with >= 1 span), `spans`, the rows left
+    untagged by kind (`empty`, `not_text`, `unreadable`, `too_long`), `seconds`, `captions_per_s`, and
+    `spans_per_concept` (concept name -> spans, every concept of the vocabulary).
+    """
+    from tqdm import tqdm
+
+    total_rows = _check_inputs(paths, field)
+    output = Path(output)
+    if output.is_dir():
+        raise InputError(f"{output}: is a folder; give the tags file's path, e.g. {output / 'tags.parquet'}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    vocab = tagger.vocab
+    schema = TAGS_SCHEMA.with_metadata({
+        "cmcaug.vocab": json.dumps(vocab.to_dict()),
+        "cmcaug.tagger": json.dumps({"mode": tagger.mode, "model": tagger.model, "field": field}),
+    })
+    counts: Counter[str] = Counter()
+    per_concept = [0] * len(vocab)
+    # Rows read but not yet written, in order; untagged rows wait only behind tagged rows still in the tagger.
+    pending: deque[tuple[int, str, int, Any, bool]] = deque()
+    bar = tqdm(total=total_rows, unit=" captions", disable=not progress, desc="tag-text")
+
+    def to_tag(writer: _TagsWriter) -> Iterator[str]:
+        for row_id, (source, source_row, value) in enumerate(_read_captions(paths, field, batch_rows)):
+            counts["captions"] += 1
+            kind = ("unreadable" if value is _UNREADABLE else "not_text" if not isinstance(value, str)
+                    else "empty" if not value.strip() else "too_long" if len(value) > tagger.max_chars else "tagged")
+            counts[kind] += 1
+            pending.append((row_id, source, source_row, value if isinstance(value, str) else None, kind == "tagged"))
+            if kind == "tagged":
+                yield value
+            elif len(pending) == 1:
+                emit_untagged(writer)
+
+    def emit_untagged(writer: _TagsWriter) -> None:
+        while pending and not pending[0][4]:
+            row_id, source, source_row, caption, _ = pending.popleft()
+            writer.add(row_id, source, source_row, caption, ())
+            bar.update(1)
+
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    start = time.perf_counter()
+    try:
+        writer = _TagsWriter(tmp, schema, batch_rows)
+        try:
+            for spans in tagger.iter_tag(to_tag(writer)):
+                emit_untagged(writer)
+                row_id, source, source_row, caption, _ = pending.popleft()
+                writer.add(row_id, source, source_row, caption, spans)
+                bar.update(1)
+                counts["grounded"] += bool(spans)
+                counts["spans"] += len(spans)
+                for s in spans:
+                    per_concept[s.concept_id] += 1
+            emit_untagged(writer)
+        finally:
+            writer.close()
+            bar.close()
+        os.replace(tmp, output)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    seconds = time.perf_counter() - start
+    stats: dict[str, Any] = {k: counts[k] for k in ("captions", "tagged", "grounded", "spans", "empty", "not_text",
+                                                   "unreadable", "too_long")}
+    stats.update(seconds=round(seconds, 3), captions_per_s=round(counts["captions"] / seconds, 1) if seconds else 0.0,
+                 output=str(output), spans_per_concept=dict(zip(vocab.names, per_concept)))
+    return stats

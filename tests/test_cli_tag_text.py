@@ -1,0 +1,126 @@
+"""`cmcaug tag-text` and the corpus tagger behind it (`cmcaug.tags.tag_corpus`): formats, streaming,
+row ids, bad rows, the tags file's schema and metadata, and `--bank`."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from cmcaug.cli.main import main
+
+from cmcaug.concepts import ConceptVocab
+from cmcaug.grounding import GroundingTagger
+from cmcaug.synth import make_corpus
+from cmcaug.tags import TAGS_SCHEMA, tag_corpus
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """The shapes world's captions.jsonl and vocab.json (captions name every object)."""
+    return make_corpus(tmp_path_factory.mktemp("shapes"), n_images=12, seed=3, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def lookup() -> GroundingTagger:
+    return GroundingTagger(ConceptVocab.default(), mode="lookup", batch_size=3)
+
+
+def read_tags(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def test_shapes_corpus_end_to_end(shapes, tmp_path, capsys):
+    out = tmp_path / "tags.parquet"
+    code = main(["tag-text", str(shapes.captions), "-o", str(out), "--vocab", str(shapes.root / "vocab.json"),
+                 "--mode", "lookup", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "captions: 12" in printed and "grounded: 12" in printed and "concept" in printed
+    table = pq.read_table(out)
+    assert table.schema.remove_metadata() == TAGS_SCHEMA
+    assert json.loads(table.schema.metadata[b"cmcaug.vocab"]) == ConceptVocab.from_json(shapes.root / "vocab.json").to_dict()
+    assert json.loads(table.schema.metadata[b"cmcaug.tagger"])["mode"] == "lookup"
+    rows = table.to_pylist()
+    captions = [json.loads(line)["caption"] for line in shapes.captions.read_text().splitlines()]
+    assert [r["caption"] for r in rows] == captions and [r["row_id"] for r in rows] == list(range(12))
+    vocab = ConceptVocab.from_json(shapes.root / "vocab.json")
+    for row in rows:
+        assert row["spans"], row  # every shapes caption names its objects
+        for span in row["spans"]:
+            assert vocab.surface_forms[row["caption"][span["start"]:span["end"]].lower()] == span["concept_id"]
+
+
+def test_every_format_bad_rows_and_row_ids(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("A dog on a sofa.\n\n   \nTwo cats\n", encoding="utf-8")
+    jsonl = tmp_path / "b.jsonl.gz"
+    with gzip.open(jsonl, "wt", encoding="utf-8") as f:
+        f.write('{"caption": "a man with a bike"}\n{"caption": 5}\nnot json\n{"text": "x"}\n["a dog"]\n')
+    parquet = tmp_path / "c.parquet"
+    long_caption = "a dog " * 20
+    pq.write_table(pa.table({"caption": ["Pizza &amp; a  TV", None, long_caption, "nothing here"]}), parquet)
+    tagger = GroundingTagger(ConceptVocab.default(), mode="lookup", batch_size=2, max_chars=100)
+    stats = tag_corpus([txt, jsonl, parquet], tmp_path / "out" / "tags.parquet", tagger, batch_rows=3, progress=False)
+    assert {k: stats[k] for k in ("captions", "tagged", "grounded", "spans", "empty", "not_text", "unreadable", "too_long")} == {
+        "captions": 13, "tagged": 5, "grounded": 4, "spans": 7, "empty": 2, "not_text": 4, "unreadable": 1, "too_long": 1}
+    assert stats["spans_per_concept"]["dog"] == 1 and stats["spans_per_concept"]["pizza"] == 1
+    rows = read_tags(tmp_path / "out" / "tags.parquet")
+    assert [r["row_id"] for r in rows] == list(range(13))
+    assert [(Path(r["source"]).name, r["source_row"]) for r in rows][3:6] == [("a.txt", 3), ("b.jsonl.gz", 0), ("b.jsonl.gz", 1)]
+    assert [r["caption"] for r in rows][4:9] == ["a man with a bike", None, None, None, None]
+    assert rows[10]["caption"] is None and rows[11]["caption"] == long_caption and rows[11]["spans"] == []
+    spans = {r["row_id"]: [(r["caption"][s["start"]:s["end"]], s["concept_id"]) for s in r["spans"]] for r in rows}
+    vocab = ConceptVocab.default()
+    assert spans[0] == [("dog", vocab.id("dog")), ("sofa", vocab.id("couch"))]
+    assert spans[9] == [("Pizza", vocab.id("pizza")), ("TV", vocab.id("tv"))]  # offsets index the raw caption
+    assert not list(tmp_path.glob("out/.tags.parquet.tmp*"))
+
+
+def test_large_input_streams_in_batches(tmp_path, lookup):
+    rows = 2500
+    captions = [f"{i} dogs and a cat" if i % 3 else "" for i in range(rows)]
+    pq.write_table(pa.table({"text": captions}), tmp_path / "big.parquet", row_group_size=700)
+    stats = tag_corpus([tmp_path / "big.parquet"], tmp_path / "tags.parquet", lookup, field="text", batch_rows=512,
+                       progress=False)
+    assert stats["captions"] == rows and stats["empty"] == (rows + 2) // 3 and stats["spans"] == 2 * stats["tagged"]
+    file = pq.ParquetFile(tmp_path / "tags.parquet")
+    assert file.metadata.num_rows == rows and file.metadata.num_row_groups == -(-rows // 512)  # written batch by batch
+    ids = file.read(columns=["row_id"]).column(0).to_numpy()
+    assert np.array_equal(ids, np.arange(rows))
+
+
+def test_bad_inputs_exit_with_input_error(tmp_path, capsys):
+    (tmp_path / "a.csv").write_text("dog\n")
+    (tmp_path / "c.parquet").write_bytes(b"")
+    pq.write_table(pa.table({"text": ["a dog"]}), tmp_path / "d.parquet")
+    base = ["-o", str(tmp_path / "t.parquet"), "--vocab", "default", "--mode", "lookup", "--no-progress"]
+    assert main(["tag-text", str(tmp_path / "missing.txt"), *base]) == 3
+    assert main(["tag-text", str(tmp_path / "a.csv"), *base]) == 3
+    assert main(["tag-text", str(tmp_path / "c.parquet"), *base]) == 3
+    assert main(["tag-text", str(tmp_path / "d.parquet"), *base]) == 3
+    err = capsys.readouterr().err
+    assert "no such corpus file" in err and "unknown corpus format" in err and "no column 'caption'" in err
+    assert main(["tag-text", str(tmp_path / "d.parquet"), *base[:-5], "--bank", str(tmp_path / "nobank")]) == 4
+    assert main(["tag-text", str(tmp_path / "d.parquet"), *base, "--n-process", "0"]) == 3
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_vocabulary_from_a_bank(tmp_path, capsys):
+    from cmcaug.bank_writer import write_bank
+
+    vocab = ConceptVocab({"dog": ["puppy"], "kite": []})
+    patches = pa.table({"concept_id": pa.array([0, 1], pa.int32()), "image": ["a.png", "b.png"],
+                        "box": pa.array([[0, 0, 4, 4]] * 2, pa.list_(pa.float32(), 4)), "score": pa.array([1, 1], pa.float32())})
+    embeddings = np.eye(2, 4, dtype=np.float32)
+    write_bank(tmp_path / "bank", vocab=vocab, patches=patches, pixels=np.zeros((2, 4, 4, 3), np.uint8),
+               embeddings=embeddings, provenance={}, stats={})
+    (tmp_path / "c.txt").write_text("A puppy and a kite.\nA cat.\n")
+    assert main(["tag-text", str(tmp_path / "c.txt"), "-o", str(tmp_path / "t.parquet"), "--bank", str(tmp_path / "bank"),
+                 "--mode", "lookup", "--no-progress"]) == 0
+    rows = read_tags(tmp_path / "t.parquet")
+    assert [[s["concept_id"] for s in r["spans"]] for r in rows] == [[0, 1], []]
+    assert "kite" in capsys.readouterr().out
