@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 EPILOG = """\
 inputs:
@@ -16,19 +17,29 @@ resume:
   writes. --resume on a missing bank starts one; on a finished bank of the same inputs and options it
   does nothing.
 
+ray:
+  --ray runs the read -> decode -> detect -> crop -> embed batches as Ray Data tasks and actors (one
+  detector per actor) and writes the same bank, byte for byte, as a run without it; either can resume
+  the other's unfinished build. ADDRESS: 'auto' joins the running cluster (ray start, RAY_ADDRESS) and
+  fails if there is none; 'local' starts a private Ray on this machine; HOST:PORT or ray://HOST:PORT
+  joins that cluster; no ADDRESS: Ray's default (RAY_ADDRESS or a cluster running here, else a private
+  one). Every node must read IMAGES (and --annotations / --detector files) at the same absolute paths;
+  only this machine writes BANK. Needs pip install "cmcaug[distributed]".
+
 exit codes:
   0    the bank was built (or, with --resume, was already complete)
   1    unexpected internal error (a bug; please report it)
   2    bad usage: unknown flag, no -o, neither or both of --detector and --annotations,
-       both --resume and --overwrite
+       both --resume and --overwrite, --ray-cpus / --ray-gpus / --ray-actors without --ray
   3    bad input: an input path does not exist; no images found; BANK exists without --resume or
        --overwrite, or holds files that are not a bank's; --resume with other inputs or options than
        the unfinished build; annotations for an image not among the inputs, an unknown category, a
        box outside its image; a detector class list that shares no name with --vocab; YOLO weights
-       not found; --embedder detector without --detector; an option out of range
+       not found; --embedder detector without --detector; an option out of range; a Ray worker whose
+       detector or embedder differs from this machine's; --ray-gpus on a cluster without GPUs
   4    malformed bank or build state: an unreadable BANK/manifest.json or BANK/.build shard
        (rerun with --overwrite)
-  5    a missing dependency: ultralytics (for --detector) or faiss
+  5    a missing dependency: ultralytics (for --detector), ray (for --ray) or faiss
   130  interrupted (Ctrl-C): rerun with --resume to continue
 """
 
@@ -60,6 +71,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--resume", action="store_true", help="continue an interrupted build in BANK/.build/")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing bank in BANK")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --max-per-concept draw and of yaml models (default 0)")
+    ray = parser.add_argument_group("distributed build (Ray)")
+    ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                     help="run the batches on Ray: auto, local, HOST:PORT or ray://HOST:PORT (default: Ray's own choice)")
+    ray.add_argument("--ray-cpus", type=float, default=1.0, metavar="C", help="CPUs per decode task and per detector actor (default 1)")
+    ray.add_argument("--ray-gpus", type=float, default=0.0, metavar="G", help="GPUs per detector actor (default 0)")
+    ray.add_argument("--ray-actors", type=int, metavar="N", help="detector actors (default: autoscale up to what the cluster fits)")
     parser.set_defaults(run=run)
 
 
@@ -68,15 +85,26 @@ def run(args: argparse.Namespace) -> int:
 
     from .render import summary, table
 
-    result = build_bank(
-        args.images, args.output, detector=args.detector, annotations=args.annotations, vocab=args.vocab,
-        patch_size=args.patch_size, min_box=args.min_box, conf=args.conf, max_per_concept=args.max_per_concept,
-        embedder=args.embedder, batch_size=args.batch_size, workers=args.workers, resume=args.resume,
-        overwrite=args.overwrite, seed=args.seed, progress=True,
+    options = dict(
+        detector=args.detector, annotations=args.annotations, vocab=args.vocab, patch_size=args.patch_size,
+        min_box=args.min_box, conf=args.conf, max_per_concept=args.max_per_concept, embedder=args.embedder,
+        batch_size=args.batch_size, workers=args.workers, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
+        progress=True,
     )
+    if args.ray is None:
+        if (args.ray_cpus, args.ray_gpus, args.ray_actors) != (1.0, 0.0, None):
+            print("cmcaug build-bank: error: --ray-cpus, --ray-gpus and --ray-actors need --ray", file=sys.stderr)
+            return 2
+        result = build_bank(args.images, args.output, **options)
+    else:
+        from cmcaug.distributed import build_bank_distributed
+
+        result = build_bank_distributed(args.images, args.output, address=args.ray or None, num_cpus_per_task=args.ray_cpus,
+                                        num_gpus_per_task=args.ray_gpus, actors=args.ray_actors, **options)
     images, boxes = result.stats["images"], result.stats["boxes"]
     print(summary("patch bank", {
-        "path": str(result.bank), "patches": boxes["kept"], "seconds": round(result.seconds, 2),
+        "path": str(result.bank), "runner": "local" if args.ray is None else f"ray {args.ray or '(default)'}",
+        "patches": boxes["kept"], "seconds": round(result.seconds, 2),
         "images/s": round(result.images_per_s, 1), "batches resumed": result.resumed_batches,
         "status": "already complete" if result.already_built else "built",
     }))

@@ -3,8 +3,12 @@
     list images (sorted by key) -> decode pool -> detect in batches -> square crops -> embed
       -> one shard per batch under BANK/.build/ -> finalize with `write_bank` -> remove .build/
 
-Determinism: batch b always holds images [b*B, (b+1)*B) of the key-sorted list, decoding results are
-consumed in key order, and the finalize step reads shards in batch order, so neither `workers` nor a
+The middle part (decode -> detect -> crop -> embed -> shard bytes) runs in a *batch runner*: `run_local`
+(threads and models in this process) by default, or `cmcaug.distributed.RayRunner` on a Ray cluster.
+Runners call the same `process_batch` and may finish batches in any order; this module writes the shards.
+
+Determinism: batch b always holds images [b*B, (b+1)*B) of the key-sorted list and its shard depends on
+nothing else, and the finalize step reads shards in batch order, so neither `workers`, the runner nor a
 resume changes a byte of the bank. `max_per_concept` draws from a generator seeded by (seed, concept).
 
 Resume: a shard is written to a temporary name and renamed into place, so a shard file exists only
@@ -16,6 +20,7 @@ before it is deleted, so it is either whole or gone.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -24,7 +29,7 @@ import shutil
 import signal
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +45,7 @@ from .concepts import ConceptVocab
 from .detect import AnnotationDetector, Detector, UltralyticsDetector
 from .embed import Embedder, make_embedder
 from .errors import BankFormatError, InputError
-from .images import DEFAULT_MAX_PIXELS, FAILURE_REASONS, ImageRef, decode_stream, list_images
+from .images import DEFAULT_MAX_PIXELS, FAILURE_REASONS, DecodedImage, ImageRef, decode_stream, list_images
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +89,9 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def _write_atomic(path: Path, write: Any) -> None:
+def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
@@ -137,7 +141,7 @@ def _open_build(out: Path, state: dict[str, Any], resume: bool, overwrite: bool)
     for stale in (build / "shards").glob("*.tmp"):
         stale.unlink()
     if _read_state(build) is None:
-        _write_atomic(build / _STATE, lambda f: f.write(json.dumps(state, sort_keys=True, indent=1).encode()))
+        _write_atomic(build / _STATE, json.dumps(state, sort_keys=True, indent=1).encode())
     return None
 
 
@@ -163,9 +167,10 @@ def _concept_map(names: Sequence[str], vocab: ConceptVocab) -> np.ndarray:
     return out
 
 
-def _run_batch(first: int, decoded: Sequence[Any], detector: Detector, concept_of: np.ndarray, embedder: Embedder,
-               opts: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Detect, filter, crop and embed one batch; the shard's arrays and its stats."""
+def process_batch(first: int, decoded: Sequence[DecodedImage], detector: Detector, concept_of: np.ndarray,
+                  embedder: Embedder, opts: dict[str, Any]) -> bytes:
+    """Detect, filter, crop and embed one batch of decoded images (image numbers `first`, `first + 1`, ...);
+    return its build shard's bytes. The one per-batch step of every runner, so every runner writes the same shards."""
     ok = [(i, d) for i, d in enumerate(decoded) if d.pixels is not None]
     found = detector.detect([d.pixels for _, d in ok], [d.key for _, d in ok]) if ok else []
     dropped: Counter[str] = Counter()
@@ -198,12 +203,9 @@ def _run_batch(first: int, decoded: Sequence[Any], detector: Detector, concept_o
     failed = Counter(d.failure for d in decoded if d.failure)
     stats = {"read": len(decoded), "decoded": len(ok), "failed": dict(failed), "found": int(sum(len(f) for f in found)),
              "dropped": dict(dropped)}
-    return arrays, stats
-
-
-def _save_shard(path: Path, arrays: dict[str, np.ndarray], stats: dict[str, Any]) -> None:
-    blob = np.frombuffer(json.dumps(stats, sort_keys=True).encode(), np.uint8)
-    _write_atomic(path, lambda f: np.savez(f, stats=blob, **arrays))
+    shard = io.BytesIO()
+    np.savez(shard, stats=np.frombuffer(json.dumps(stats, sort_keys=True).encode(), np.uint8), **arrays)
+    return shard.getvalue()
 
 
 def _load_shard(path: Path, names: Sequence[str]) -> dict[str, Any]:
@@ -286,29 +288,80 @@ def _finalize(out: Path, build: Path, n_batches: int, keys: Sequence[str], vocab
     return manifest
 
 
+# -- batch runners ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to make a build's detector and embedder: plain values, so another process (a Ray actor) can
+    make its own copy instead of receiving the driver's."""
+
+    detector: str | Path | Detector | Callable[[], Detector] | None
+    annotations: str | Path | None
+    embedder: str
+    conf: float
+    batch_size: int
+    seed: int
+
+    def make(self) -> tuple[Detector, Embedder]:
+        if (self.detector is None) == (self.annotations is None):
+            raise InputError("pass exactly one box source: a YOLO detector (--detector WEIGHTS_OR_YAML) or COCO annotations (--annotations FILE)")
+        if self.annotations is not None:
+            det: Detector = AnnotationDetector(self.annotations)
+        elif isinstance(self.detector, (str, Path)):
+            det = UltralyticsDetector(self.detector, conf=self.conf, batch_size=self.batch_size, seed=self.seed)
+        else:
+            det = self.detector() if callable(self.detector) and not isinstance(self.detector, Detector) else self.detector
+            if not isinstance(det, Detector):
+                raise InputError(f"detector must be a weights path, a model yaml, a Detector or a function making one, "
+                                 f"got {type(det).__name__}")
+        return det, make_embedder(self.embedder, det)
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """What a batch runner gets: the key-sorted images, the models (made here; `spec` makes them
+    elsewhere), the detector-class -> concept map and the build options (`opts`)."""
+
+    refs: Sequence[ImageRef]
+    batch_size: int
+    workers: int | None  # decode threads; None: the runner's default
+    spec: ModelSpec
+    detector: Detector
+    embedder: Embedder
+    concept_of: np.ndarray
+    opts: dict[str, Any]
+
+    def images(self, batch: int) -> Sequence[ImageRef]:
+        return self.refs[batch * self.batch_size:(batch + 1) * self.batch_size]
+
+
+# (job, batch numbers) -> (batch, shard bytes from `process_batch`) for each batch, in any order.
+BatchRunner = Callable[[BuildJob, Sequence[int]], Generator[tuple[int, bytes], None, None]]
+
+
+def run_local(job: BuildJob, batches: Sequence[int]) -> Generator[tuple[int, bytes], None, None]:
+    """The default runner: decode in `job.workers` threads (default min(8, CPUs)), detect and embed in
+    this process, batch after batch."""
+    workers = min(8, os.cpu_count() or 1) if job.workers is None else job.workers
+    refs = [r for b in batches for r in job.images(b)]
+    stream = decode_stream(refs, workers=workers, max_pixels=job.opts["max_pixels"], prefetch=2 * max(job.batch_size, workers))
+    try:
+        for b in batches:
+            decoded = [next(stream) for _ in job.images(b)]
+            yield b, process_batch(b * job.batch_size, decoded, job.detector, job.concept_of, job.embedder, job.opts)
+    finally:
+        stream.close()
+
+
 # -- the pipeline ----------------------------------------------------------------------------------
-def _make_detector(detector: str | Path | Detector | None, annotations: str | Path | None, conf: float,
-                   batch_size: int, seed: int) -> Detector:
-    if (detector is None) == (annotations is None):
-        raise InputError("pass exactly one box source: a YOLO detector (--detector WEIGHTS_OR_YAML) or COCO annotations (--annotations FILE)")
-    if annotations is not None:
-        return AnnotationDetector(annotations)
-    if isinstance(detector, (str, Path)):
-        return UltralyticsDetector(detector, conf=conf, batch_size=batch_size, seed=seed)
-    if not isinstance(detector, Detector):
-        raise InputError(f"detector must be a weights path, a model yaml or a Detector, got {type(detector).__name__}")
-    return detector
-
-
 def _check_options(patch_size: int, min_box: float, conf: float, max_per_concept: int | None, batch_size: int,
-                   workers: int, resume: bool, overwrite: bool) -> None:
+                   workers: int | None, resume: bool, overwrite: bool) -> None:
     problems = [
         (patch_size < 8, f"patch_size must be at least 8, got {patch_size}"),
         (min_box < 0, f"min_box must be >= 0, got {min_box}"),
         (not 0.0 <= conf <= 1.0, f"conf must lie in [0, 1], got {conf}"),
         (max_per_concept is not None and max_per_concept < 1, f"max_per_concept must be >= 1, got {max_per_concept}"),
         (batch_size < 1, f"batch_size must be >= 1, got {batch_size}"),
-        (workers < 0, f"workers must be >= 0, got {workers}"),
+        (workers is not None and workers < 0, f"workers must be >= 0, got {workers}"),
         (resume and overwrite, "resume and overwrite exclude each other: pass one"),
     ]
     for bad, message in problems:
@@ -320,7 +373,7 @@ def build_bank(
     inputs: str | Path | Sequence[str | Path],
     out: str | Path,
     *,
-    detector: str | Path | Detector | None = None,
+    detector: str | Path | Detector | Callable[[], Detector] | None = None,
     annotations: str | Path | None = None,
     vocab: ConceptVocab | str | Path | None = None,
     patch_size: int = 64,
@@ -335,28 +388,31 @@ def build_bank(
     seed: int = 0,
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    runner: BatchRunner | None = None,
 ) -> BuildStats:
     """Build a patch bank at `out` from images (folders, image files, path lists, img2dataset .tar shards).
 
-    Boxes come from `detector` (YOLO weights / yaml, or any `Detector`) or `annotations` (COCO JSON).
+    Boxes come from `detector` (YOLO weights / yaml, any `Detector`, or a zero-argument function making
+    one) or `annotations` (COCO JSON).
     Boxes are dropped when their class is not in `vocab` (default: the detector's class names), their
     score is below `conf`, or their longer side is below `min_box` pixels; at most `max_per_concept`
     patches per concept are kept (a draw seeded by `seed`, which also seeds a yaml model's random
     weights). `workers` decode threads (default: min(8, CPUs)) never change the result. Images over
-    `max_pixels` pixels are skipped as decompression bombs. Same as `cmcaug build-bank`.
+    `max_pixels` pixels are skipped as decompression bombs. `runner` runs the batches (default
+    `run_local`; `cmcaug.distributed.build_bank_distributed` passes a Ray one) and never changes the
+    result either, so a build can be resumed with another runner. Same as `cmcaug build-bank`.
     """
     started = time.perf_counter()
-    workers = min(8, os.cpu_count() or 1) if workers is None else int(workers)
     _check_options(patch_size, min_box, conf, max_per_concept, batch_size, workers, resume, overwrite)
     refs: list[ImageRef] = list_images([inputs] if isinstance(inputs, (str, Path)) else inputs)
     keys = [r.key for r in refs]
-    det = _make_detector(detector, annotations, conf, batch_size, seed)
+    spec = ModelSpec(detector, annotations, embedder, float(conf), int(batch_size), int(seed))
+    det, emb = spec.make()
     if isinstance(det, AnnotationDetector):
         det.match(keys)
     if not isinstance(vocab, ConceptVocab):
         vocab = ConceptVocab.from_names(det.names) if vocab is None else ConceptVocab.from_json(vocab)
     concept_of = _concept_map(det.names, vocab)
-    emb = make_embedder(embedder, det)
     opts = {"patch_size": int(patch_size), "min_box": float(min_box), "conf": float(conf), "max_per_concept": max_per_concept,
             "batch_size": int(batch_size), "seed": int(seed), "max_pixels": int(max_pixels)}
     description = {
@@ -372,27 +428,30 @@ def build_bank(
         return BuildStats(out, finished.get("stats", {}), time.perf_counter() - started, 0.0, already_built=True, manifest=finished)
 
     build = out / BUILD_DIR
+    job = BuildJob(refs, int(batch_size), workers, spec, det, emb, concept_of, opts)
     n_batches = -(-len(refs) // batch_size)
     todo = [b for b in range(n_batches) if not _shard_path(build, b).is_file()]
-    resumed = n_batches - len(todo)
-    if resumed:
-        log.info("resuming %s: %d of %d batches already done", build, resumed, n_batches)
-    todo_refs = [r for b in todo for r in refs[b * batch_size:(b + 1) * batch_size]]
-    stream = decode_stream(todo_refs, workers=workers, max_pixels=max_pixels, prefetch=2 * max(batch_size, workers))
-    done_images = len(refs) - len(todo_refs)
+    if len(todo) < n_batches:
+        log.info("resuming %s: %d of %d batches already done", build, n_batches - len(todo), n_batches)
+    todo_images = sum(len(job.images(b)) for b in todo)
+    pending = set(todo)
     loop_started = time.perf_counter()
-    with tqdm(total=len(refs), initial=done_images, unit="img", desc="build-bank", disable=not progress) as bar:
+    with tqdm(total=len(refs), initial=len(refs) - todo_images, unit="img", desc="build-bank", disable=not progress) as bar:
+        results = (runner or run_local)(job, todo)
         try:
-            for count, b in enumerate(todo, 1):
-                decoded = [next(stream) for _ in refs[b * batch_size:(b + 1) * batch_size]]
-                arrays, shard_stats = _run_batch(b * batch_size, decoded, det, concept_of, emb, opts)
-                _save_shard(_shard_path(build, b), arrays, shard_stats)
+            for count, (b, shard) in enumerate(results, 1):
+                if b not in pending:
+                    raise RuntimeError(f"the batch runner returned batch {b}, which was not asked for or came twice")
+                pending.discard(b)
+                _write_atomic(_shard_path(build, b), shard)
                 _crash_point(f"shard:{count}")
-                bar.update(len(decoded))
+                bar.update(len(job.images(b)))
         finally:
-            stream.close()
+            results.close()
+    if pending:
+        raise RuntimeError(f"the batch runner stopped without {len(pending)} batches, e.g. {sorted(pending)[:5]}")
     processing = time.perf_counter() - loop_started
     provenance = {**description, "fingerprint": state["fingerprint"]}
     manifest = _finalize(out, build, n_batches, keys, vocab, opts, emb.dim, provenance, progress)
     seconds = time.perf_counter() - started
-    return BuildStats(out, manifest["stats"], seconds, len(todo_refs) / max(processing, 1e-9), resumed, manifest=manifest)
+    return BuildStats(out, manifest["stats"], seconds, todo_images / max(processing, 1e-9), n_batches - len(todo), manifest=manifest)
