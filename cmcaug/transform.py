@@ -1,0 +1,453 @@
+"""`CMCTransform`: cross-modal CutMix (VLMixer) as a DataLoader collate function plus a GPU splice.
+
+    cmc = CMCTransform(bank, tokenizer, tagger=tagger, ratio=0.5)
+    loader = DataLoader(cmc.dataset(texts), batch_size=256, num_workers=4, collate_fn=cmc.collate)
+    for batch in loader:                                   # CMCBatch
+        batch = batch.to(device, non_blocking=True)
+        text_emb = model.word_embeddings(batch.input_ids)
+        patch_emb = patch_encoder(batch.patch_pixels(mean, std, dtype))       # [M, K, D]
+        view = cmc.splice(text_emb, patch_emb, batch)      # SpliceOutput -> model(inputs_embeds=view.embeds)
+
+Everything integer-sized is decided in `collate`, on the CPU, in the loader's workers: tokenize, align
+each grounded word's characters to tokens, choose the words to replace, pick one bank patch per word
+from its concept, build the `SplicePlan`, gather the patches' uint8 pixels. The GPU then only moves
+bytes (`cmc.splice`). VLMixer published no code: choosing each grounded word independently with
+probability `ratio`, capping a caption at `max_replacements` (a uniformly random subset of the chosen),
+and one bank patch of `patch_tokens` tokens per replaced word are this project's reading of the paper.
+
+Reproducibility: every draw for sample i is a pure function of (seed, epoch, i) (`cmcaug.mlm`), so views
+do not depend on `num_workers`, on batch composition, or on the run, and `set_epoch` works with
+`persistent_workers=True` (the epoch lives in shared memory). Items carry their dataset index through
+`cmc.dataset(items)`, as `{"index": i, ...}` dicts or tag-text rows (`row_id`), or as `(i, item)` pairs
+(`cmcaug.items`); an item without one is keyed by a hash of its caption instead (still deterministic;
+duplicate captions then share a view).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from . import mlm
+from .align import tokenize_with_offsets
+from .errors import InputError
+from .items import IndexedItems, Item, parse_item
+from .plan import SplicePlan
+
+if TYPE_CHECKING:
+    from .kernels import SpliceOutput
+
+_IGNORE = -100
+
+
+@dataclass
+class CMCStats:
+    """What happened to the grounded words of the captions collated so far (all counts)."""
+
+    captions: int = 0
+    empty_captions: int = 0
+    truncated_captions: int = 0
+    ungrounded_captions: int = 0
+    spans: int = 0
+    spans_truncated: int = 0
+    spans_overlapping: int = 0
+    spans_absent: int = 0
+    spans_no_room: int = 0
+    spans_replaced: int = 0
+    absent_concepts: dict[int, int] = field(default_factory=dict)
+
+    def add(self, other: CMCStats) -> CMCStats:
+        """Add `other`'s counts into this one (in place) and return it."""
+        for f in dataclasses.fields(self):
+            if f.name != "absent_concepts":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        for c, n in other.absent_concepts.items():
+            self.absent_concepts[c] = self.absent_concepts.get(c, 0) + n
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(repr=False)
+class CMCBatch:
+    """One collated batch: the text view's tokens, the plan of the CMC view, and its patches' pixels.
+
+    Shapes: B captions, L text tokens, M patch slots, P the bank's patch side. `labels` ([B, L_out],
+    aligned with the spliced view) is set by `CMCTransform.mask_tokens`.
+    """
+
+    input_ids: torch.Tensor  # [B, L] int64, right-padded
+    attention_mask: torch.Tensor  # [B, L] int64, 1 on real tokens
+    special_tokens_mask: torch.Tensor  # [B, L] bool, special tokens and padding
+    replaced_mask: torch.Tensor  # [B, L] bool, tokens a patch replaces in the CMC view
+    plan: SplicePlan
+    patch_ids: torch.Tensor  # [M] int64 bank patch ids, slot order (row by row, left to right)
+    concept_ids: torch.Tensor  # [M] int64 concept of each slot
+    pixels: torch.Tensor  # [M, P, P, 3] uint8
+    indices: torch.Tensor  # [B] int64 dataset index of each caption, -1 where the item carried none
+    captions: list[str]
+    sample_keys: np.ndarray  # [B] uint64 per-sample random keys (see cmcaug.mlm)
+    stats: CMCStats
+    labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def __repr__(self) -> str:
+        b, l = self.input_ids.shape
+        return (f"CMCBatch(B={b}, L={l}, L_out={self.plan.output_length}, patches={self.num_patches}, "
+                f"labels={self.labels is not None}, device={self.input_ids.device})")
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.patch_ids.shape[0])
+
+    def _map(self, fn: Any) -> CMCBatch:
+        tensors = {
+            f.name: fn(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, plan=fn(self.plan), **tensors)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CMCBatch:
+        """A copy with every tensor and the plan on `device`."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> CMCBatch:
+        """A copy in pinned memory (DataLoader(pin_memory=True) calls this), for non-blocking copies."""
+        return self._map(lambda t: t.pin_memory())
+
+    def patch_pixels(
+        self, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32, backend: str = "auto"
+    ) -> torch.Tensor:
+        """The patches as normalized `[M, 3, P, P]` images for a patch encoder (the normalization kernel)."""
+        from .kernels import normalize_patches
+
+        return normalize_patches(self.pixels, mean, std, dtype=dtype, backend=backend)
+
+
+def _tokenizer_facts(tokenizer: Any) -> tuple[np.ndarray, int | None, int | None, int | None]:
+    """(special token ids, mask token id, vocabulary size, longest input) of an HF or open_clip tokenizer."""
+    special = np.asarray(sorted(getattr(tokenizer, "all_special_ids", None) or ()), dtype=np.int64)
+    mask_id = getattr(tokenizer, "mask_token_id", None)
+    if getattr(tokenizer, "is_fast", False):
+        limit = getattr(tokenizer, "model_max_length", None)
+        return special, mask_id, len(tokenizer), limit if isinstance(limit, int) and limit < 1_000_000 else None
+    return special, mask_id, getattr(tokenizer, "vocab_size", None), getattr(tokenizer, "context_length", None)
+
+
+class CMCTransform:
+    """Cross-modal CutMix views of captions against a `PatchBank`; see the module docstring for the loop.
+
+    `tokenizer`: an HF fast tokenizer, open_clip's tokenizer, or a callable `texts -> (ids, offsets)`
+    (`cmcaug.align.tokenize_with_offsets`). `tagger`: a `GroundingTagger` over the bank's vocabulary, used
+    for items that arrive without spans. `ratio`: probability that each grounded word (whose concept has
+    patches) is replaced; `max_replacements`: cap per caption. `max_length`: tokens per caption and per
+    spliced row (default: the tokenizer's limit); a patch that would push a row past it is not spliced in.
+    `patch_tokens` (K): tokens per patch from your patch encoder. `seed`: an int, or a `torch.Generator`
+    from which one number is drawn now to serve as the seed.
+    """
+
+    def __init__(
+        self,
+        bank: Any,
+        tokenizer: Any,
+        *,
+        tagger: Any = None,
+        ratio: float = 0.5,
+        max_replacements: int | None = None,
+        max_length: int | None = None,
+        patch_tokens: int = 1,
+        seed: int | torch.Generator = 0,
+    ):
+        if not 0.0 <= float(ratio) <= 1.0:
+            raise InputError(f"ratio must lie in [0, 1], got {ratio}")
+        for name, value, low in (("max_replacements", max_replacements, 0), ("max_length", max_length, 2),
+                                 ("patch_tokens", patch_tokens, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low):
+                optional = " or None" if name != "patch_tokens" else ""
+                raise InputError(f"{name} must be an integer >= {low}{optional}, got {value!r}")
+        if tagger is not None and getattr(tagger, "vocab", bank.vocab) != bank.vocab:
+            raise InputError("the tagger's vocabulary differs from the bank's, so concept ids would not match: "
+                             "build the tagger with GroundingTagger(bank.vocab)")
+        self.bank = bank
+        self.tokenizer = tokenizer
+        self.tagger = tagger
+        self.ratio = float(ratio)
+        self.max_replacements = max_replacements
+        self.patch_tokens = int(patch_tokens)
+        self._special_ids, self._mask_token_id, self._vocab_size, limit = _tokenizer_facts(tokenizer)
+        self.max_length = int(max_length) if max_length is not None else limit
+        self.seed = mlm.generator_seed(seed) if isinstance(seed, torch.Generator) else int(seed)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # shared with (persistent) workers
+        self._offsets, self._counts = np.asarray(bank.offsets, np.int64), np.asarray(bank.counts, np.int64)
+        self.stats = CMCStats()
+
+    def __repr__(self) -> str:
+        return (f"CMCTransform({self.bank!r}, tokenizer={type(self.tokenizer).__name__}, "
+                f"tagger={'yes' if self.tagger is not None else 'no'}, ratio={self.ratio}, "
+                f"max_replacements={self.max_replacements}, max_length={self.max_length}, "
+                f"patch_tokens={self.patch_tokens}, seed={self.seed}, epoch={self.epoch})")
+
+    # -- epochs, datasets, stats -------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw new views from now on; DataLoader workers (persistent ones included) see it at once.
+
+        Call it before iterating the loader for that epoch, as with `DistributedSampler.set_epoch`.
+        """
+        self._epoch.fill_(int(epoch))
+
+    def dataset(self, items: Any) -> IndexedItems:
+        """Captions, tag rows, or a `cmcaug tag-text` table or file, as a dataset whose items carry their index.
+
+        A tags table or file recorded with another vocabulary than the bank's is refused (its concept ids
+        would name other concepts). See `cmcaug.items.IndexedItems`.
+        """
+        return IndexedItems.of(items, self.bank.vocab)
+
+    def reset_stats(self) -> CMCStats:
+        """Return the stats gathered so far and start counting afresh."""
+        stats, self.stats = self.stats, CMCStats()
+        return stats
+
+    # -- the CPU side ----------------------------------------------------------------------------
+    def collate(self, items: Sequence[Any], generator: torch.Generator | None = None) -> CMCBatch:
+        """Tokenize, ground, choose, sample and plan one batch (the DataLoader `collate_fn`).
+
+        Each item is a caption, a `{"caption", "spans", "index"}` dict (spans as written by `cmcaug
+        tag-text`: `{"start", "end", "concept_id"}` character spans; items without "spans" are tagged
+        here), or an `(index, item)` pair. Without `generator`, sample i's draws depend on (seed, epoch,
+        index) only. With one, a single number drawn from it replaces (seed, epoch) for this call, so the
+        batch depends on the generator's state (and advances it) rather than on the epoch.
+        """
+        if isinstance(items, (str, bytes, Mapping)) or len(items) == 0:
+            raise InputError("collate needs a non-empty list of items (captions, tag rows or (index, item) pairs)")
+        rows = [parse_item(item, i) for i, item in enumerate(items)]
+        captions = [r.caption for r in rows]
+        keys = self._keys(rows, generator)
+        spans = self._spans(rows)
+        input_ids, attention_mask, offsets, special = self._tokenize(captions)
+        lengths = attention_mask.sum(axis=1)
+        last_char = offsets[..., 1].max(axis=1, initial=0)  # where the tokens stop reading the caption
+        caption_end = np.fromiter((len(c.rstrip()) for c in captions), np.int64, len(rows))
+        stats = CMCStats(
+            captions=len(rows),
+            empty_captions=sum(not c.strip() for c in captions),
+            truncated_captions=int((last_char < caption_end).sum()),
+            ungrounded_captions=sum(not s for s in spans),
+        )
+        row, start, end, concept, ordinal = self._choose(spans, offsets, lengths, keys, stats)
+        per_row: list[list[tuple[int, int]]] = [[] for _ in rows]
+        for b, s, e in zip(row.tolist(), start.tolist(), end.tolist()):
+            per_row[b].append((s, e))
+        plan = SplicePlan.build(lengths, per_row, patch_tokens=self.patch_tokens, text_length=input_ids.shape[1])
+        counts = self._counts[concept]
+        draws = np.floor(mlm.uniform(keys[row], mlm.STREAM_PATCH, ordinal) * counts).astype(np.int64)
+        patch_ids = self._offsets[concept] + np.minimum(draws, counts - 1)  # = bank.sample, keyed per sample
+        edges = np.zeros((len(rows), input_ids.shape[1] + 1), np.int64)
+        np.add.at(edges, (row, start), 1)
+        np.add.at(edges, (row, end), -1)
+        return CMCBatch(
+            input_ids=torch.from_numpy(input_ids),
+            attention_mask=torch.from_numpy(attention_mask),
+            special_tokens_mask=torch.from_numpy(special),
+            replaced_mask=torch.from_numpy(edges.cumsum(axis=1)[:, :-1] > 0),
+            plan=plan,
+            patch_ids=torch.from_numpy(patch_ids),
+            concept_ids=torch.from_numpy(concept),
+            pixels=self.bank.pixels(patch_ids),
+            indices=torch.tensor([-1 if r.index is None else r.index for r in rows], dtype=torch.int64),
+            captions=captions,
+            sample_keys=keys,
+            stats=stats,
+        )
+
+    # -- the GPU side -----------------------------------------------------------------------------
+    def splice(self, text_embeds: torch.Tensor, patch_embeds: torch.Tensor, batch: CMCBatch,
+               backend: str = "auto") -> SpliceOutput:
+        """The CMC view: `patch_embeds` ([M, K, D], or [M, D] when K = 1) spliced into `text_embeds` [B, L, D].
+
+        Returns the kernel's `SpliceOutput` (embeds, attention_mask, modality_ids, position_ids,
+        source_index), differentiable in both inputs. The first splice of a batch (or of its copies) adds
+        its counts to `cmc.stats`, here in the training process, whichever worker collated it.
+        """
+        from .kernels import splice
+
+        if patch_embeds.dim() == 2 and self.patch_tokens == 1:
+            patch_embeds = patch_embeds.unsqueeze(1)
+        out = splice(text_embeds, patch_embeds, batch.plan, backend=backend)
+        if not getattr(batch.stats, "_recorded", False):  # once per collated batch, however many views
+            self.stats.add(batch.stats)
+            batch.stats._recorded = True  # shared by the batch's copies (.to, mask_tokens)
+        return out
+
+    def mask_tokens(self, batch: CMCBatch, mlm_probability: float = 0.15, *, mask_token_id: int | None = None,
+                    vocab_size: int | None = None, mask_fraction: float = 0.8, random_fraction: float = 0.1,
+                    ignore_index: int = _IGNORE, generator: torch.Generator | None = None) -> CMCBatch:
+        """BERT-style MLM on the CMC view's text tokens; see `cmcaug.mlm.mask_tokens`.
+
+        `mask_token_id` and `vocab_size` default to the tokenizer's (open_clip's has no mask token: pass
+        one). Works on a batch on any device, in a worker or in the training loop.
+        """
+        mask_token_id = self._mask_token_id if mask_token_id is None else mask_token_id
+        vocab_size = self._vocab_size if vocab_size is None else vocab_size
+        if mask_token_id is None or vocab_size is None:
+            raise InputError(f"{type(self.tokenizer).__name__} has no mask token: pass mask_token_id= (and vocab_size=) "
+                             "to mask_tokens, e.g. an id you reserve for [MASK]")
+        return mlm.mask_tokens(batch, mlm_probability=mlm_probability, mask_token_id=int(mask_token_id),
+                               vocab_size=int(vocab_size), mask_fraction=mask_fraction,
+                               random_fraction=random_fraction, ignore_index=ignore_index, generator=generator)
+
+    def _keys(self, rows: list[Item], generator: torch.Generator | None) -> np.ndarray:
+        no_index = np.asarray([r.index is None for r in rows])
+        ids = [mlm.content_id(r.caption) if r.index is None else r.index for r in rows]
+        if generator is not None:
+            return mlm.sample_keys(mlm.generator_seed(generator), 0, ids, no_index)
+        return mlm.sample_keys(self.seed, self.epoch, ids, no_index)
+
+    def _spans(self, rows: list[Item]) -> list[list[tuple[int, int, int]]]:
+        """Each row's grounded character spans, tagging the rows that came without any."""
+        missing = [i for i, r in enumerate(rows) if r.spans is None]
+        spans = [r.spans or [] for r in rows]
+        if missing:
+            if self.tagger is None:
+                raise InputError(
+                    f"{len(missing)} batch items came without spans (e.g. item {missing[0]}) and the transform has "
+                    "no tagger: pass tagger=GroundingTagger(bank.vocab), or give items as tag rows with 'spans'"
+                )
+            for i, tagged in zip(missing, self.tagger.tag([rows[i].caption for i in missing])):
+                spans[i] = [(int(s.start), int(s.end), int(s.concept_id)) for s in tagged]
+        n = len(self._counts)
+        for i, row in enumerate(spans):
+            bad = [c for _, _, c in row if not 0 <= c < n]
+            if bad:
+                raise InputError(f"batch item {i}: concept id {bad[0]} is outside the bank's vocabulary [0, {n}); "
+                                 "tag the text with the bank's vocabulary (cmcaug tag-text --bank BANK)")
+        return spans
+
+    def _tokenize(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask, offsets, special-or-padding mask) of a right-padded batch.
+
+        Offsets of special tokens and padding are (0, 0). HF fast tokenizers with a pad token are called
+        directly (their lists converted by NumPy, faster than return_tensors="np"); others go through
+        `cmcaug.align.tokenize_with_offsets`.
+        """
+        tok = self.tokenizer
+        if getattr(tok, "is_fast", False) and getattr(tok, "pad_token_id", None) is not None:
+            enc = tok(captions, padding="longest", truncation=self.max_length is not None, max_length=self.max_length,
+                      return_offsets_mapping=True, return_token_type_ids=False, padding_side="right")
+            input_ids = np.asarray(enc["input_ids"], dtype=np.int64)
+            attention_mask = np.asarray(enc["attention_mask"], dtype=np.int64)
+            special = (attention_mask == 0) | np.isin(input_ids, self._special_ids)
+            offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(*input_ids.shape, 2)
+            offsets[special & (input_ids != getattr(tok, "unk_token_id", None))] = 0  # some give specials a span
+            return input_ids, attention_mask, offsets, special
+        tokens = tokenize_with_offsets(tok, captions, max_length=self.max_length)
+        special = (tokens.attention_mask == 0) | np.isin(tokens.input_ids, self._special_ids)
+        return tokens.input_ids, tokens.attention_mask, tokens.offsets.astype(np.int64), special
+
+    def _choose(self, spans: list[list[tuple[int, int, int]]], offsets: np.ndarray, lengths: np.ndarray,
+                keys: np.ndarray, stats: CMCStats) -> tuple[np.ndarray, ...]:
+        """(row, token_start, token_end, concept_id, span ordinal) of the spans to replace, in slot order.
+
+        Span j of sample i is a candidate when it aligns to whole tokens, overlaps no earlier span and its
+        concept has patches; it is chosen when u(i, j) < ratio. Of a row's chosen spans the `max_replacements`
+        with the smallest u stay (a uniform subset), then, in order of u, those whose patch fits max_length.
+        """
+        counts = np.fromiter(map(len, spans), np.int64, len(spans))
+        flat = np.asarray([s for row in spans for s in row], dtype=np.int64).reshape(-1, 3)
+        row = np.repeat(np.arange(len(spans)), counts)
+        ordinal = np.arange(row.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        start, end, ok = align_flat(row, flat[:, 0], flat[:, 1], offsets)
+        overlap = _overlapping(row, start, end, ok)
+        absent = ok & ~overlap & (self._counts[flat[:, 2]] == 0)
+        stats.spans = int(row.size)
+        stats.spans_truncated = int((~ok).sum())
+        stats.spans_overlapping = int(overlap.sum())
+        stats.spans_absent = int(absent.sum())
+        for c, n in zip(*np.unique(flat[absent, 2], return_counts=True)):
+            stats.absent_concepts[int(c)] = int(n)
+        u = mlm.uniform(keys[row], mlm.STREAM_SELECT, ordinal)
+        picked = np.flatnonzero(ok & ~overlap & ~absent & (u < self.ratio))
+        picked = picked[np.lexsort((u[picked], row[picked]))]  # by row, then by u
+        rank = np.arange(picked.size) - np.searchsorted(row[picked], row[picked])
+        if self.max_replacements is not None:
+            picked, rank = picked[rank < self.max_replacements], rank[rank < self.max_replacements]
+        if self.max_length is not None and picked.size:
+            picked = self._fit(picked, rank, row, end - start, lengths, stats)
+        stats.spans_replaced = int(picked.size)
+        picked = picked[np.lexsort((start[picked], row[picked]))]  # slot order: row by row, left to right
+        return row[picked], start[picked], end[picked], flat[picked, 2], ordinal[picked]
+
+    def _fit(self, picked: np.ndarray, rank: np.ndarray, row: np.ndarray, width: np.ndarray, lengths: np.ndarray,
+             stats: CMCStats) -> np.ndarray:
+        """Drop chosen spans whose K-token patch would push their row past max_length (in order of u)."""
+        extra = self.patch_tokens - width[picked]  # tokens a replacement adds (<= 0 when K <= span width)
+        room = self.max_length - lengths[row[picked]]
+        first = np.flatnonzero(rank == 0)  # each row's first span (picked is sorted by row, then u)
+        total = np.cumsum(extra)
+        grown = total - np.repeat(total[first] - extra[first], np.diff(np.r_[first, picked.size]))  # per-row running sum
+        if (grown <= room).all():
+            return picked
+        keep = np.ones(picked.size, bool)
+        for b in np.unique(row[picked][grown > room]):  # rare: rows that overflow are replayed one span at a time
+            free = self.max_length - int(lengths[b])
+            for i in np.flatnonzero(row[picked] == b):
+                if extra[i] > free:
+                    keep[i] = False
+                    stats.spans_no_room += 1
+                else:
+                    free -= int(extra[i])
+        return picked[keep]
+
+
+def align_flat(row: np.ndarray, start: np.ndarray, end: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, ...]:
+    """`cmcaug.align.align_spans` for a whole batch at once: (token_start, token_end, ok) per span.
+
+    Span i covers characters [start[i], end[i]) of row row[i]; `offsets` [B, L, 2] has (0, 0) on special
+    tokens and padding. A span maps to the tokens from the first whose end is past its start to the last
+    whose start is before its end; it is not ok (dropped) when it is empty, reaches outside the
+    characters the row's tokens cover (cut by truncation), or touches no token. Vectorized with binary
+    searches over the batch's content tokens, for offsets in text order (every tokenizer's).
+    """
+    content = offsets[..., 1] > offsets[..., 0]
+    token_row, token_pos = np.nonzero(content)
+    if token_row.size == 0 or row.size == 0:
+        zeros = np.zeros(row.size, np.int64)
+        return zeros, zeros, np.zeros(row.size, bool)
+    tok_start, tok_end = offsets[token_row, token_pos, 0], offsets[token_row, token_pos, 1]
+    scale = int(max(offsets[..., 1].max(), end.max(initial=0))) + 2
+    ends_key = np.maximum.accumulate(token_row * scale + tok_end)
+    starts_key = np.minimum.accumulate((token_row * scale + tok_start)[::-1])[::-1]
+    first = np.searchsorted(ends_key, row * scale + start, side="right")
+    last = np.searchsorted(starts_key, row * scale + end, side="left") - 1
+    n_rows = offsets.shape[0]
+    low = np.full(n_rows, np.iinfo(np.int64).max)
+    high = np.zeros(n_rows, np.int64)
+    np.minimum.at(low, token_row, tok_start)
+    np.maximum.at(high, token_row, tok_end)
+    ok = (end > start) & (start >= low[row]) & (end <= high[row]) & (last >= first)
+    first, last = np.clip(first, 0, token_pos.size - 1), np.clip(last, 0, token_pos.size - 1)
+    ok &= (token_row[first] == row) & (token_row[last] == row)
+    return np.where(ok, token_pos[first], 0), np.where(ok, token_pos[last] + 1, 0), ok
+
+
+def _overlapping(row: np.ndarray, start: np.ndarray, end: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Aligned spans that share a token with any earlier aligned span of their row (ordered by start)."""
+    idx = np.flatnonzero(ok)
+    idx = idx[np.lexsort((idx, start[idx], row[idx]))]
+    scale = int(end.max(initial=0)) + 1
+    reach = np.maximum.accumulate(row[idx] * scale + end[idx])  # furthest end so far, rows kept apart
+    overlap = np.zeros(row.size, bool)
+    overlap[idx[1:]] = row[idx[1:]] * scale + start[idx[1:]] < reach[:-1]
+    return overlap

@@ -1,0 +1,494 @@
+"""CMCTransform: collate (tokenize, align, choose, sample, plan), determinism, pickling, MLM, edge cases.
+
+A tiny real bank (`write_bank`) whose patch pixels encode their patch id, a WordPiece tokenizer whose
+vocabulary is written here ("frisbee" is two sub-tokens), and spaCy's lookup tagger for on-the-fly tags.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cmcaug.align import align_spans
+from cmcaug.bank import PatchBank
+from cmcaug.bank_writer import write_bank
+from cmcaug.concepts import ConceptVocab
+from cmcaug.errors import InputError
+from cmcaug.kernels import normalize_patches, splice
+from cmcaug.transform import CMCBatch, CMCTransform, align_flat
+
+VOCAB = ConceptVocab({"dog": ["puppy"], "cat": ["kitten"], "hot dog": [], "kite": [], "frisbee": []})
+COUNTS = {"dog": 5, "cat": 3, "hot dog": 2, "kite": 0, "frisbee": 4}  # kite: in the vocabulary, not the bank
+WORDS = ("a the two three and on with in of is are red blue dog dogs puppy cat cats kitten hot kite kites "
+         "fris ##bee ##s chase chases sits grass park man eats plays").split()
+
+
+def _tokenizer():
+    from transformers import BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    return BertTokenizer(vocab={w: i for i, w in enumerate(specials + WORDS + [".", ","])})
+
+
+def _spans(caption: str) -> list[dict[str, int]]:
+    """Reference grounding for the test captions (a regex over the vocabulary's surface forms)."""
+    forms = sorted(VOCAB.surface_forms, key=len, reverse=True)
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, forms)) + r")\b", re.I)
+    return [{"start": m.start(), "end": m.end(), "concept_id": VOCAB.surface_forms[m.group().lower()]}
+            for m in pattern.finditer(caption)]
+
+
+CAPTIONS = [
+    "Two dogs chase a frisbee on the grass.",
+    "A cat sits with a kitten and a puppy.",
+    "A man eats a hot dog in the park.",
+    "Three kites and a dog.",
+    "A red frisbee.",
+    "The grass is blue.",  # nothing grounded
+    "",
+]
+ROWS = [{"caption": c, "spans": _spans(c)} for c in CAPTIONS]
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory: pytest.TempPathFactory) -> PatchBank:
+    concepts = np.repeat(np.arange(len(VOCAB)), [COUNTS[n] for n in VOCAB.names]).astype(np.int32)
+    n = concepts.size
+    pixels = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 4, 4, 3)).copy()  # pixel = id
+    embeddings = np.eye(n, 8, dtype=np.float32) + np.eye(n, 8, k=-8, dtype=np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    patches = pa.table({"concept_id": concepts, "image": [f"{i:02d}.png" for i in range(n)],
+                        "box": pa.array([[0, 0, 4, 4]] * n, pa.list_(pa.float32(), 4)),
+                        "score": np.ones(n, np.float32)})
+    path = tmp_path_factory.mktemp("bank") / "bank"
+    write_bank(path, vocab=VOCAB, patches=patches, pixels=pixels, embeddings=embeddings, provenance={}, stats={})
+    return PatchBank.open(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return _tokenizer()
+
+
+def indexed(rows: list[dict]) -> list[dict]:
+    return [dict(r, index=i) for i, r in enumerate(rows)]
+
+
+def same_batch(a: CMCBatch, b: CMCBatch) -> None:
+    for name in ("input_ids", "attention_mask", "replaced_mask", "patch_ids", "concept_ids", "pixels", "indices"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(a.plan.source_index, b.plan.source_index)
+
+
+def replaced_words(batch: CMCBatch, b: int) -> list[str]:
+    """The caption text under each replaced token run of row b, from the token offsets."""
+    spans, row = [], batch.replaced_mask[b].tolist()
+    j = 0
+    while j < len(row):
+        if row[j]:
+            k = j
+            while k < len(row) and row[k]:
+                k += 1
+            spans.append((j, k))
+            j = k
+        else:
+            j += 1
+    return [batch.captions[b][s:e] for s, e in _char_ranges(batch, b, spans)]
+
+
+def _char_ranges(batch, b, spans):
+    enc = _tokenizer()(batch.captions[b], return_offsets_mapping=True)["offset_mapping"]
+    return [(enc[s][0], enc[e - 1][1]) for s, e in spans]
+
+
+# -- the contract of one batch -----------------------------------------------------------------------
+
+
+def test_collate_builds_a_consistent_batch(bank, tokenizer):
+    cmc = CMCTransform(bank, tokenizer, ratio=1.0)
+    batch = cmc.collate(indexed(ROWS))
+    expected = tokenizer([r["caption"] for r in ROWS], padding=True, return_tensors="pt")
+    assert torch.equal(batch.input_ids, expected["input_ids"])
+    assert torch.equal(batch.attention_mask, expected["attention_mask"])
+    assert batch.indices.tolist() == list(range(len(ROWS)))
+    assert batch.captions == CAPTIONS
+    # Every grounded word whose concept has patches is replaced at ratio 1; "kites" (empty concept) is not.
+    assert [replaced_words(batch, b) for b in range(len(ROWS))] == [
+        ["dogs", "frisbee"], ["cat", "kitten", "puppy"], ["hot dog"], ["dog"], ["frisbee"], [], []]
+    names = [VOCAB.name(c) for c in batch.concept_ids.tolist()]
+    assert names == ["dog", "frisbee", "cat", "cat", "dog", "hot dog", "dog", "frisbee"]
+    offsets, counts = bank.offsets, bank.counts
+    c = batch.concept_ids.numpy()
+    assert ((batch.patch_ids.numpy() >= offsets[c]) & (batch.patch_ids.numpy() < offsets[c] + counts[c])).all()
+    assert torch.equal(batch.pixels, bank.pixels(batch.patch_ids))
+    assert batch.plan.num_slots == batch.num_patches == 8
+    assert torch.equal(batch.plan.modality_ids.sum(1), torch.tensor([2, 3, 1, 1, 1, 0, 0]))
+    assert not (batch.replaced_mask & batch.special_tokens_mask).any()
+    assert batch.stats.spans == 9 and batch.stats.spans_absent == 1 and batch.stats.absent_concepts == {VOCAB.id("kite"): 1}
+    assert batch.stats.spans_replaced == 8 and batch.stats.ungrounded_captions == 2 and batch.stats.empty_captions == 1
+
+
+def test_splice_places_patches_and_keeps_text(bank, tokenizer):
+    cmc = CMCTransform(bank, tokenizer, ratio=1.0)
+    batch = cmc.collate(indexed(ROWS))
+    b, l = batch.input_ids.shape
+    text = torch.arange(b * l, dtype=torch.float32).reshape(b, l, 1).expand(b, l, 3).contiguous()
+    patches = -1.0 - torch.arange(batch.num_patches, dtype=torch.float32)[:, None, None].expand(-1, 1, 3)
+    view = cmc.splice(text, patches.contiguous(), batch)
+    assert view.embeds.shape == (b, batch.plan.output_length, 3)
+    kept = ~batch.replaced_mask & (batch.attention_mask == 1)
+    for row in range(b):  # the view is the row's kept text tokens in order, a patch where each span was
+        values = view.embeds[row, : int(view.attention_mask[row].sum()), 0]
+        text_values = values[values >= 0]
+        assert torch.equal(text_values, text[row, kept[row], 0])
+    patch_values = view.embeds[..., 0][view.modality_ids == 1]
+    assert torch.equal(patch_values, patches[:, 0, 0])  # slots row by row, left to right
+    assert cmc.stats.spans_replaced == 8  # counted in the training process, at splice time
+
+
+def test_patch_pixels_is_the_normalization_kernel(bank, tokenizer):
+    batch = CMCTransform(bank, tokenizer, ratio=1.0).collate(indexed(ROWS))
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    out = batch.patch_pixels(mean, std, torch.float32)
+    assert out.shape == (batch.num_patches, 3, 4, 4)
+    assert torch.equal(out, normalize_patches(batch.pixels, mean, std, torch.float32, backend="reference"))
+
+
+def test_batch_moves_as_a_whole(bank, tokenizer):
+    cmc = CMCTransform(bank, tokenizer, ratio=1.0)
+    batch = cmc.collate(indexed(ROWS))
+    l, l_out = batch.input_ids.shape[1], batch.plan.output_length
+    assert repr(batch) == f"CMCBatch(B=7, L={l}, L_out={l_out}, patches=8, labels=False, device=cpu)"
+    assert "ratio=1.0" in repr(cmc) and "epoch=0" in repr(cmc)
+    moved = batch.to("cpu", non_blocking=True)
+    same_batch(batch, moved)
+    assert moved.plan.device == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert batch.pin_memory().input_ids.is_pinned() and batch.pin_memory().plan.source_index.is_pinned()
+
+
+# -- choosing and sampling -----------------------------------------------------------------------------
+
+
+def test_ratio_zero_passes_text_through(bank, tokenizer):
+    cmc = CMCTransform(bank, tokenizer, ratio=0.0)
+    batch = cmc.collate(indexed(ROWS))
+    assert batch.num_patches == 0 and not batch.replaced_mask.any()
+    text = torch.randn(*batch.input_ids.shape, 5)
+    view = cmc.splice(text, torch.zeros(0, 1, 5), batch)
+    valid = batch.attention_mask.bool()
+    assert torch.equal(view.embeds[valid], text[valid]) and torch.equal(view.attention_mask, batch.attention_mask)
+
+
+def test_replacement_rate_matches_ratio(bank, tokenizer):
+    rows = indexed(ROWS[:5] * 120)  # 960 replaceable spans
+    for ratio in (0.15, 0.5, 0.8):
+        stats = CMCTransform(bank, tokenizer, ratio=ratio, seed=3).collate(rows).stats
+        candidates = stats.spans - stats.spans_absent
+        sigma = (candidates * ratio * (1 - ratio)) ** 0.5
+        assert abs(stats.spans_replaced - ratio * candidates) < 4 * sigma
+
+
+def test_max_replacements_keeps_a_uniform_subset(bank, tokenizer):
+    row = {"caption": "A cat sits with a kitten and a puppy.", "spans": _spans("A cat sits with a kitten and a puppy.")}
+    cmc = CMCTransform(bank, tokenizer, ratio=1.0, max_replacements=1)
+    batch = cmc.collate([dict(row, index=i) for i in range(600)])
+    assert batch.plan.slots_per_row.max() == 1 and batch.num_patches == 600
+    words = [replaced_words(batch, b)[0] for b in range(0, 600, 5)]
+    assert {w: words.count(w) for w in set(words)}.keys() == {"cat", "kitten", "puppy"}
+    assert min(words.count(w) for w in set(words)) > 20  # each of 3 words ~40 of 120 times
+
+
+def test_patches_are_drawn_uniformly_from_the_concept(bank, tokenizer):
+    cmc = CMCTransform(bank, tokenizer, ratio=1.0)
+    batch = cmc.collate([{"caption": "a dog", "spans": _spans("a dog"), "index": i} for i in range(1000)])
+    counts = np.bincount(batch.patch_ids.numpy() - bank.offsets[VOCAB.id("dog")], minlength=COUNTS["dog"])
+    assert counts.size == COUNTS["dog"] and (abs(counts - 200) < 4 * (200 * 0.8) ** 0.5).all()
+
+
+def test_views_depend_on_seed_epoch_and_index_only(bank, tokenizer):
+    rows = indexed(ROWS[:5] * 8)
+    cmc = CMCTransform(bank, tokenizer, ratio=0.5, seed=7)
+    full = cmc.collate(rows)
+    again = CMCTransform(bank, tokenizer, ratio=0.5, seed=7).collate(rows)
+    same_batch(full, again)
+    # Batch composition does not matter: row 13 alone gets the view it had in the full batch.
+    alone = cmc.collate([rows[13]])
+    assert alone.replaced_mask[0].tolist() == full.replaced_mask[13, : alone.replaced_mask.shape[1]].tolist()
+    assert alone.patch_ids.tolist() == full.patch_ids[torch.from_numpy(full.plan.slot_rows) == 13].tolist()
+    other_seed = CMCTransform(bank, tokenizer, ratio=0.5, seed=8).collate(rows)
+    assert not torch.equal(other_seed.replaced_mask, full.replaced_mask)
+    cmc.set_epoch(1)
+    epoch1 = cmc.collate(rows)
+    assert cmc.epoch == 1 and not torch.equal(epoch1.replaced_mask, full.replaced_mask)
+    cmc.set_epoch(0)
+    same_batch(cmc.collate(rows), full)
+
+
+def test_items_without_index_are_keyed_by_their_text(bank, tokenizer):
+    cmc = CMCTransform(bank, tokenizer, ratio=0.5)
+    a = cmc.collate(ROWS)
+    b = cmc.collate(list(reversed(ROWS)))
+    assert a.indices.tolist() == [-1] * len(ROWS)
+    assert a.replaced_mask[0].tolist() == b.replaced_mask[-1, : a.replaced_mask.shape[1]].tolist()
+    pairs = cmc.collate([(i, r) for i, r in enumerate(ROWS)])  # (index, item) pairs
+    same_batch(pairs, cmc.collate(indexed(ROWS)))
+
+
+def test_explicit_generator_semantics(bank, tokenizer):
+    rows = indexed(ROWS[:5] * 4)
+    cmc = CMCTransform(bank, tokenizer, ratio=0.5)
+    first = cmc.collate(rows, generator=torch.Generator().manual_seed(1))
+    same_batch(first, cmc.collate(rows, generator=torch.Generator().manual_seed(1)))
+    g = torch.Generator().manual_seed(1)
+    cmc.collate(rows, generator=g)
+    assert not torch.equal(cmc.collate(rows, generator=g).replaced_mask, first.replaced_mask)  # g advanced
+    seeded = CMCTransform(bank, tokenizer, ratio=0.5, seed=torch.Generator().manual_seed(5))
+    reseeded = CMCTransform(bank, tokenizer, ratio=0.5, seed=torch.Generator().manual_seed(5))
+    same_batch(seeded.collate(rows), reseeded.collate(rows))
+
+
+# -- edge cases ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [[ROWS[0]], [ROWS[5]], [ROWS[6]], ROWS[:3], ROWS[:5]],
+                         ids=["B=1", "ungrounded", "empty", "B=3", "B=5"])
+def test_small_and_odd_batches_splice(bank, tokenizer, rows):
+    cmc = CMCTransform(bank, tokenizer, ratio=1.0)
+    batch = cmc.collate(indexed(rows))
+    text = torch.randn(*batch.input_ids.shape, 6, requires_grad=True)
+    patches = torch.randn(batch.num_patches, 6, requires_grad=True)  # [M, D] is accepted when K = 1
+    view = cmc.splice(text, patches, batch)
+    view.embeds.sum().backward()
+    assert view.embeds.shape[0] == len(rows)
+    assert torch.equal(text.grad[..., 0] == 0, batch.replaced_mask | (batch.attention_mask == 0))
+
+
+def test_truncated_captions_drop_cut_spans(bank, tokenizer):
+    caption = "Two dogs chase a frisbee on the grass."  # [CLS] two dogs chase a fris ##bee ...
+    cmc = CMCTransform(bank, tokenizer, ratio=1.0, max_length=6)
+    batch = cmc.collate([{"caption": caption, "spans": _spans(caption), "index": 0}])
+    assert batch.input_ids.shape[1] == 6 and batch.input_ids[0, -1] == tokenizer.sep_token_id
+    assert replaced_words(batch, 0) == ["dogs"]  # "frisbee" lost its "##bee": dropped, not half-replaced
+    assert batch.stats.truncated_captions == 1 and batch.stats.spans_truncated == 1
+
+
+def test_multi_token_patches_respect_max_length(bank, tokenizer):
+    rows = indexed(ROWS)
+    cmc = CMCTransform(bank, tokenizer, ratio=1.0, patch_tokens=3, max_length=12)
+    batch = cmc.collate(rows)
+    assert batch.plan.output_length <= 12 and batch.plan.patch_tokens == 3
+    assert batch.stats.spans_no_room > 0
+    # Nothing is cut: every text token of every row is still in the view, [SEP] included.
+    assert torch.equal((batch.plan.text_destination >= 0).sum(1), (~batch.replaced_mask & (batch.attention_mask == 1)).sum(1))
+    view = cmc.splice(torch.randn(*batch.input_ids.shape, 4), torch.randn(batch.num_patches, 3, 4), batch)
+    assert view.embeds.shape == (len(rows), batch.plan.output_length, 4)
+
+
+def test_absent_concepts_are_skipped_and_counted(bank, tokenizer):
+    cmc = CMCTransform(bank, tokenizer, ratio=1.0)
+    row = {"caption": "Three kites and a dog.", "spans": _spans("Three kites and a dog."), "index": 0}
+    batch = cmc.collate([row, row])
+    assert [VOCAB.name(c) for c in batch.concept_ids.tolist()] == ["dog", "dog"]
+    assert batch.stats.spans_absent == 2 and batch.stats.absent_concepts == {VOCAB.id("kite"): 2}
+    cmc.splice(torch.zeros(*batch.input_ids.shape, 2), torch.zeros(2, 1, 2), batch)
+    assert cmc.reset_stats().absent_concepts == {VOCAB.id("kite"): 2} and cmc.stats.spans == 0
+
+
+def test_a_word_the_tokenizer_does_not_know_is_still_replaced(bank, tokenizer):
+    row = {"caption": "a doggo", "spans": [(2, 7, VOCAB.id("dog"))], "index": 0}  # "doggo" -> [UNK]
+    batch = CMCTransform(bank, tokenizer, ratio=1.0).collate([row])
+    assert batch.input_ids[0, 2] == tokenizer.unk_token_id and replaced_words(batch, 0) == ["doggo"]
+    assert batch.special_tokens_mask[0, 2]  # but never an MLM target, as in HF's collator
+
+
+def test_overlapping_spans_keep_the_first(bank, tokenizer):
+    caption = "A man eats a hot dog."
+    spans = [{"start": 13, "end": 20, "concept_id": VOCAB.id("hot dog")}, {"start": 17, "end": 20, "concept_id": VOCAB.id("dog")}]
+    batch = CMCTransform(bank, tokenizer, ratio=1.0).collate([{"caption": caption, "spans": spans, "index": 0}])
+    assert replaced_words(batch, 0) == ["hot dog"] and batch.stats.spans_overlapping == 1
+
+
+@pytest.mark.parametrize("item, message", [
+    (3, "expected a caption string"),
+    ({"text": "a dog"}, "expected a caption string"),
+    ({"caption": 7, "spans": []}, "'caption' must be a string"),
+    ({"caption": "a dog", "spans": [{"start": 2}]}, "spans must be"),
+    ({"caption": "a dog", "spans": [(2, 5, 99)]}, "outside the bank's vocabulary"),
+    ("a dog", "no tagger"),
+])
+def test_bad_items_get_clear_errors(bank, tokenizer, item, message):
+    with pytest.raises(InputError, match=message):
+        CMCTransform(bank, tokenizer).collate([item])
+
+
+@pytest.mark.parametrize("kwargs", [{"ratio": 1.5}, {"max_replacements": -1}, {"patch_tokens": 0}, {"max_length": 1}])
+def test_bad_options_are_refused(bank, tokenizer, kwargs):
+    with pytest.raises(InputError):
+        CMCTransform(bank, tokenizer, **kwargs)
+
+
+def test_empty_batch_is_refused(bank, tokenizer):
+    with pytest.raises(InputError, match="non-empty"):
+        CMCTransform(bank, tokenizer).collate([])
+
+
+# -- on-the-fly tagging ----------------------------------------------------------------------------------
+
+
+def test_captions_are_tagged_on_the_fly(bank, tokenizer):
+    from cmcaug.grounding import GroundingTagger
+
+    tagger = GroundingTagger(bank.vocab, mode="lookup")
+    cmc = CMCTransform(bank, tokenizer, tagger=tagger, ratio=1.0)
+    tagged = [{"caption": c, "spans": s, "index": i} for i, (c, s) in enumerate(zip(CAPTIONS, tagger.tag(CAPTIONS)))]
+    same_batch(cmc.collate([(i, c) for i, c in enumerate(CAPTIONS)]), cmc.collate(tagged))
+    assert cmc.collate([(0, CAPTIONS[0])]).num_patches == 2
+    with pytest.raises(InputError, match="vocabulary differs"):
+        CMCTransform(bank, tokenizer, tagger=GroundingTagger(ConceptVocab({"dog": []}), mode="lookup"))
+
+
+# -- MLM ---------------------------------------------------------------------------------------------------
+
+
+def test_mask_tokens_masks_only_text_of_the_view(bank, tokenizer):
+    cmc = CMCTransform(bank, tokenizer, ratio=0.5)
+    batch = cmc.collate(indexed(ROWS[:5] * 40))
+    masked = cmc.mask_tokens(batch, mlm_probability=0.3)
+    changed_or_chosen = masked.plan.remap_labels(torch.where(batch.input_ids >= 0, 1, 0), ignore_index=0)
+    assert masked.labels.shape == batch.plan.source_index.shape
+    chosen_view = masked.labels != -100
+    assert (changed_or_chosen[chosen_view] == 1).all()  # labels only on text rows of the view
+    # Labels hold the original ids, remapped through the plan.
+    assert torch.equal(masked.labels[chosen_view], batch.plan.remap_labels(batch.input_ids)[chosen_view])
+    chosen_text = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+    chosen_text.view(-1)[batch.plan.source_index[chosen_view].long()] = True
+    assert not (chosen_text & (batch.special_tokens_mask | batch.replaced_mask)).any()
+    assert torch.equal(masked.input_ids[~chosen_text], batch.input_ids[~chosen_text])
+    maskable = int((~(batch.special_tokens_mask | batch.replaced_mask)).sum())
+    n = int(chosen_text.sum())
+    assert abs(n - 0.3 * maskable) < 4 * (maskable * 0.21) ** 0.5
+    became_mask = int((masked.input_ids[chosen_text] == tokenizer.mask_token_id).sum())
+    kept = int((masked.input_ids[chosen_text] == batch.input_ids[chosen_text]).sum())
+    assert abs(became_mask - 0.8 * n) < 4 * (n * 0.16) ** 0.5 and abs(kept - 0.1 * n) < 4 * (n * 0.09) ** 0.5 + 2
+    same = cmc.mask_tokens(batch, mlm_probability=0.3)
+    assert torch.equal(same.input_ids, masked.input_ids) and torch.equal(same.labels, masked.labels)
+
+
+def test_mask_tokens_needs_a_mask_token_for_open_clip(bank):
+    open_clip = pytest.importorskip("open_clip")
+    cmc = CMCTransform(bank, open_clip.get_tokenizer("ViT-B-32"), ratio=1.0)
+    batch = cmc.collate(indexed(ROWS[:3]))
+    assert batch.input_ids.shape[1] == 77
+    with pytest.raises(InputError, match="no mask token"):
+        cmc.mask_tokens(batch)
+    masked = cmc.mask_tokens(batch, mask_token_id=49407, mlm_probability=0.5)
+    assert masked.labels.shape == batch.plan.source_index.shape
+
+
+# -- alignment ---------------------------------------------------------------------------------------------
+
+
+@st.composite
+def _token_rows(draw):
+    """Offsets of a right-padded batch in text order (specials and padding at (0, 0)) plus char spans."""
+    rows, spans = [], []
+    for _ in range(draw(st.integers(1, 4))):
+        pos, row = draw(st.integers(0, 3)), [(0, 0)]
+        for _ in range(draw(st.integers(0, 8))):
+            pos += draw(st.integers(0, 2))
+            width = draw(st.integers(1, 4))
+            row.append((pos, pos + width))
+            pos += width
+        row.append((0, 0))
+        rows.append(row)
+        spans.append([tuple(sorted(draw(st.lists(st.integers(0, pos + 3), min_size=2, max_size=2))))
+                      for _ in range(draw(st.integers(0, 4)))])
+    width = max(map(len, rows))
+    offsets = np.zeros((len(rows), width, 2), np.int64)
+    for b, row in enumerate(rows):
+        offsets[b, : len(row)] = row
+    return offsets, spans
+
+
+@settings(max_examples=300, deadline=None)
+@given(_token_rows())
+def test_align_flat_equals_align_spans(case):
+    offsets, spans = case
+    row = np.repeat(np.arange(len(spans)), [len(s) for s in spans])
+    flat = np.asarray([s for r in spans for s in r], np.int64).reshape(-1, 2)
+    start, end, ok = align_flat(row, flat[:, 0], flat[:, 1], offsets)
+    expected = [t for b, r in enumerate(spans) for t in align_spans(r, offsets[b])]
+    assert [(int(s), int(e)) if k else None for s, e, k in zip(start, end, ok)] == expected
+
+
+# -- processes -----------------------------------------------------------------------------------------------
+
+
+def test_pickles_small_with_the_bank_memory_mapped(bank, tokenizer):
+    cmc = CMCTransform(bank, tokenizer, ratio=0.5, seed=11)
+    cmc.set_epoch(3)
+    data = pickle.dumps(cmc)
+    assert len(data) < 100_000  # the bank travels as its path, not its pixels
+    clone = pickle.loads(data)
+    assert isinstance(clone.bank._pixels, np.memmap) and clone.epoch == 3
+    same_batch(clone.collate(indexed(ROWS)), cmc.collate(indexed(ROWS)))
+
+
+def test_views_are_identical_across_worker_counts_and_epochs(bank, tokenizer):
+    """num_workers=0 vs 2 spawned, persistent workers: set_epoch reaches them through shared memory."""
+    from torch.utils.data import DataLoader
+
+    cmc = CMCTransform(bank, tokenizer, ratio=0.5, seed=1)
+    data = cmc.dataset(ROWS * 3)
+
+    def run(**kwargs):
+        loader = DataLoader(data, batch_size=4, collate_fn=cmc.collate, **kwargs)
+        out = []
+        for epoch in (0, 1):
+            cmc.set_epoch(epoch)
+            out.append(list(loader))
+        return out
+
+    serial = run(num_workers=0)
+    parallel = run(num_workers=2, multiprocessing_context="spawn", persistent_workers=True)
+    for epoch_a, epoch_b in zip(serial, parallel):
+        for a, b in zip(epoch_a, epoch_b, strict=True):
+            same_batch(a, b)
+    assert any(not torch.equal(a.replaced_mask, b.replaced_mask) for a, b in zip(*serial))  # epochs differ
+
+
+def test_dataset_reads_a_tag_text_file(bank, tokenizer, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from cmcaug.grounding import GroundingTagger
+    from cmcaug.tags import tag_corpus
+
+    (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS) + "\n", encoding="utf-8")
+    tag_corpus([tmp_path / "captions.txt"], tmp_path / "tags.parquet", GroundingTagger(bank.vocab, mode="lookup"), progress=False)
+    cmc = CMCTransform(bank, tokenizer, ratio=1.0)
+    items = cmc.dataset(tmp_path / "tags.parquet")
+    assert len(items) == len(CAPTIONS) and items[2]["index"] == 2 and items[2]["caption"] == CAPTIONS[2]
+    assert len(pickle.dumps(items)) < 1000  # travels to workers as its path
+    batches = list(DataLoader(items, batch_size=4, collate_fn=cmc.collate))
+    assert [b.indices.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6]]
+    assert sum(b.num_patches for b in batches) == 8 and sum(b.stats.spans_absent for b in batches) == 1
+    tag_corpus([tmp_path / "captions.txt"], tmp_path / "other.parquet", GroundingTagger(ConceptVocab({"dog": []}), mode="lookup"),
+               progress=False)
+    with pytest.raises(InputError, match="another vocabulary"):
+        cmc.dataset(tmp_path / "other.parquet")
+    table = pa.table({"caption": CAPTIONS, "spans": [r["spans"] for r in ROWS]})
+    same_batch(cmc.collate(cmc.dataset(table).__getitems__(range(len(CAPTIONS)))), cmc.collate(indexed(ROWS)))
+
+
+def test_splice_backend_reference_matches_kernel_dispatch(bank, tokenizer):
+    batch = CMCTransform(bank, tokenizer, ratio=1.0).collate(indexed(ROWS))
+    text, patches = torch.randn(*batch.input_ids.shape, 8), torch.randn(batch.num_patches, 1, 8)
+    assert torch.equal(splice(text, patches, batch.plan, backend="reference").embeds,
+                       CMCTransform(bank, tokenizer).splice(text, patches, batch).embeds)
