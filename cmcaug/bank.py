@@ -164,19 +164,23 @@ class PatchBank:
         return int(concept)
 
     # -- sampling and reads -----------------------------------------------------------------------
-    def sample(self, concept_ids: Any, generator: Generator = None, strict: bool = False) -> Any:
+    def sample(
+        self, concept_ids: Any, generator: Generator = None, strict: bool = False, *, uniforms: np.ndarray | None = None
+    ) -> Any:
         """One uniformly drawn patch id per entry of `concept_ids` (any shape; list, numpy or torch).
 
         Returns int64 ids of the same shape, as a torch tensor for tensor input, else numpy. A concept
         with no patches gets id -1, and a warning is logged once per concept; with `strict=True` it
         raises `InputError` naming those concepts instead (`bank.counts` tells them apart beforehand).
-        Draws are reproducible for a seed or generator; None draws fresh OS entropy.
+        Draws are reproducible for a seed or generator; None draws fresh OS entropy. Callers that key
+        their own randomness (e.g. per sample) pass `uniforms` in [0, 1), one per concept id, instead.
         """
         concepts = _as_int_array(concept_ids, "concept_ids")
         if concepts.size and (concepts.min() < 0 or concepts.max() >= len(self.vocab)):
             raise InputError(f"concept_ids must lie in [0, {len(self.vocab)}), found [{concepts.min()}, {concepts.max()}]")
         counts = self._counts[concepts]
-        u = _uniform(concepts.size, generator).reshape(concepts.shape)
+        u = _uniform(concepts.size, generator) if uniforms is None else np.asarray(uniforms, dtype=np.float64)
+        u = u.reshape(concepts.shape)
         ids = self._offsets[concepts] + np.minimum(np.floor(u * counts).astype(np.int64), counts - 1)
         empty = counts == 0
         if empty.any():

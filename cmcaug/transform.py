@@ -186,7 +186,7 @@ class CMCTransform:
         self.max_length = int(max_length) if max_length is not None else limit
         self.seed = mlm.generator_seed(seed) if isinstance(seed, torch.Generator) else int(seed)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # shared with (persistent) workers
-        self._offsets, self._counts = np.asarray(bank.offsets, np.int64), np.asarray(bank.counts, np.int64)
+        self._counts = np.asarray(bank.counts, np.int64)
         self.stats = CMCStats()
 
     def __repr__(self) -> str:
@@ -251,9 +251,7 @@ class CMCTransform:
         for b, s, e in zip(row.tolist(), start.tolist(), end.tolist()):
             per_row[b].append((s, e))
         plan = SplicePlan.build(lengths, per_row, patch_tokens=self.patch_tokens, text_length=input_ids.shape[1])
-        counts = self._counts[concept]
-        draws = np.floor(mlm.uniform(keys[row], mlm.STREAM_PATCH, ordinal) * counts).astype(np.int64)
-        patch_ids = self._offsets[concept] + np.minimum(draws, counts - 1)  # = bank.sample, keyed per sample
+        patch_ids = self.bank.sample(concept, uniforms=mlm.uniform(keys[row], mlm.STREAM_PATCH, ordinal))
         edges = np.zeros((len(rows), input_ids.shape[1] + 1), np.int64)
         np.add.at(edges, (row, start), 1)
         np.add.at(edges, (row, end), -1)
