@@ -98,7 +98,12 @@ def _kornia_provider(x: torch.Tensor, side_ratio: float) -> Callable[[], Any] | 
     warnings.filterwarnings("ignore", module="kornia")
     area = side_ratio**2
     aug = K.RandomCutMixV2(cut_size=torch.tensor([area, area]), data_keys=["input"], use_correct_lambda=True)
+    aug.set_rng_device_and_dtype(device=x.device, dtype=torch.float32)  # boxes and masks on the images' device
     params = aug.forward_parameters(x.shape)
+    try:  # a third-party baseline: a kornia version that rejects this dtype or device skips, not aborts the sweep
+        aug(x, params=params)
+    except (RuntimeError, TypeError, ValueError) as error:
+        return f"RandomCutMixV2 failed here: {error}"
     return lambda: aug(x, params=params)
 
 

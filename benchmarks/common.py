@@ -11,6 +11,7 @@ import json
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -113,9 +114,17 @@ def write_results(name: str, payload: Mapping[str, Any], device: str | None = No
 def plot_rows(
     rows: Iterable[Mapping[str, Any]], x: str, y: str, series: Sequence[str], path: Path, title: str,
     xlabel: str | None = None, ylabel: str | None = None, hline: float | None = None,
-) -> Path:
-    """Line plot of `y` against `x`, one line per distinct combination of the `series` keys; PNG at `path`."""
-    import matplotlib
+) -> Path | None:
+    """Line plot of `y` against `x`, one line per distinct combination of the `series` keys; PNG at `path`.
+
+    Without matplotlib (the GPU machines' image lacks it) the plot is skipped with a note and None returned:
+    the JSON, written first, is the result.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: skipped the plot {path.name}", file=sys.stderr)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -19,6 +19,7 @@ row) and `L_out` the width of the spliced output: the longest spliced row, cappe
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -50,6 +51,22 @@ class SplicePlan:
     slots_per_row: np.ndarray        # int64 [B]: the first slots_per_row[b] spans of row b were replaced
     slot_rows: np.ndarray            # int64 [M]: the row of each patch slot
     slot_span_index: np.ndarray      # int64 [M]: which of spans[row] each slot replaced
+
+    def __post_init__(self) -> None:
+        """Kernels size their outputs from these maps, so a hand-made plan whose maps disagree would make them
+        write out of bounds: check shapes, dtypes and device (cheap, no values; `build` makes values right)."""
+        maps = {"source_index": self.source_index, "text_destination": self.text_destination,
+                "patch_destination": self.patch_destination}
+        for name, index in maps.items():
+            if not isinstance(index, torch.Tensor) or index.dtype != torch.int32 or index.dim() != 2:
+                found = f"{index.dtype} {list(index.shape)}" if isinstance(index, torch.Tensor) else type(index)
+                raise InputError(f"SplicePlan.{name} must be a 2-D int32 tensor, got {found}; use SplicePlan.build")
+        rows = self.source_index.shape[0], self.text_destination.shape[0]
+        if rows[0] != rows[1]:
+            raise InputError(f"SplicePlan maps disagree on the batch size: source_index has {rows[0]} rows, "
+                             f"text_destination {rows[1]}; use SplicePlan.build")
+        if len({index.device for index in maps.values()}) != 1:
+            raise InputError("SplicePlan maps must share one device; move plans with plan.to(device)")
 
     @classmethod
     def build(
@@ -163,18 +180,20 @@ class SplicePlan:
     def device(self) -> torch.device:
         return self.source_index.device
 
-    # -- maps derived from the source map, computed on the plan's device ---------------------------------
-    @property
+    # -- maps derived from the source map: computed once per plan, on its device, then shared ---------------
+    # A splice's cost is one pass over the embeddings; recomputing these (about ten tiny kernels) on every
+    # call would add a fixed cost as large as the pass itself for a small batch. Treat them as read-only.
+    @functools.cached_property
     def attention_mask(self) -> torch.Tensor:
         """int64 [B, L_out]: 1 for text and patch tokens, 0 for padding."""
         return (self.source_index != PAD_SOURCE).long()
 
-    @property
+    @functools.cached_property
     def modality_ids(self) -> torch.Tensor:
         """int64 [B, L_out]: 0 for text tokens and padding, 1 for patch tokens."""
         return ((self.source_index < 0) & (self.source_index != PAD_SOURCE)).long()
 
-    @property
+    @functools.cached_property
     def position_ids(self) -> torch.Tensor:
         """int64 [B, L_out]: 0, 1, 2, ... along each spliced row (patch tokens count), 0 on padding."""
         positions = torch.arange(self.output_length, device=self.device)

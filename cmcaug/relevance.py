@@ -70,7 +70,8 @@ class TextAwarePatchPredictor(nn.Module):
 
 def patch_labels_from_boxes(boxes: Sequence[torch.Tensor], grid: tuple[int, int], *,
                             image_size: tuple[int, int] | None = None, min_overlap: float = 0.5) -> torch.Tensor:
-    """[B, gh, gw] bool: the patches each image's caption-grounded boxes cover.
+    """[B, gh, gw] bool: the patches each image's caption-grounded boxes cover (on the CPU, from boxes on any
+    device; `patch_alignment_loss` moves them to the logits).
 
     `boxes[b]` is [n_b, 4] (x0, y0, x1, y1), in pixels of an image of `image_size` = (H, W), or as
     fractions of the width and height when `image_size` is None. A patch is relevant when one box covers at
@@ -82,7 +83,7 @@ def patch_labels_from_boxes(boxes: Sequence[torch.Tensor], grid: tuple[int, int]
         raise InputError(f"need a grid of at least 1 x 1 and 0 < min_overlap <= 1, got {grid} and {min_overlap}")
     labels = torch.zeros(len(boxes), gh, gw, dtype=torch.bool)
     for b, image_boxes in enumerate(boxes):
-        xyxy = torch.as_tensor(image_boxes, dtype=torch.float64).reshape(-1, 4)
+        xyxy = torch.as_tensor(image_boxes, dtype=torch.float64, device="cpu").reshape(-1, 4)
         if image_size is not None:
             xyxy = xyxy / torch.tensor([image_size[1], image_size[0]] * 2, dtype=torch.float64)
         xyxy = xyxy.clamp(0, 1) * torch.tensor([gw, gh, gw, gh], dtype=torch.float64)  # patch units

@@ -242,9 +242,9 @@ def soft_targets(p: torch.Tensor, res: MixResult) -> torch.Tensor:
     else:
         raise InputError(f"p has {p.shape[0]} rows; expected one per mixed image of this rank "
                          f"({res.lam.numel()}) or of all ranks ({res.gathered_lam.numel()})")
-    p = p.detach().float()
-    lam = lam.to(p.device).view(-1, 1)
-    return (lam * p + (1 - lam) * p[partner.to(p.device)]).to(torch.promote_types(p.dtype, torch.float32))
+    p = p.detach().to(torch.promote_types(p.dtype, torch.float32))  # bf16 / fp16 rows mix in fp32, fp64 stays
+    lam = lam.to(device=p.device, dtype=p.dtype).view(-1, 1)
+    return lam * p + (1 - lam) * p[partner.to(p.device)]
 
 
 def mixed_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, targets: torch.Tensor,

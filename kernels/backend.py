@@ -6,6 +6,7 @@ CUDA tensors run the Triton kernels; CPU tensors run `kernels/reference.py`. Wit
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -51,3 +52,9 @@ def resolve_backend(backend: str, device: torch.device) -> Literal["triton", "re
             )
         return "triton"
     raise InputError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+
+
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make `device` current while a kernel launches: Triton launches on the current CUDA device and its
+    stream, so tensors on another GPU (a process that never called torch.cuda.set_device) need this."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import torch
 
+from cmcaug.errors import InputError
+
+from . import reference
+from .backend import Backend, launch_device, resolve_backend
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # platforms without Triton (macOS, Windows) run the reference path only
     triton = None
-
-from cmcaug.errors import InputError
-
-from . import reference
-from .backend import resolve_backend
 
 _TILE_BYTES = 16384  # bytes one program moves: enough in flight per SM for a bandwidth-bound copy
 
@@ -71,21 +71,21 @@ if triton is not None:
             inside = (rows < ty1)[:, None] & (cols < tx1)[None, :]
         in_window = ((rows >= ty0) & (rows < ty1))[:, None] & ((cols >= tx0) & (cols < tx1))[None, :]
 
+        # Offsets in int64: a plane's row stride times its height may pass 2^31 (huge or permuted batches).
+        y, x = rows.to(tl.int64)[:, None], cols.to(tl.int64)[None, :]
         c_src = c.to(tl.int64) * s_c
-        pasted_ptrs = (src_ptr + j.to(tl.int64) * s_b + c_src
-                       + (rows + dy)[:, None] * s_h + (cols + dx)[None, :] * s_w)
+        pasted_ptrs = src_ptr + j.to(tl.int64) * s_b + c_src + (y + dy) * s_h + (x + dx) * s_w
         value = tl.load(pasted_ptrs, mask=inside & in_window)
         if COPY_REST:
-            own_ptrs = src_ptr + b.to(tl.int64) * s_b + c_src + rows[:, None] * s_h + cols[None, :] * s_w
-            own = tl.load(own_ptrs, mask=inside & ~in_window)
+            own = tl.load(src_ptr + b.to(tl.int64) * s_b + c_src + y * s_h + x * s_w, mask=inside & ~in_window)
             value = tl.where(in_window, value, own)
-        dst_ptrs = dst_ptr + b.to(tl.int64) * d_b + c.to(tl.int64) * d_c + rows[:, None] * d_h + cols[None, :] * d_w
+        dst_ptrs = dst_ptr + b.to(tl.int64) * d_b + c.to(tl.int64) * d_c + y * d_h + x * d_w
         tl.store(dst_ptrs, value, mask=inside)
 
 
 def paste_windows(
     images: torch.Tensor, partner: torch.Tensor, target_box: torch.Tensor, source_box: torch.Tensor, *,
-    patch_size: int, inplace: bool = False, backend: str = "auto", validate: bool = True,
+    patch_size: int, inplace: bool = False, backend: Backend = "auto", validate: bool = True,
 ) -> torch.Tensor:
     """Paste window `source_box[i]` of `images[partner[i]]` over window `target_box[i]` of every image i.
 
@@ -139,12 +139,13 @@ def _launch(src: torch.Tensor, dst: torch.Tensor, partner: torch.Tensor, src_box
             dst_box: torch.Tensor, patch_size: int, extent: tuple[int, int], copy_rest: bool) -> None:
     block_h, block_w, num_warps = _tile_shape(extent, src.element_size())
     grid = (dst.shape[0] * dst.shape[1], triton.cdiv(extent[0], block_h), triton.cdiv(extent[1], block_w))
-    _paste_kernel[grid](
-        src, dst, partner, src_box, dst_box,
-        dst.shape[1], dst.shape[2], dst.shape[3],
-        *src.stride(), *dst.stride(),
-        PATCH=patch_size, BLOCK_H=block_h, BLOCK_W=block_w, COPY_REST=copy_rest, num_warps=num_warps,
-    )
+    with launch_device(dst.device):
+        _paste_kernel[grid](
+            src, dst, partner, src_box, dst_box,
+            dst.shape[1], dst.shape[2], dst.shape[3],
+            *src.stride(), *dst.stride(),
+            PATCH=patch_size, BLOCK_H=block_h, BLOCK_W=block_w, COPY_REST=copy_rest, num_warps=num_warps,
+        )
 
 
 def _tile_shape(extent: tuple[int, int], itemsize: int) -> tuple[int, int, int]:

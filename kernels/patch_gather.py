@@ -20,7 +20,7 @@ import torch
 from cmcaug.errors import InputError
 
 from . import reference
-from .backend import Backend, interpreter_enabled, resolve_backend
+from .backend import Backend, interpreter_enabled, launch_device, resolve_backend
 
 try:
     import triton
@@ -84,12 +84,13 @@ def patch_gather(
         auto_m = max(1, 1024 // auto_q)
     block_m, block_q = block_m or auto_m, block_q or auto_q
     grid = (triton.cdiv(m, block_m), triton.cdiv(hw, block_q))
-    _patch_gather_kernel[grid](
-        out, pixels, pixels if index is None else index.contiguous(), affine.contiguous(),
-        m, hw, w, *pixels.stride(),
-        C=c, HAS_INDEX=index is not None, TO_BFLOAT16=dtype == torch.bfloat16,
-        BLOCK_M=block_m, BLOCK_Q=block_q, num_warps=4,
-    )
+    with launch_device(out.device):
+        _patch_gather_kernel[grid](
+            out, pixels, pixels if index is None else index.contiguous(), affine.contiguous(),
+            m, hw, w, *pixels.stride(),
+            C=c, HAS_INDEX=index is not None, TO_BFLOAT16=dtype == torch.bfloat16,
+            BLOCK_M=block_m, BLOCK_Q=block_q, num_warps=4,
+        )
     return out
 
 

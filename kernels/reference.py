@@ -85,7 +85,7 @@ def patch_gather(
 
 
 # ------------------------------------------------------------------------------------------------------
-# TiMix window paste: the twin of kernels/image_mix.py (section owned by the TiMix engineer)
+# TiMix window paste: the twin of kernels/image_mix.py
 # ------------------------------------------------------------------------------------------------------
 
 

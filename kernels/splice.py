@@ -29,7 +29,7 @@ from cmcaug.errors import InputError
 from cmcaug.plan import PAD_SOURCE, SplicePlan
 
 from . import reference
-from .backend import Backend, interpreter_enabled, resolve_backend
+from .backend import Backend, interpreter_enabled, launch_device, resolve_backend
 
 try:
     import triton
@@ -59,10 +59,13 @@ if triton is not None:
         a_ptr, a_inner, a_stride0, a_stride1,
         b_ptr, b_inner, b_stride0, b_stride1,
         SIGNED: tl.constexpr, A_FLAT: tl.constexpr, B_FLAT: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, D_BLOCKS: tl.constexpr,
     ):
         """out[r] = a[index[r]] if index[r] >= 0; with SIGNED, b[-index[r] - 1] if index[r] < 0 and not the
-        padding sentinel; zeros otherwise. `a` and `b` are [*, inner, D] tensors with unit stride in D."""
+        padding sentinel; zeros otherwise. `a` and `b` are [*, inner, D] tensors with unit stride in D.
+
+        D_BLOCKS = cdiv(D, BLOCK_D) is a constexpr (one compile per embedding width) because triton 3.6's
+        interpreter cannot loop to a runtime bound under NumPy 2.4 (it converts the bound with int())."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         live = rows < n_rows
         index = tl.load(index_ptr + rows, mask=live, other=-1)
@@ -72,8 +75,8 @@ if triton is not None:
             from_b = live & (index < 0) & (index != _PAD)
             b_rows = _row_offsets(tl.where(from_b, -1 - index, 0), b_inner, b_stride0, b_stride1, B_FLAT)
         out_rows = rows * D
-        for start in range(0, D, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
+        for block in range(D_BLOCKS):
+            cols = block * BLOCK_D + tl.arange(0, BLOCK_D)
             in_d = cols < D
             value = tl.load(a_ptr + a_rows[:, None] + cols[None, :], mask=from_a[:, None] & in_d[None, :], other=0.0)
             if SIGNED:
@@ -106,12 +109,14 @@ def _gather_rows(
     block_r, block_d = block_rows or auto_r, block_d or auto_d
     signed = b is not None
     b = b if signed else a
-    _gather_rows_kernel[(triton.cdiv(n_rows, block_r),)](
-        out, index.contiguous(), n_rows, d,
-        a, max(a.shape[1], 1), a.stride(0), a.stride(1),
-        b, max(b.shape[1], 1), b.stride(0), b.stride(1),
-        SIGNED=signed, A_FLAT=_flat_rows(a), B_FLAT=_flat_rows(b), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
-    )
+    with launch_device(out.device):
+        _gather_rows_kernel[(triton.cdiv(n_rows, block_r),)](
+            out, index.contiguous(), n_rows, d,
+            a, max(a.shape[1], 1), a.stride(0), a.stride(1),
+            b, max(b.shape[1], 1), b.stride(0), b.stride(1),
+            SIGNED=signed, A_FLAT=_flat_rows(a), B_FLAT=_flat_rows(b),
+            BLOCK_R=block_r, BLOCK_D=block_d, D_BLOCKS=triton.cdiv(d, block_d), num_warps=4,
+        )
     return out
 
 
@@ -159,24 +164,43 @@ _IMPLEMENTATIONS: dict[str, tuple[Callable, Callable]] = {
 
 
 class _SpliceFunction(torch.autograd.Function):
-    """Ties a forward and its gather-based backward together for autograd."""
+    """The splice for autograd. It is linear, so its backward is its transpose (`_SpliceTranspose`, the
+    gather through the inverse maps), whose backward is the splice again: gradients of any order work."""
 
     @staticmethod
     def forward(ctx, text: torch.Tensor, patches: torch.Tensor, plan: SplicePlan, implementation: str):
-        forward, ctx.backward_fn = _IMPLEMENTATIONS[implementation]
-        ctx.plan = plan
-        return forward(text, patches, plan)
+        ctx.plan, ctx.implementation = plan, implementation
+        return _IMPLEMENTATIONS[implementation][0](text, patches, plan)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad_text, grad_patches = ctx.backward_fn(
-            grad, ctx.plan, text_grad=ctx.needs_input_grad[0], patch_grad=ctx.needs_input_grad[1]
-        )
+        grad_text, grad_patches = _SpliceTranspose.apply(grad, ctx.plan, ctx.implementation, *ctx.needs_input_grad[:2])
         return grad_text, grad_patches, None, None
 
 
+class _SpliceTranspose(torch.autograd.Function):
+    """(grad_text, grad_patches) from the output's gradient; None where that input needs no gradient."""
+
+    @staticmethod
+    def forward(ctx, grad: torch.Tensor, plan: SplicePlan, implementation: str, text_grad: bool, patch_grad: bool):
+        ctx.plan, ctx.implementation, ctx.width = plan, implementation, grad.shape[-1]
+        return _IMPLEMENTATIONS[implementation][1](grad, plan, text_grad=text_grad, patch_grad=patch_grad)
+
+    @staticmethod
+    def backward(ctx, grad_text: torch.Tensor | None, grad_patches: torch.Tensor | None):
+        plan, like = ctx.plan, grad_text if grad_text is not None else grad_patches
+        if grad_text is None:
+            grad_text = like.new_zeros(plan.batch_size, plan.text_length, ctx.width)
+        if grad_patches is None:
+            grad_patches = like.new_zeros(plan.num_slots, plan.patch_tokens, ctx.width)
+        return _SpliceFunction.apply(grad_text, grad_patches, plan, ctx.implementation), None, None, None, None
+
+
 class SpliceOutput(NamedTuple):
-    """The spliced batch: embeddings plus the per-token maps a transformer takes alongside them."""
+    """The spliced batch: embeddings plus the per-token maps a transformer takes alongside them.
+
+    The maps are the plan's own tensors (computed once per plan, shared by every splice with it): read-only.
+    """
 
     embeds: torch.Tensor          # [B, L_out, D], dtype of the inputs
     attention_mask: torch.Tensor  # int64 [B, L_out]: 1 token, 0 padding

@@ -1,6 +1,8 @@
 """SplicePlan: every index map against the per-row construction of tests/strategies.py, plus its errors."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -109,9 +111,30 @@ def test_to_and_repr() -> None:
     plan = SplicePlan.build([3], [[(0, 1)]])
     moved = plan.to("cpu", non_blocking=True)
     assert moved.device == torch.device("cpu") and torch.equal(moved.source_index, plan.source_index)
+    assert plan.attention_mask is plan.attention_mask  # derived maps: computed once per plan
+    elsewhere = plan.to("meta")
+    for name in ("source_index", "text_destination", "patch_destination", "attention_mask", "modality_ids",
+                 "position_ids"):
+        assert getattr(elsewhere, name).device.type == "meta", name
+    assert plan.device == torch.device("cpu") and plan.attention_mask.device.type == "cpu"  # the original stays
     assert repr(plan) == (
         "SplicePlan(batch_size=1, text_length=3, output_length=3, num_slots=1, patch_tokens=1, device=cpu)"
     )
+
+
+def _one_span_per_row(lengths: list[int]) -> PlanSpec:
+    return PlanSpec(tuple(lengths), tuple(((0, 1),) if n else () for n in lengths), patch_tokens=2)
+
+
+def _collate(lengths: list[int]) -> SplicePlan:
+    return _one_span_per_row(lengths).build()
+
+
+def test_plans_cross_dataloader_workers() -> None:
+    """A collate function builds the plan in a worker process; the training process gets it intact."""
+    loader = torch.utils.data.DataLoader([3, 0, 5, 1], batch_size=2, num_workers=1, collate_fn=_collate)
+    for lengths, plan in zip(([3, 0], [5, 1]), loader):
+        assert_plan_matches(_one_span_per_row(lengths), plan)
 
 
 @pytest.mark.gpu
@@ -150,6 +173,16 @@ def test_pin_memory_and_to_cuda() -> None:
 def test_build_errors(args: tuple, kwargs: dict, message: str) -> None:
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         SplicePlan.build(*args, **kwargs)
+
+
+def test_hand_made_plans_with_inconsistent_maps_are_refused() -> None:
+    plan = SplicePlan.build([3, 2], [[(0, 1)], []])
+    with pytest.raises(InputError, match="2-D int32 tensor"):
+        dataclasses.replace(plan, source_index=plan.source_index.long())
+    with pytest.raises(InputError, match="disagree on the batch size"):
+        dataclasses.replace(plan, text_destination=plan.text_destination[:1])
+    with pytest.raises(InputError, match="one device"):
+        dataclasses.replace(plan, patch_destination=plan.patch_destination.to("meta"))
 
 
 def test_remap_labels_errors() -> None:

@@ -233,6 +233,9 @@ def test_soft_targets() -> None:
     hard = soft_targets(torch.eye(5), res)
     moved = res.partner != torch.arange(5)
     assert torch.allclose(hard[torch.arange(5), torch.arange(5)][moved], res.lam[moved])
+    assert soft_targets(p.bfloat16(), res).dtype == torch.float32  # low precision mixes in fp32
+    precise = soft_targets(p.double(), res)
+    assert precise.dtype == torch.float64 and torch.allclose(precise.sum(1), torch.ones(5, dtype=torch.float64))
     with pytest.raises(InputError, match="one per mixed image"):
         soft_targets(torch.eye(4), res)
 
@@ -242,7 +245,7 @@ def test_soft_targets() -> None:
 def test_equals_torchvision_cutmix_when_the_windows_coincide(seed, dtype) -> None:
     """torchvision's CutMix pastes images.roll(1, 0) into one box: TiMix's paste, lam and soft targets
     with partner="roll", 1-pixel patches and that box as both source and target give the same batch."""
-    from torchvision.transforms import v2
+    v2 = pytest.importorskip("torchvision.transforms.v2", reason="the GPU machines' image has no torchvision")
 
     images = torch.randint(0, 256, (6, 3, 20, 17), generator=seeded(seed)).to(dtype)
     labels = torch.arange(6)
@@ -355,3 +358,10 @@ def test_cuda_mix_matches_cpu() -> None:
                          generator=seeded(0))
     for field in ("images", "lam", "partner", "target_box", "source_box"):
         assert torch.equal(getattr(gpu, field).cpu(), getattr(cpu, field))
+
+
+@pytest.mark.gpu
+def test_patch_labels_from_boxes_on_cuda() -> None:
+    boxes = [torch.tensor([[0.0, 0.0, 20.0, 10.0]]), torch.tensor([[31.0, 31.0, 33.0, 33.0]])]
+    on_gpu = patch_labels_from_boxes([b.cuda() for b in boxes], (4, 4), image_size=(40, 40))
+    assert torch.equal(on_gpu, patch_labels_from_boxes(boxes, (4, 4), image_size=(40, 40)))
