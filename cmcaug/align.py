@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import html.entities
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -160,8 +161,11 @@ def tokenize_with_offsets(tokenizer: Any, texts: Sequence[str], *, max_length: i
 
 # -- open_clip: offsets recovered from the byte-pair decoding -------------------------------------
 
-# A character with its combining marks, or an HTML entity (which open_clip unescapes), is one unit.
-_UNIT = re.compile(r"&(?:amp;)*(?:#[0-9]{1,7};?|#[xX][0-9a-fA-F]{1,6};?|[A-Za-z][A-Za-z0-9]{0,31};?)|.[\u0300-\u036f]*", re.S)
+# A character with its combining marks, or an HTML entity (which open_clip unescapes), is one unit. Named
+# entities end at ";", or without it only the legacy names html.unescape knows ("&ampdog" is "&" + "dog").
+_LEGACY_ENTITIES = "|".join(sorted((k for k in html.entities.html5 if not k.endswith(";")), key=len, reverse=True))
+_UNIT = re.compile(rf"&(?:amp;)*(?:#[0-9]{{1,7}};?|#[xX][0-9a-fA-F]{{1,6}};?|[A-Za-z][A-Za-z0-9]{{0,31}};|{_LEGACY_ENTITIES})"
+                   r"|.[\u0300-\u036f]*", re.S)
 
 
 class OpenClipOffsets:

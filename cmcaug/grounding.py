@@ -11,14 +11,16 @@ not a dog. Two modes:
   nouns as adjectives ("a fire hydrant/JJ", "the catcher/JJ") costs nothing. A singular noun directly
   followed by another singular noun modifies it and names nothing visible ("a *dog* bed", "a *bus*
   stop"), unless the second is a part of it, something done with it, or a gerund ("the *car* door", "a
-  *horse* race", "a *zebra* grazing", which the tagger often reads as a noun). A capitalised proper noun
-  inside an otherwise lowercase caption is a name, not an object ("an *Apple* store"). Plural nouns
-  missing from the surface forms are lemmatized by the pipeline's own rule lemmatizer.
+  *horse* race", "a *zebra* grazing", which the tagger often reads as a noun); so does the first part of
+  a hyphenated word ("a *dog*-friendly cafe"). A capitalised proper noun inside a caption that is not in
+  title case is a name, not an object ("an *Apple* store"). Plural nouns missing from the surface forms
+  are lemmatized by the pipeline's own rule lemmatizer.
 - `"lookup"`: `spacy.blank("en")` plus the lookup lemmatizer of spacy-lookups-data: no POS, more than
   ten times faster, and blind to the traps above.
 
-Offsets always index the caption as given. HTML entities are unescaped and whitespace runs collapsed
-before spaCy sees the text (both confuse the tagger), and spans are mapped back through that edit.
+Offsets always index the caption as given. HTML entities are unescaped and blanks (whitespace runs,
+zero-width spaces) made one space before spaCy sees the text (both confuse the tagger), and spans are
+mapped back through that edit; punctuation glued between letters ("cat|dog") splits words.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import logging
 import re
 import unicodedata
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from .concepts import ConceptVocab
@@ -50,12 +52,17 @@ _PRESENT_HEADS = frozenset({
     "keyboard", "tower", "face", "head", "nose", "ear", "leg", "paw", "trunk", "horn", "mirror", "lid", "crust",
     "slice", "piece", "ride", "race", "rider", "driver", "owner",
 })
-_OPENERS = frozenset({".", "!", "?", ":", ";", '"', "(", "-", "\u2014"})  # a capital after these starts a sentence
 _END = ""  # trie key marking "a form ends here"; never a word
 _CACHE_LIMIT = 1 << 18  # lemma cache entries; beyond it lemmas are computed without caching
-# What clean_text rewrites: runs of whitespace (spaces, tabs, &nbsp; ...), lone non-space whitespace, entities.
-_SPACE = r"(?:\s|&(?:nbsp|ensp|emsp|thinsp|#0*(?:9|10|13|32|160)|#[xX]0*(?:9|[aA]|[dD]|20|[aA]0));)"
-_EDIT = re.compile(rf"{_SPACE}{{2,}}|[^\S ]|&(?:#[0-9]{{1,7}}|#[xX][0-9a-fA-F]{{1,6}}|[A-Za-z][A-Za-z0-9]{{1,31}});")
+# What clean_text rewrites: runs of blanks (whitespace, zero-width spaces, &nbsp; ...), any blank that is not
+# a plain space, and HTML entities.
+_ZERO_WIDTH = "\u200b\ufeff"  # zero-width space, byte-order mark: invisible word breaks spaCy does not split on
+_SPACE = rf"(?:[\s{_ZERO_WIDTH}]|&(?:nbsp|ensp|emsp|thinsp|#0*(?:9|10|13|32|160)|#[xX]0*(?:9|[aA]|[dD]|20|[aA]0));)"
+_ENTITY = r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});"
+_EDIT = re.compile(rf"{_SPACE}{{2,}}|[^\S ]|[{_ZERO_WIDTH}]|{_ENTITY}")
+_BLANK = re.compile(rf"[\s{_ZERO_WIDTH}]+")
+# Punctuation glued between letters that spaCy leaves inside one token ("cat|dog", "sofa;lamp", "dog!cat").
+_GLUED_PUNCT = r"(?<=[^\W\d_])[;|+&!?]+(?=[^\W\d_])"
 
 
 class GroundedSpan(NamedTuple):
@@ -72,21 +79,21 @@ class GroundedSpan(NamedTuple):
 
 
 def clean_text(text: str) -> tuple[str, list[int] | None, list[int] | None]:
-    """`text` with HTML entities unescaped and whitespace runs made one space, and the way back.
+    """`text` with HTML entities unescaped and blanks (whitespace runs, tabs, zero-width spaces) made one
+    space, and the way back.
 
     Returns `(clean, starts, ends)`: clean character k came from `text[starts[k]:ends[k]]`; both maps are
     `None` when nothing changed. A span `[a, b)` of `clean` is `[starts[a], ends[b - 1])` of `text`.
     """
-    if "&" not in text and _EDIT.search(text) is None:
+    if _EDIT.search(text) is None:
         return text, None, None
     parts: list[str] = []
     starts: list[int] = []
     ends: list[int] = []
     pos = 0
     for m in _EDIT.finditer(text):
-        new = m.group()
-        new = " " if new.isspace() else html.unescape(new)
-        new = " " if new.isspace() else new
+        new = html.unescape(m.group())
+        new = " " if _BLANK.fullmatch(new) else new
         if new == m.group():
             continue
         parts.append(text[pos:m.start()])
@@ -131,25 +138,23 @@ class _Tokens(NamedTuple):
     lower: list[str]
     text: list[str]
     start: list[int]
-    end: list[int]
     tag: list[str] | None  # None in lookup mode
     glued_hyphen: list[bool]  # token is "-" with no space on either side: "hot-dog"
 
 
 def _tokens(doc: Any, tagged: bool) -> _Tokens:
-    lower, text, start, end, tag, glued = [], [], [], [], [], []
+    lower, text, start, tag, glued = [], [], [], [], []
     prev_ws = True
     for t in doc:
         s = t.text
         text.append(s)
         lower.append(t.lower_ if s.isascii() else unicodedata.normalize("NFKC", s).lower())  # "ｄｏｇ" is "dog"
         start.append(t.idx)
-        end.append(t.idx + len(s))
         glued.append(s == "-" and not prev_ws and not t.whitespace_)
         prev_ws = bool(t.whitespace_)
         if tagged:
             tag.append(t.tag_)
-    return _Tokens(lower, text, start, end, tag if tagged else None, glued)
+    return _Tokens(lower, text, start, tag if tagged else None, glued)
 
 
 class GroundingTagger:
@@ -178,11 +183,10 @@ class GroundingTagger:
         self.nlp.max_length = max(self.nlp.max_length, self.max_chars)
         self._names = self.vocab.names
         self._trie = build_trie(self.vocab)
-        self._lemmatizer = self.nlp.get_pipe("lemmatizer") if "lemmatizer" in self.nlp.component_names else None
-        self._lemma_table = (self._lemmatizer.lookups.get_table("lemma_lookup")
-                             if mode == "lookup" and self._lemmatizer is not None else None)
+        lemmatizer = self.nlp.get_pipe("lemmatizer") if "lemmatizer" in self.nlp.component_names else None
+        self._lemmatize = _lemma_function(self.nlp, lemmatizer, mode)
         self._lemmas: dict[str, str] = {}
-        self._lexicon = _pos_lexicon(self.nlp, self._lemmatizer, self.vocab) if mode == "tagger" else {}
+        self._lexicon = _pos_lexicon(self.nlp, lemmatizer, self.vocab) if mode == "tagger" else {}
         self._pool: Any = None
 
     def __repr__(self) -> str:
@@ -196,10 +200,8 @@ class GroundingTagger:
 
     def iter_tag(self, captions: Iterable[str]) -> Iterator[list[GroundedSpan]]:
         """`tag` as a stream: consumes `captions` lazily, so a corpus need not fit in memory."""
-        if self.n_process > 1:
-            yield from self._pool_stream(captions)
-            return
-        for caption, found in self._stream(captions):
+        stream = self._pool_stream if self.n_process > 1 else self._stream
+        for caption, found in stream(_checked(captions)):
             yield [GroundedSpan(s, e, c, self._names[c], caption[s:e]) for s, e, c in found]
 
     def close(self) -> None:
@@ -219,8 +221,8 @@ class GroundingTagger:
         return _rebuild, (self._spec(),)
 
     def _spec(self) -> dict[str, Any]:
-        return {"vocab": self.vocab.to_dict(), "model": self.model if self.mode == "tagger" else "en_core_web_sm",
-                "mode": self.mode, "batch_size": self.batch_size, "n_process": self.n_process, "max_chars": self.max_chars}
+        return {"vocab": self.vocab.to_dict(), "model": self.model, "mode": self.mode, "batch_size": self.batch_size,
+                "n_process": self.n_process, "max_chars": self.max_chars}
 
     # -- the single-process path ---------------------------------------------------------------
     def _stream(self, captions: Iterable[str]) -> Iterator[tuple[str, list[tuple[int, int, int]]]]:
@@ -228,12 +230,12 @@ class GroundingTagger:
         pending: deque[tuple[str, list[int] | None, list[int] | None]] = deque()
 
         def texts() -> Iterator[str]:
-            for i, caption in enumerate(captions):
-                if not isinstance(caption, str):
-                    raise InputError(f"caption {i} is a {type(caption).__name__}, expected a str")
+            for caption in captions:
                 if len(caption) > self.max_chars:
-                    log.warning("caption %d has %d characters, over max_chars=%d: no spans", i, len(caption), self.max_chars)
-                clean, starts, ends = clean_text(caption) if len(caption) <= self.max_chars else ("", None, None)
+                    log.warning("a caption has %d characters, over max_chars=%d: no spans", len(caption), self.max_chars)
+                    clean, starts, ends = "", None, None
+                else:
+                    clean, starts, ends = clean_text(caption)
                 pending.append((caption, starts, ends))
                 yield clean
 
@@ -267,29 +269,22 @@ class GroundingTagger:
             if best is None:
                 i += 1
                 continue
-            found.append((tok.start[i], tok.end[best[0] - 1], best[1]))
-            i = best[0]
+            j, concept_id = best
+            found.append((tok.start[i], tok.start[j - 1] + len(tok.text[j - 1]), concept_id))
+            i = j
         return found
 
     def _lemma(self, tok: _Tokens, j: int) -> str | None:
-        """The lemma of token j when it may differ from its lowercase form, else None."""
-        if self._lemma_table is not None:  # lookup mode: the lookup lemmatizer's table, by exact text
-            key = tok.text[j]
-            lemma = self._lemmas.get(key)
-            if lemma is None:
-                lemma = self._lemma_table.get(key, key).lower()
-                if len(self._lemmas) < _CACHE_LIMIT:
-                    self._lemmas[key] = lemma
-            return lemma if lemma != tok.lower[j] else None
-        if tok.tag is None or tok.tag[j] not in _PLURAL_TAGS or self._lemmatizer is None:
+        """The lemma of token j when it differs from its lowercase form, else None (tagger mode: plural nouns only)."""
+        if self._lemmatize is None or (tok.tag is not None and tok.tag[j] not in _PLURAL_TAGS):
             return None
-        key = tok.lower[j]
-        lemma = self._lemmas.get(key)
+        word = tok.lower[j]
+        lemma = self._lemmas.get(word)
         if lemma is None:
-            lemma = _noun_lemma(self.nlp, self._lemmatizer, key)
+            lemma = self._lemmatize(word)
             if len(self._lemmas) < _CACHE_LIMIT:
-                self._lemmas[key] = lemma
-        return lemma if lemma != key else None
+                self._lemmas[word] = lemma
+        return lemma if lemma != word else None
 
     def _is_object_noun(self, tok: _Tokens, k: int, multiword: bool) -> bool:
         """Whether the form ending at token k names a thing; a whole multi-word name is never a verb."""
@@ -303,6 +298,8 @@ class GroundingTagger:
                 return False  # "he will bat/VB next", "an orange/JJ shirt", "they skateboard/RB"
             tag = "NN"  # a word that cannot be what it was tagged, so a mis-tagged noun: "a fire hydrant/JJ"
         nxt = k + 1
+        if nxt + 1 < len(tok.lower) and tok.glued_hyphen[nxt] and tok.text[nxt + 1][:1].isalnum():
+            return False  # "a dog-friendly cafe", "man-made": the first part of a hyphenated word modifies it
         if (tag == "NN" and nxt < len(tok.lower) and tok.tag[nxt] == "NN" and tok.text[nxt][:1].isalpha()  # type: ignore[index]
                 and tok.lower[nxt] not in _PRESENT_HEADS and not tok.lower[nxt].endswith("ing")):
             return False  # "a dog bed": the first noun modifies the second
@@ -311,22 +308,20 @@ class GroundingTagger:
         return True
 
     # -- worker processes -------------------------------------------------------------------------
-    def _pool_stream(self, captions: Iterable[str]) -> Iterator[list[GroundedSpan]]:
+    def _pool_stream(self, captions: Iterable[str]) -> Iterator[tuple[str, list[tuple[int, int, int]]]]:
+        """`_stream` in worker processes: chunks of captions in flight, at most two per worker, in order."""
         if self._pool is None:
             self._pool = _start_pool(self)
         chunk = self.batch_size * 4
         inflight: deque[tuple[list[str], Any]] = deque()
 
-        def drain(limit: int) -> Iterator[list[GroundedSpan]]:
+        def drain(limit: int) -> Iterator[tuple[str, list[tuple[int, int, int]]]]:
             while len(inflight) > limit:
                 texts, future = inflight.popleft()
-                for caption, found in zip(texts, future.result()):
-                    yield [GroundedSpan(s, e, c, self._names[c], caption[s:e]) for s, e, c in found]
+                yield from zip(texts, future.result())
 
         batch: list[str] = []
-        for i, caption in enumerate(captions):
-            if not isinstance(caption, str):
-                raise InputError(f"caption {i} is a {type(caption).__name__}, expected a str")
+        for caption in captions:
             batch.append(caption)
             if len(batch) == chunk:
                 inflight.append((batch, self._pool.submit(_worker_tag, batch)))
@@ -337,14 +332,25 @@ class GroundingTagger:
         yield from drain(0)
 
 
+def _checked(captions: Iterable[str]) -> Iterator[str]:
+    for i, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            raise InputError(f"caption {i} is a {type(caption).__name__}, expected a str")
+        yield caption
+
+
 def _headline(tok: _Tokens) -> bool:
-    """Most words after the first capitalised ("Dog Catches Frisbee"): capitals then say nothing about names."""
+    """Title case: most content words after the first capitalised ("A Dog in the Park"), so capitals say nothing."""
+    from spacy.lang.en.stop_words import STOP_WORDS
+
     words = [t for t in tok.text if t[:1].isalpha()][1:]
+    words = [w for w in words if w.lower() not in STOP_WORDS]
     return sum(w[:1].isupper() for w in words) * 2 > len(words) > 0
 
 
 def _sentence_start(tok: _Tokens, k: int) -> bool:
-    return k == 0 or tok.text[k - 1] in _OPENERS
+    """Token k starts the caption or follows punctuation or a symbol ('"Dog', '> Cat'): a capital there is no name."""
+    return k == 0 or not any(c.isalnum() for c in tok.text[k - 1])
 
 
 def _pos_lexicon(nlp: Any, lemmatizer: Any, vocab: ConceptVocab) -> dict[str, tuple[bool, bool]]:
@@ -356,20 +362,27 @@ def _pos_lexicon(nlp: Any, lemmatizer: Any, vocab: ConceptVocab) -> dict[str, tu
         return {}
 
     def can_be(word: str, pos: str, words: set[str]) -> bool:
-        token = nlp.make_doc(word)[0]
-        token.pos_ = pos
-        return word in words or any(form in words for form in lemmatizer.rule_lemmatize(token))
+        return word in words or any(form in words for form in _rule_lemmas(nlp, lemmatizer, word, pos))
 
     words = {w for form in vocab.surface_forms for w in _form_words(form)}
     return {w: (can_be(w, "ADJ", adjectives), can_be(w, "VERB", verbs)) for w in sorted(words)}
 
 
-def _noun_lemma(nlp: Any, lemmatizer: Any, word: str) -> str:
-    """The rule lemmatizer's lemma of `word` read as a plural noun."""
+def _lemma_function(nlp: Any, lemmatizer: Any, mode: str) -> Callable[[str], str] | None:
+    """Lowercase word -> lowercase lemma: the lookup table in lookup mode, else the rule lemmatizer's noun lemma."""
+    if lemmatizer is None:
+        return None
+    if mode == "lookup":
+        table = lemmatizer.lookups.get_table("lemma_lookup")
+        return lambda word: table.get(word, word).lower()
+    return lambda word: next(iter(_rule_lemmas(nlp, lemmatizer, word, "NOUN")), word).lower()
+
+
+def _rule_lemmas(nlp: Any, lemmatizer: Any, word: str, pos: str) -> list[str]:
+    """The rule lemmatizer's lemmas of `word` read as part of speech `pos` ("NOUN", "VERB", "ADJ")."""
     token = nlp.make_doc(word)[0]
-    token.pos_ = "NOUN"
-    forms = lemmatizer.rule_lemmatize(token)
-    return forms[0].lower() if forms else word
+    token.pos_ = pos
+    return lemmatizer.rule_lemmatize(token)
 
 
 def _load_pipeline(model: str, mode: str) -> tuple[Any, str]:
@@ -383,10 +396,11 @@ def _load_pipeline(model: str, mode: str) -> tuple[Any, str]:
             raise MissingDependencyError(
                 f"mode='lookup' needs the lemma tables of spacy-lookups-data ({exc}): pip install spacy-lookups-data") from exc
         nlp.disable_pipe("lemmatizer")  # its table is read lazily, for the words that need it
-        return nlp, "blank:en"
+        return _split_glued_punctuation(nlp), "blank:en"
     from thinc.api import use_ops
 
-    for name in _FALLBACK_MODELS.get(model, (model,)):
+    candidates = _FALLBACK_MODELS.get(model, (model,))
+    for name in candidates:
         try:
             # numpy's BLAS (OpenBLAS in numpy's wheels) runs the tagger's matrix products ~2x faster than
             # thinc's default blis kernels on the same core; the tags are the same.
@@ -401,9 +415,15 @@ def _load_pipeline(model: str, mode: str) -> tuple[Any, str]:
                              "mode='tagger' needs an English pipeline such as en_core_web_sm")
         if "lemmatizer" in nlp.pipe_names:
             nlp.disable_pipe("lemmatizer")  # only plural nouns need lemmas; they are computed on demand
-        return nlp, name
-    tried = " or ".join(repr(n) for n in _FALLBACK_MODELS.get(model, (model,)))
+        return _split_glued_punctuation(nlp), name
+    tried = " or ".join(map(repr, candidates))
     raise MissingDependencyError(f"mode='tagger' needs the spaCy pipeline {tried}, which is not installed: {_INSTALL}")
+
+
+def _split_glued_punctuation(nlp: Any) -> Any:
+    pattern = nlp.tokenizer.infix_finditer.__self__.pattern  # the pipeline's own infixes, plus one more
+    nlp.tokenizer.infix_finditer = re.compile(f"{pattern}|{_GLUED_PUNCT}").finditer
+    return nlp
 
 
 # -- worker processes ------------------------------------------------------------------------------

@@ -55,15 +55,16 @@ def _kind(path: Path) -> str:
 
 def _open_text(path: Path) -> TextIO:
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed by the caller's `with`
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
+    return open(path, encoding="utf-8-sig", errors="replace")  # noqa: SIM115 - closed by the caller's `with`
 
 
 def _read_captions(paths: Sequence[str | Path], field: str = "caption", batch_rows: int = 8192) -> Iterator[tuple[str, int, Any]]:
     """`(source, source_row, value)` for every row of every input; `value` is whatever the row holds.
 
-    Undecodable UTF-8 bytes in text inputs read as U+FFFD; a JSON line that does not parse yields an
-    internal marker that `tag_corpus` counts as unreadable.
+    Streams: text inputs line by line (a leading byte-order mark skipped, undecodable UTF-8 bytes read as
+    U+FFFD), Parquet in record batches of `batch_rows`. A JSON line that does not parse yields an internal
+    marker that `tag_corpus` counts as unreadable.
     """
     for raw in paths:
         path = Path(raw)
@@ -187,6 +188,8 @@ def tag_corpus(paths: Sequence[str | Path], output: str | Path, tagger: Groundin
     output = Path(output)
     if output.is_dir():
         raise InputError(f"{output}: is a folder; give the tags file's path, e.g. {output / 'tags.parquet'}")
+    if any(Path(p).resolve() == output.resolve() for p in paths):
+        raise InputError(f"{output}: is also an input; write the tags to another file")
     output.parent.mkdir(parents=True, exist_ok=True)
     vocab = tagger.vocab
     schema = TAGS_SCHEMA.with_metadata({
@@ -195,46 +198,34 @@ def tag_corpus(paths: Sequence[str | Path], output: str | Path, tagger: Groundin
     })
     counts: Counter[str] = Counter()
     per_concept = [0] * len(vocab)
-    # Rows read but not yet written, in order; untagged rows wait only behind tagged rows still in the tagger.
-    pending: deque[tuple[int, str, int, Any, bool]] = deque()
-    bar = tqdm(total=total_rows, unit=" captions", disable=not progress, desc="tag-text")
+    # Rows handed to the tagger and not yet written, in order. Rows that are not tagged go through it as ""
+    # (no spans), so this holds at most the tagger's look-ahead however long a run of empty rows is.
+    pending: deque[tuple[int, str, int, str | None]] = deque()
 
-    def to_tag(writer: _TagsWriter) -> Iterator[str]:
+    def to_tag() -> Iterator[str]:
         for row_id, (source, source_row, value) in enumerate(_read_captions(paths, field, batch_rows)):
-            counts["captions"] += 1
             kind = ("unreadable" if value is _UNREADABLE else "not_text" if not isinstance(value, str)
                     else "empty" if not value.strip() else "too_long" if len(value) > tagger.max_chars else "tagged")
+            counts["captions"] += 1
             counts[kind] += 1
-            pending.append((row_id, source, source_row, value if isinstance(value, str) else None, kind == "tagged"))
-            if kind == "tagged":
-                yield value
-            elif len(pending) == 1:
-                emit_untagged(writer)
-
-    def emit_untagged(writer: _TagsWriter) -> None:
-        while pending and not pending[0][4]:
-            row_id, source, source_row, caption, _ = pending.popleft()
-            writer.add(row_id, source, source_row, caption, ())
-            bar.update(1)
+            pending.append((row_id, source, source_row, value if isinstance(value, str) else None))
+            yield value if kind == "tagged" else ""
 
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     start = time.perf_counter()
     try:
         writer = _TagsWriter(tmp, schema, batch_rows)
-        try:
-            for spans in tagger.iter_tag(to_tag(writer)):
-                emit_untagged(writer)
-                row_id, source, source_row, caption, _ = pending.popleft()
-                writer.add(row_id, source, source_row, caption, spans)
-                bar.update(1)
-                counts["grounded"] += bool(spans)
-                counts["spans"] += len(spans)
-                for s in spans:
-                    per_concept[s.concept_id] += 1
-            emit_untagged(writer)
-        finally:
-            writer.close()
-            bar.close()
+        with tqdm(total=total_rows, unit=" captions", disable=not progress, desc="tag-text") as bar:
+            try:
+                for spans in tagger.iter_tag(to_tag()):
+                    writer.add(*pending.popleft(), spans)
+                    bar.update(1)
+                    counts["grounded"] += bool(spans)
+                    counts["spans"] += len(spans)
+                    for s in spans:
+                        per_concept[s.concept_id] += 1
+            finally:
+                writer.close()
         os.replace(tmp, output)
     finally:
         if tmp.exists():

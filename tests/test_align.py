@@ -222,9 +222,17 @@ def test_open_clip_offsets_survive_cleaning(open_clip_tokenizer):
     assert all(0 <= s < e <= len(text) for s, e in offsets) and offsets == sorted(offsets)
 
 
+def test_open_clip_offsets_split_entities_from_the_words_glued_to_them(open_clip_tokenizer):
+    text = "cats&amp;dogs R&amp;B &ampdog caf&eacute;s"
+    pieces = [text[s:e] for s, e in open_clip_offsets(open_clip_tokenizer, text)]
+    assert pieces[:7] == ["cats", "&amp;", "dogs", "R", "&amp;", "B", "&amp"] and pieces[7] == "dog"
+
+
 def test_open_clip_truncation_puts_end_token_last(open_clip_tokenizer):
     text = "dog " * 100 + "cat"
     batch = tokenize_with_offsets(open_clip_tokenizer, [text], max_length=10)
+    assert torch.equal(torch.from_numpy(batch.input_ids), open_clip_tokenizer([text], context_length=10))
+    assert tokenize_with_offsets(open_clip_tokenizer, [text]).input_ids.shape == (1, 77)  # its context length
     assert batch.input_ids[0, -1] == open_clip_tokenizer.eot_token_id and tuple(batch.offsets[0, -1]) == (0, 0)
     assert align_spans([(0, 3), (len(text) - 3, len(text))], batch.offsets[0]) == [(1, 2), None]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from cmcaug.cli.main import main
 from cmcaug.concepts import ConceptVocab
 from cmcaug.grounding import GroundingTagger
 from cmcaug.synth import make_corpus
-from cmcaug.tags import TAGS_SCHEMA, tag_corpus
+from cmcaug.tags import TAGS_SCHEMA, _read_captions, tag_corpus
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,9 @@ def test_shapes_corpus_end_to_end(shapes, tmp_path, capsys):
     assert "captions: 12" in printed and "grounded: 12" in printed and "concept" in printed
     table = pq.read_table(out)
     assert table.schema.remove_metadata() == TAGS_SCHEMA
+    span = pa.struct([("start", pa.int32()), ("end", pa.int32()), ("concept_id", pa.int32())])
+    assert table.schema.field("spans").type == pa.list_(span)
+    assert table.schema.field("caption").type == pa.string() and table.schema.field("row_id").type == pa.int64()
     assert json.loads(table.schema.metadata[b"cmcaug.vocab"]) == ConceptVocab.from_json(shapes.root / "vocab.json").to_dict()
     assert json.loads(table.schema.metadata[b"cmcaug.tagger"])["mode"] == "lookup"
     rows = table.to_pylist()
@@ -58,8 +62,8 @@ def test_every_format_bad_rows_and_row_ids(tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_text("A dog on a sofa.\n\n   \nTwo cats\n", encoding="utf-8")
     jsonl = tmp_path / "b.jsonl.gz"
-    with gzip.open(jsonl, "wt", encoding="utf-8") as f:
-        f.write('{"caption": "a man with a bike"}\n{"caption": 5}\nnot json\n{"text": "x"}\n["a dog"]\n')
+    with gzip.open(jsonl, "wt", encoding="utf-8") as f:  # a byte-order mark, as some editors write
+        f.write('\ufeff{"caption": "a man with a bike"}\n{"caption": 5}\nnot json\n{"text": "x"}\n["a dog"]\n')
     parquet = tmp_path / "c.parquet"
     long_caption = "a dog " * 20
     pq.write_table(pa.table({"caption": ["Pizza &amp; a  TV", None, long_caption, "nothing here"]}), parquet)
@@ -80,17 +84,40 @@ def test_every_format_bad_rows_and_row_ids(tmp_path):
     assert not list(tmp_path.glob("out/.tags.parquet.tmp*"))
 
 
-def test_large_input_streams_in_batches(tmp_path, lookup):
+def test_large_input_streams_in_batches(tmp_path, lookup, capsys):
     rows = 2500
     captions = [f"{i} dogs and a cat" if i % 3 else "" for i in range(rows)]
     pq.write_table(pa.table({"text": captions}), tmp_path / "big.parquet", row_group_size=700)
-    stats = tag_corpus([tmp_path / "big.parquet"], tmp_path / "tags.parquet", lookup, field="text", batch_rows=512,
-                       progress=False)
+    stats = tag_corpus([tmp_path / "big.parquet"], tmp_path / "tags.parquet", lookup, field="text", batch_rows=512)
     assert stats["captions"] == rows and stats["empty"] == (rows + 2) // 3 and stats["spans"] == 2 * stats["tagged"]
+    assert "tag-text: 100%" in capsys.readouterr().err  # the progress bar knows a Parquet corpus's length
     file = pq.ParquetFile(tmp_path / "tags.parquet")
     assert file.metadata.num_rows == rows and file.metadata.num_row_groups == -(-rows // 512)  # written batch by batch
     ids = file.read(columns=["row_id"]).column(0).to_numpy()
     assert np.array_equal(ids, np.arange(rows))
+
+
+def test_parquet_is_read_batch_by_batch(tmp_path):
+    captions = [f"caption {i} " + "x" * 200 for i in range(20_000)]  # about 4.4 MB of text
+    pq.write_table(pa.table({"caption": captions}), tmp_path / "a.parquet", row_group_size=1000)
+    before = pa.total_allocated_bytes()
+    rows = _read_captions([tmp_path / "a.parquet"], batch_rows=500)
+    assert next(rows)[1:] == (0, captions[0])
+    assert pa.total_allocated_bytes() - before < 1_500_000  # one row group's worth, not the column
+
+
+def test_memory_stays_bounded_over_long_runs_of_untagged_rows(tmp_path):
+    """Untagged rows wait behind tagged ones for order; they must not pile up while the tagger reads on."""
+    (tmp_path / "c.txt").write_text("a dog\n" + "\n" * 10_000 + "a dog\n")
+    tagger = GroundingTagger(ConceptVocab({"dog": []}), mode="lookup", batch_size=64)
+    tracemalloc.start()
+    try:
+        stats = tag_corpus([tmp_path / "c.txt"], tmp_path / "t.parquet", tagger, batch_rows=256, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert stats["captions"] == 10_002 and stats["empty"] == 10_000 and stats["spans"] == 2
+    assert peak < 3_000_000  # holding every empty row took > 10 MB
 
 
 def test_bad_inputs_exit_with_input_error(tmp_path, capsys):
@@ -106,6 +133,8 @@ def test_bad_inputs_exit_with_input_error(tmp_path, capsys):
     assert "no such corpus file" in err and "unknown corpus format" in err and "no column 'caption'" in err
     assert main(["tag-text", str(tmp_path / "d.parquet"), *base[:-5], "--bank", str(tmp_path / "nobank")]) == 4
     assert main(["tag-text", str(tmp_path / "d.parquet"), *base, "--n-process", "0"]) == 3
+    assert main(["tag-text", str(tmp_path / "d.parquet"), *base[2:], "--field", "text", "-o", str(tmp_path / "d.parquet")]) == 3
+    assert pq.read_table(tmp_path / "d.parquet").column_names == ["text"]  # the input is left alone
     assert not (tmp_path / "t.parquet").exists()
 
 

