@@ -6,10 +6,12 @@ import sys
 
 EPILOG = """\
 inputs:
-  folders (searched recursively for .jpg .jpeg .png .webp .bmp), image files, text files listing one
-  image path per line, and uncompressed webdataset .tar shards as written by img2dataset. Unreadable,
-  truncated, empty, non-image and oversized images are skipped and counted; CMYK, 16-bit, grayscale,
-  palette and EXIF-rotated images are converted to upright RGB.
+  folders (searched recursively, symlinked folders included, for .jpg .jpeg .png .webp .bmp in any
+  letter case and for .tar shards), image files, text files listing one image path per line (relative
+  to the list file), and uncompressed webdataset .tar shards as written by img2dataset (pass the shards
+  or their folder). Unreadable, truncated, empty, non-image and oversized (decompression-bomb) images
+  are skipped and counted by reason; CMYK, 16-bit, grayscale, palette and EXIF-rotated images are
+  converted to upright RGB.
 
 resume:
   the build keeps its state in BANK/.build/. If it is killed at any point, rerun the same command with

@@ -10,6 +10,8 @@ def _cell(value: Any) -> str:
         return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(_cell, value))
     return str(value)
 
 
@@ -26,12 +28,15 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
 
 def summary(title: str, stats: Mapping[str, Any]) -> str:
-    """A titled key/value block; nested mappings are indented one level."""
-    lines = [title]
-    for key, value in stats.items():
-        if isinstance(value, Mapping):
-            lines.append(f"  {key}:")
-            lines.extend(f"    {k}: {_cell(v)}" for k, v in value.items())
-        else:
-            lines.append(f"  {key}: {_cell(value)}")
-    return "\n".join(lines)
+    """A titled key/value block; nested mappings (a manifest's provenance and build stats) are indented
+    one level per depth."""
+    def block(mapping: Mapping[str, Any], indent: str) -> list[str]:
+        lines = []
+        for key, value in mapping.items():
+            if isinstance(value, Mapping) and value:
+                lines += [f"{indent}{key}:", *block(value, indent + "  ")]
+            else:
+                lines.append(f"{indent}{key}: {_cell(value)}")
+        return lines
+
+    return "\n".join([title, *block(stats, "  ")])

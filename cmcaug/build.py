@@ -164,6 +164,10 @@ def _concept_map(names: Sequence[str], vocab: ConceptVocab) -> np.ndarray:
     if not (out >= 0).any():
         raise InputError(f"none of the detector's classes ({', '.join(names[:6])}, ...) is a concept or synonym of the "
                          f"vocabulary ({', '.join(vocab.names[:6])}, ...); pass a matching --vocab")
+    unknown = [n for n, c in zip(names, out) if c < 0]
+    if unknown:
+        log.warning("%d of the detector's %d classes are not in the vocabulary, so their boxes are dropped as unknown_concept: "
+                    "%s%s", len(unknown), len(names), ", ".join(unknown[:10]), ", ..." if len(unknown) > 10 else "")
     return out
 
 
@@ -226,10 +230,9 @@ def select_per_concept(concept: np.ndarray, image: np.ndarray, box: np.ndarray, 
     if limit is None:
         return keep
     order = np.lexsort((box[:, 3], box[:, 2], box[:, 1], box[:, 0], image, concept))
-    for c in np.unique(concept):
-        rows = order[concept[order] == c]
+    for rows in np.split(order, np.flatnonzero(np.diff(concept[order])) + 1):  # one group per concept, O(N) in all
         if len(rows) > limit:
-            chosen = np.random.default_rng([seed, int(c)]).choice(len(rows), size=limit, replace=False)
+            chosen = np.random.default_rng([seed, int(concept[rows[0]])]).choice(len(rows), size=limit, replace=False)
             keep[rows] = False
             keep[rows[chosen]] = True
     return keep
@@ -404,7 +407,8 @@ def build_bank(
     """
     started = time.perf_counter()
     _check_options(patch_size, min_box, conf, max_per_concept, batch_size, workers, resume, overwrite)
-    refs: list[ImageRef] = list_images([inputs] if isinstance(inputs, (str, Path)) else inputs)
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    refs: list[ImageRef] = list_images(inputs)
     keys = [r.key for r in refs]
     spec = ModelSpec(detector, annotations, embedder, float(conf), int(batch_size), int(seed))
     det, emb = spec.make()
@@ -416,7 +420,7 @@ def build_bank(
     opts = {"patch_size": int(patch_size), "min_box": float(min_box), "conf": float(conf), "max_per_concept": max_per_concept,
             "batch_size": int(batch_size), "seed": int(seed), "max_pixels": int(max_pixels)}
     description = {
-        "inputs": [str(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)],
+        "inputs": [str(p) for p in inputs],
         "images": {"count": len(keys), "keys_sha256": _digest(keys)}, "detector": det.describe(),
         "embedder": emb.describe(), "vocab": {"concepts": len(vocab), "sha256": _digest(vocab.to_dict())}, "options": opts,
     }

@@ -14,7 +14,6 @@ because it means the annotations belong to other images or use another box forma
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import defaultdict
@@ -25,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from .bank_format import sha256_file
 from .deps import require
 from .errors import InputError
 
@@ -59,14 +59,6 @@ class Detector(Protocol):
     def describe(self) -> dict[str, Any]:
         """JSON-able provenance: everything that decides the boxes, nothing machine-specific."""
         ...
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def clip_box(box: Sequence[float], width: int, height: int, what: str) -> np.ndarray:
@@ -137,7 +129,7 @@ class AnnotationDetector:
         self._by_base: dict[str, list[str]] = defaultdict(list)
         for name, _, _ in images.values():
             self._by_base[PurePosixPath(name).name].append(name)
-        self._sha256 = file_sha256(self.path)
+        self._sha256 = sha256_file(self.path)
 
     def _file_name(self, key: str) -> str | None:
         key = _norm(key)
@@ -221,7 +213,7 @@ class UltralyticsDetector:
         self.conf, self.iou, self.device, self.batch_size = float(conf), float(iou), device, int(batch_size)
         self.imgsz, self.max_det, self.seed = int(imgsz), int(max_det), int(seed)
         self.classes = None if classes is None else sorted({self._class_index(c) for c in classes})
-        self._sha256 = file_sha256(local) if local.is_file() else None
+        self._sha256 = sha256_file(local) if local.is_file() else None
         self._version = ultralytics.__version__
 
     def _class_index(self, cls: int | str) -> int:
@@ -252,5 +244,5 @@ class UltralyticsDetector:
         return {
             "type": "ultralytics", "weights": self.weights, "sha256": self._sha256, "ultralytics": self._version,
             "conf": self.conf, "iou": self.iou, "imgsz": self.imgsz, "max_det": self.max_det, "classes": self.classes,
-            "seed": self.seed,
+            "seed": self.seed, "batch_size": self.batch_size,  # a batch is letterboxed to one shape: it moves boxes
         }

@@ -1,9 +1,10 @@
 """Image sources and robust decoding: every input becomes upright RGB uint8 or a counted failure.
 
-A bank build reads folders (recursive), files that list image paths, image files, and webdataset `.tar`
-shards as img2dataset writes them (`key.jpg` next to `key.json` / `key.txt`). Every image gets a *key*
-(a relative path), and everything downstream is ordered by key, so the bank does not depend on the
-file system's listing order or on which decode worker finished first.
+A bank build reads folders (recursive, symlinked folders followed), files that list image paths, image
+files, and webdataset `.tar` shards as img2dataset writes them (`key.jpg` next to `key.json` /
+`key.txt`), alone or inside a folder (img2dataset's output folder). Every image gets a *key* (a relative
+path), and everything downstream is ordered by key, so the bank does not depend on the file system's
+listing order or on which decode worker finished first.
 
 Real corpora hold broken files. `decode_image` never lets one stop a build: it converts CMYK, 16-bit,
 grayscale, palette and alpha images to RGB (transparency composited over white), applies the EXIF
@@ -81,28 +82,45 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _is_tar(name: str) -> bool:
+    return name.lower().endswith(".tar")
+
+
 def _from_folder(root: Path) -> Iterator[ImageRef]:
-    for dirpath, dirnames, filenames in os.walk(root):
+    """Images and tar shards under `root`. Symlinked folders are followed, each real folder once, so
+    links that form a cycle or point into the tree again add nothing twice."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames.clear()
+            continue
+        seen.add(real)
         dirnames.sort()
         for name in sorted(filenames):
+            path = Path(dirpath) / name
+            key = path.relative_to(root).as_posix()
             if _is_image(name):
-                path = Path(dirpath) / name
-                yield ImageRef(path.relative_to(root).as_posix(), str(path))
+                yield ImageRef(key, str(path))
+            elif _is_tar(name):
+                yield from _from_tar(path, key)
 
 
-def _from_tar(path: Path) -> Iterator[ImageRef]:
+def _from_tar(path: Path, key: str) -> Iterator[ImageRef]:
+    """The image members of an uncompressed tar, keyed `<key>/<member name>`; other members (an
+    img2dataset sample's .json and .txt) are skipped."""
     try:
         with tarfile.open(path, "r:") as tar:
             members = [m for m in tar.getmembers() if m.isfile() and _is_image(m.name)]
     except (tarfile.TarError, OSError) as exc:
         raise InputError(f"{path}: cannot read it as an uncompressed tar shard ({exc}); img2dataset writes plain .tar files") from exc
     for m in members:
-        yield ImageRef(f"{path.name}/{PurePosixPath(m.name).as_posix()}", str(path), m.offset_data, m.size)
+        yield ImageRef(f"{key}/{PurePosixPath(m.name).as_posix()}", str(path), m.offset_data, m.size)
 
 
 def _from_list(path: Path) -> Iterator[ImageRef]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: expected an image, a folder, a .tar shard or a UTF-8 list of image paths ({exc})") from exc
     for line in lines:
@@ -115,8 +133,9 @@ def _from_list(path: Path) -> Iterator[ImageRef]:
 def list_images(inputs: Iterable[str | Path]) -> list[ImageRef]:
     """Every image of `inputs`, sorted by key.
 
-    Keys: the path relative to a folder input, `<shard>.tar/<member>` for tar members, the path as written
-    in a list file, the file name for an image given directly. Keys must be unique across inputs.
+    Keys: the path relative to a folder input, `<shard>.tar/<member>` for tar members (the shard's path
+    relative to the folder when found in one), the path as written in a list file, the file name for an
+    image given directly. Keys must be unique across inputs.
     """
     refs: dict[str, ImageRef] = {}
     sources: dict[str, Path] = {}
@@ -128,8 +147,8 @@ def list_images(inputs: Iterable[str | Path]) -> list[ImageRef]:
             found: Iterable[ImageRef] = _from_folder(src)
         elif not src.exists():
             raise InputError(f"image input {src} does not exist")
-        elif src.suffix.lower() == ".tar":
-            found = _from_tar(src)
+        elif _is_tar(src.name):
+            found = _from_tar(src, src.name)
         elif _is_image(src.name):
             found = [ImageRef(src.name, str(src))]
         else:
@@ -143,7 +162,8 @@ def list_images(inputs: Iterable[str | Path]) -> list[ImageRef]:
             refs[ref.key] = ref
             sources[ref.key] = src
     if not refs:
-        raise InputError(f"no images found in {', '.join(map(str, inputs))} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        raise InputError(f"no images found in {', '.join(map(str, inputs))} (looked for {', '.join(IMAGE_EXTENSIONS)} files "
+                         "and .tar shards)")
     return [refs[k] for k in sorted(refs)]
 
 
@@ -180,7 +200,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     """Decode encoded image bytes to upright RGB uint8 (H, W, 3), or raise `ImageDecodeError`.
 
     Images with more than `max_pixels` pixels are refused from their header, before any pixel is
-    decoded (decompression bombs).
+    decoded (decompression bombs). Pillow's own check (twice `PIL.Image.MAX_IMAGE_PIXELS`) also applies,
+    so `max_pixels` can lower the limit but raise it only as far as that global allows.
     """
     if not data:
         raise ImageDecodeError("empty", "zero-byte file")
@@ -194,7 +215,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise
     except UnidentifiedImageError as exc:
         raise ImageDecodeError("not_image", f"not a recognised image format ({exc})") from exc
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning: under -W error
         raise ImageDecodeError("too_large", str(exc)) from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError) as exc:
         text = str(exc).lower()

@@ -1,4 +1,5 @@
-"""Small random patch banks for the bank, writer, index and inspect tests (real files, real FAISS)."""
+"""Small random patch banks for the bank, writer, index and inspect tests (real files, real FAISS), and
+the bank-folder digest that the build tests compare."""
 from __future__ import annotations
 
 import json
@@ -65,4 +66,5 @@ def rehash(bank: Path) -> None:
 
 
 def file_hashes(bank: Path) -> dict[str, str]:
-    return {p.name: fmt.sha256_file(p) for p in sorted(bank.iterdir()) if p.is_file()}
+    """sha256 of every entry of a bank folder, hidden ones included; a folder (a leftover .build/) shows as "dir"."""
+    return {p.name: fmt.sha256_file(p) if p.is_file() else "dir" for p in sorted(bank.iterdir())}

@@ -1,15 +1,19 @@
 """`build_bank` end to end in-process: contents, determinism, drop reasons, corrupt inputs, output rules."""
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bank_helpers import file_hashes
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from image_zoo import write_shard, write_zoo
 from PIL import Image
 
 from cmcaug.bank import PatchBank
@@ -17,6 +21,7 @@ from cmcaug.build import build_bank, crop_patch, select_per_concept
 from cmcaug.concepts import ConceptVocab
 from cmcaug.detect import UltralyticsDetector
 from cmcaug.errors import InputError
+from cmcaug.images import FAILURE_REASONS
 from cmcaug.synth import is_foreground, make_corpus
 
 
@@ -29,10 +34,6 @@ def build(corpus: Path, out: Path, **kwargs):
     kwargs.setdefault("annotations", corpus / "annotations.json")
     kwargs.setdefault("vocab", corpus / "vocab.json")
     return build_bank(corpus / "images", out, batch_size=5, progress=False, **{"min_box": 4, **kwargs})
-
-
-def digests(bank: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(bank.iterdir())}
 
 
 def test_annotation_bank_holds_every_box(corpus: Path, tmp_path: Path) -> None:
@@ -58,9 +59,9 @@ def test_annotation_bank_holds_every_box(corpus: Path, tmp_path: Path) -> None:
 def test_bytes_do_not_depend_on_workers(corpus: Path, tmp_path: Path) -> None:
     build(corpus, tmp_path / "a", workers=0, max_per_concept=2)
     build(corpus, tmp_path / "b", workers=3, max_per_concept=2)
-    assert digests(tmp_path / "a") == digests(tmp_path / "b")
+    assert file_hashes(tmp_path / "a") == file_hashes(tmp_path / "b")
     other = build(corpus, tmp_path / "c", workers=1, max_per_concept=2, seed=7)
-    assert digests(tmp_path / "c")["patches.parquet"] != digests(tmp_path / "a")["patches.parquet"]
+    assert file_hashes(tmp_path / "c")["patches.parquet"] != file_hashes(tmp_path / "a")["patches.parquet"]
     assert max(other.stats["patches_per_concept"].values()) <= 2
     dropped = other.stats["boxes"]["dropped"]["max_per_concept"]
     assert dropped == other.stats["boxes"]["found"] - other.stats["boxes"]["kept"] > 0
@@ -84,23 +85,24 @@ def test_per_concept_draw_ignores_row_order(rows, limit, seed, rnd) -> None:
         assert sum(r[0] == c for r in chosen) == min(limit, sum(r[0] == c for r in rows))
 
 
-def test_drop_reasons_and_corrupt_images(corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_drop_reasons_and_the_corrupt_image_zoo(corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     images = tmp_path / "images"
     shutil.copytree(corpus / "images", images)
-    (images / "zero.png").write_bytes(b"")
-    (images / "text.jpg").write_text("not an image")
-    good = (images / "000002.png").read_bytes()
-    (images / "cut.png").write_bytes(good[: len(good) // 2])
+    zoo = write_zoo(images / "zoo")  # every kind of good and broken file, none annotated: none stops the build
     coco = json.loads((corpus / "annotations.json").read_text())
     for a in coco["annotations"][:3]:
         a["score"] = 0.1
     (tmp_path / "coco.json").write_text(json.dumps(coco))
     vocab = ConceptVocab({n: s for n, s in json.loads((corpus / "vocab.json").read_text()).items() if n != "circle"})
-    result = build_bank(images, tmp_path / "bank", annotations=tmp_path / "coco.json", vocab=vocab, min_box=24,
-                        batch_size=4, progress=False)
+    with caplog.at_level(logging.WARNING, logger="cmcaug.build"):
+        result = build_bank(images, tmp_path / "bank", annotations=tmp_path / "coco.json", vocab=vocab, min_box=24,
+                            batch_size=4, progress=False)
+    assert "not in the vocabulary, so their boxes are dropped as unknown_concept: circle" in caplog.text
     stats = result.stats
-    assert stats["images"]["read"] == 19 and stats["images"]["decoded"] == 16
-    assert {k: v for k, v in stats["images"]["failed"].items() if v} == {"empty": 1, "not_image": 1, "truncated": 1}
+    assert stats["images"]["read"] == 16 + len(zoo)
+    assert stats["images"]["decoded"] == 16 + sum(reason is None for reason in zoo.values())
+    assert stats["images"]["failed"] == {r: sum(v == r for v in zoo.values()) for r in FAILURE_REASONS}
     circle = next(c["id"] for c in coco["categories"] if c["name"] == "circle")
     unknown = [a for a in coco["annotations"] if a["category_id"] == circle]
     low = [a for a in coco["annotations"] if a["category_id"] != circle and a.get("score", 1) < 0.25]
@@ -108,6 +110,21 @@ def test_drop_reasons_and_corrupt_images(corpus: Path, tmp_path: Path) -> None:
     assert stats["boxes"]["dropped"] == {"unknown_concept": len(unknown), "low_score": len(low), "small": len(small), "max_per_concept": 0}
     assert stats["boxes"]["found"] == len(coco["annotations"]) == stats["boxes"]["kept"] + sum(stats["boxes"]["dropped"].values())
     assert "circle" not in stats["patches_per_concept"] and len(PatchBank.open(tmp_path / "bank")) == stats["boxes"]["kept"]
+
+
+def test_img2dataset_shards_give_the_same_patches(corpus: Path, tmp_path: Path) -> None:
+    folder = build(corpus, tmp_path / "folder").manifest
+    shards = tmp_path / "img2dataset"  # the corpus as img2dataset shards, in img2dataset's output folder
+    shards.mkdir()
+    files = sorted((corpus / "images").iterdir())
+    for n, part in enumerate((files[:7], files[7:])):
+        write_shard(shards / f"{n:05d}.tar", {f.stem: f.read_bytes() for f in part}, suffix=".png")
+    tarred = build_bank(shards, tmp_path / "tar", annotations=corpus / "annotations.json", vocab=corpus / "vocab.json",
+                        batch_size=5, min_box=4, progress=False)
+    for name in ("pixels.npy", "embeddings.npy", "index.faiss", "concepts.parquet"):  # same patches, same order
+        assert tarred.manifest["files"][name] == folder["files"][name]
+    images = {r["image"] for r in PatchBank.open(tmp_path / "tar").records(np.arange(folder["num_patches"]))}
+    assert images <= {f"{n:05d}.tar/{f.name}" for n, part in enumerate((files[:7], files[7:])) for f in part}
 
 
 def test_yolo_build_with_detector_features(corpus: Path, tmp_path: Path) -> None:
@@ -146,6 +163,17 @@ def test_output_and_option_errors(corpus: Path, tmp_path: Path) -> None:
         build(corpus, tmp_path / "b7", embedder="detector")
 
 
+def test_crop_centres_a_square_of_the_longer_side_and_antialiases() -> None:
+    pixels = np.random.default_rng(1).integers(1, 256, (40, 50, 3), dtype=np.uint8)  # no black pixel: black means padding
+    image = Image.fromarray(pixels)
+    assert np.array_equal(crop_patch(image, (10, 10, 30, 20), 20), pixels[5:25, 10:30])  # 20 x 10 box -> 20 x 20 square
+    edge = crop_patch(image, (40, 0, 50, 4), 10)  # the square (40, -3, 50, 7) sticks out at the top: padded
+    assert (edge[:3] == 0).all() and np.array_equal(edge[3:], pixels[0:7, 40:50])
+    checkers = np.repeat((np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8)[..., None], 3, axis=2)
+    small = crop_patch(Image.fromarray(checkers), (0, 0, 32, 32), 8)
+    assert np.abs(small.astype(float) - 127.5).max() < 16  # averaged, not aliased to black and white
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(20, 60), st.integers(20, 60), st.floats(-30, 70), st.floats(-30, 70), st.floats(1, 40), st.floats(1, 40),
        st.sampled_from([8, 12, 20]))
@@ -158,3 +186,14 @@ def test_crop_is_a_centred_square(width, height, x0, y0, w, h, size) -> None:
     left, top = int(np.clip(round(x0), 0, width - size)), int(np.clip(round(y0), 0, height - size))
     assert np.array_equal(crop_patch(image, (left, top, left + size, top + size), size), pixels[top:top + size, left:left + size])
     assert (crop_patch(image, (-size, -size, 0.0, 0.0), size)[: size // 2, : size // 2] == 0).all()  # outside: black
+
+
+def test_heavy_dependencies_load_lazily() -> None:
+    """Importing the package, its offline-stage exports and modules and the CLI (parser included) loads none
+    of spaCy, ultralytics, FAISS or Ray: each is imported by the call that needs it."""
+    code = ("import sys, cmcaug, cmcaug.kernels, cmcaug.build, cmcaug.bank, cmcaug.detect, cmcaug.embed, cmcaug.index, "
+            "cmcaug.distributed, cmcaug.synth, cmcaug.preview, cmcaug.cli.main as cli; cli.build_parser(); "
+            "from cmcaug import PatchBank, ConceptVocab, build_bank; "
+            "sys.exit(' '.join(m for m in ('spacy', 'ultralytics', 'faiss', 'ray') if m in sys.modules) or None)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -5,7 +5,6 @@ at random moments while it works; the final files are compared by sha256 with an
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import signal
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from bank_helpers import file_hashes
 
 from cmcaug.build import BUILD_DIR, CRASH_ENV, build_bank
 from cmcaug.errors import BankFormatError, InputError
@@ -43,16 +43,11 @@ def build(corpus: Path, out: Path, **kwargs):
     return build_bank([str(corpus / "images")], out, progress=False, **{**options(corpus), **kwargs})
 
 
-def digests(bank: Path) -> dict[str, str]:
-    """Every entry of the bank folder, hidden ones included, so a leftover .build/ shows up."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in sorted(bank.iterdir())}
-
-
 @pytest.fixture(scope="module")
 def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     out = tmp_path_factory.mktemp("reference") / "bank"
     build(corpus, out)
-    return digests(out)
+    return file_hashes(out)
 
 
 def shards(out: Path) -> list[str]:
@@ -79,7 +74,7 @@ def test_sigkill_at_named_points(point: str, corpus: Path, reference: dict[str, 
         assert (out / BUILD_DIR).exists() == (point != "finalize:renamed")
         result = build(corpus, out, resume=True)
         assert result.resumed_batches == (BATCHES if point != "finalize:renamed" else 0)
-    assert digests(out) == reference
+    assert file_hashes(out) == reference
 
 
 def test_random_sigkills(corpus: Path, tmp_path: Path) -> None:
@@ -100,7 +95,7 @@ def test_random_sigkills(corpus: Path, tmp_path: Path) -> None:
         kills += 1
     assert kills >= 1 and progress(out)[1]
     build(corpus, out, resume=True, batch_size=1)
-    assert digests(out) == digests(tmp_path / "reference")
+    assert file_hashes(out) == file_hashes(tmp_path / "reference")
 
 
 def test_resume_rules(corpus: Path, reference: dict[str, str], tmp_path: Path) -> None:
@@ -108,13 +103,13 @@ def test_resume_rules(corpus: Path, reference: dict[str, str], tmp_path: Path) -
     (out / BUILD_DIR / "shards").mkdir(parents=True)  # killed before its state was written
     with pytest.raises(InputError, match="unfinished build: pass --resume"):
         build(corpus, out)
-    assert not build(corpus, out, resume=True).already_built and digests(out) == reference
+    assert not build(corpus, out, resume=True).already_built and file_hashes(out) == reference
     again = build(corpus, out, resume=True)  # a finished bank of the same inputs: nothing to do
-    assert again.already_built and again.stats["boxes"]["kept"] > 0 and digests(out) == reference
+    assert again.already_built and again.stats["boxes"]["kept"] > 0 and file_hashes(out) == reference
     with pytest.raises(InputError, match="finished bank built from other inputs or options"):
         build(corpus, out, resume=True, seed=1)
     assert build(corpus, tmp_path / "new", resume=True).resumed_batches == 0  # --resume on no bank starts one
-    assert digests(tmp_path / "new") == reference
+    assert file_hashes(tmp_path / "new") == reference
 
 
 def test_resume_refuses_other_options_and_bad_shards(corpus: Path, tmp_path: Path) -> None:

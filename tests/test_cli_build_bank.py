@@ -1,12 +1,14 @@
 """`cmcaug build-bank`: the real CLI end to end (annotations and YOLO paths), exit codes and help."""
 from __future__ import annotations
 
-import hashlib
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from bank_helpers import file_hashes
 
 from cmcaug.bank import PatchBank
 from cmcaug.build import build_bank
@@ -21,10 +23,6 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("cli") / "corpus", 12, seed=4, image_size=128).root
 
 
-def digests(bank: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(bank.iterdir())}
-
-
 def test_cli_annotations_equals_python_api(corpus: Path, tmp_path: Path) -> None:
     args = [str(corpus), "-o", str(tmp_path / "cli"), "--annotations", str(corpus / "annotations.json"),
             "--vocab", str(corpus / "vocab.json"), "--patch-size", "32", "--min-box", "8", "--max-per-concept", "3",
@@ -36,7 +34,7 @@ def test_cli_annotations_equals_python_api(corpus: Path, tmp_path: Path) -> None
     assert "build-bank" in done.stderr  # the progress bar
     build_bank([str(corpus)], tmp_path / "api", annotations=str(corpus / "annotations.json"), vocab=str(corpus / "vocab.json"),
                patch_size=32, min_box=8, max_per_concept=3, batch_size=5, workers=0, seed=3, progress=False)
-    assert digests(tmp_path / "cli") == digests(tmp_path / "api")
+    assert file_hashes(tmp_path / "cli") == file_hashes(tmp_path / "api")
     assert PatchBank.open(tmp_path / "cli").patch_size == 32
 
 
@@ -47,8 +45,10 @@ def test_cli_yolo_yaml_with_detector_embedder(corpus: Path, tmp_path: Path) -> N
         (images / name).write_bytes((corpus / "images" / name).read_bytes())
     args = [str(images), "-o", str(tmp_path / "bank"), "--detector", "yolov8n.yaml", "--conf", "0", "--min-box", "32",
             "--max-per-concept", "4", "--embedder", "detector", "--batch-size", "2"]
-    done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
+    offline = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "YOLO_CONFIG_DIR": str(tmp_path / "yolo-settings")}
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=offline, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert not list(tmp_path.glob("*.pt"))  # a random-weights model from its yaml: nothing downloaded
     bank = PatchBank.open(tmp_path / "bank")
     assert 0 < len(bank) <= 4 * len(bank.vocab) and bank.manifest["provenance"]["detector"]["weights"] == "yolov8n.yaml"
     assert bank.manifest["stats"]["boxes"]["found"] > len(bank)
@@ -72,3 +72,29 @@ def test_exit_codes(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit) as exc:
         main(["build-bank", "--help"])
     assert exc.value.code == 0 and "exit codes:" in capsys.readouterr().out
+
+
+def test_bad_annotations_exit_3_with_a_message(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def with_coco(change) -> tuple[int, str]:
+        coco = json.loads((corpus / "annotations.json").read_text())
+        change(coco)
+        path = tmp_path / "coco.json"
+        path.write_text(json.dumps(coco))
+        code = main(["build-bank", str(corpus / "images"), "-o", str(tmp_path / "bank"), "--annotations", str(path)])
+        return code, capsys.readouterr().err
+
+    def outside(coco: dict) -> None:
+        coco["annotations"][0]["bbox"] = [1000, 1000, 5, 5]
+
+    def missing_image(coco: dict) -> None:
+        coco["images"].append({"id": 999, "file_name": "gone.png", "width": 128, "height": 128})
+        coco["annotations"].append({**coco["annotations"][0], "id": 999, "image_id": 999})
+
+    def unknown_category(coco: dict) -> None:
+        coco["annotations"][0]["category_id"] = 999
+
+    for change, message in [(outside, "lies outside its 128x128 image"), (missing_image, "not among the inputs, e.g. ['gone.png']"),
+                            (unknown_category, "category_id 999, which is not among the file's categories")]:
+        code, err = with_coco(change)
+        assert code == 3 and err.startswith("cmcaug build-bank: error: ") and message in err, err
+    assert not (tmp_path / "bank").exists()  # refused before anything was written

@@ -69,3 +69,11 @@ def test_corrupt_bank_exits_4_unless_checksums_are_skipped(inspect, bank_path: P
 def test_missing_bank_exits_4(inspect, tmp_path: Path) -> None:
     code, _, err = inspect(str(tmp_path / "nowhere"))
     assert code == 4 and "manifest.json" in err
+
+
+def test_nested_manifest_fields_render_as_indented_lines() -> None:
+    from cmcaug.cli.render import summary
+
+    stats = {"boxes": {"dropped": {"small": 2}, "kept": 1_000}, "inputs": ["a", "b"], "empty": {}}
+    assert summary("bank", stats).splitlines() == [
+        "bank", "  boxes:", "    dropped:", "      small: 2", "    kept: 1,000", "  inputs: a, b", "  empty: {}"]

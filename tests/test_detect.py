@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cmcaug.bank_format import sha256_file
 from cmcaug.detect import AnnotationDetector, Detector, UltralyticsDetector, clip_box
 from cmcaug.errors import InputError
 from cmcaug.images import ImageDecodeError, decode_image, list_images, load_image
@@ -104,6 +105,7 @@ def test_yolo_yaml_detects_in_source_pixels_deterministically(yolo: UltralyticsD
     assert all(np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores) for a, b in zip(found, again))
     described = json.loads(json.dumps(yolo.describe()))
     assert described["weights"] == "yolov8n.yaml" and described["sha256"] is None and described["imgsz"] == 160
+    assert described["batch_size"] == 4  # it decides how a batch is letterboxed, so it is part of the provenance
 
 
 def test_decoding_ignores_ultralytics_pil_patch(yolo: UltralyticsDetector) -> None:
@@ -123,6 +125,14 @@ def test_yolo_class_filter_and_errors(tmp_path: Path, images: list[np.ndarray]) 
         UltralyticsDetector(tmp_path / "missing.pt")
     with pytest.raises(InputError, match="conf"):
         UltralyticsDetector("yolov8n.yaml", conf=2.0)
+
+
+def test_local_pt_weights_load_offline(yolo: UltralyticsDetector, images: list[np.ndarray], tmp_path: Path) -> None:
+    yolo.model.save(tmp_path / "mine.pt")  # what a user's trained weights look like on disk
+    det = UltralyticsDetector(tmp_path / "mine.pt", conf=0.0, imgsz=160, max_det=3)
+    assert det.names == yolo.names and det.describe()["sha256"] == sha256_file(tmp_path / "mine.pt")
+    found = det.detect(images[:2], [])  # fp16 weights: boxes close to, not equal to, the in-memory model's
+    assert len(found) == 2 and all(0 < len(d) <= 3 for d in found)
 
 
 @pytest.mark.skipif(not os.environ.get("CMCAUG_YOLO_WEIGHTS"), reason="set CMCAUG_YOLO_WEIGHTS to a local YOLO .pt file")

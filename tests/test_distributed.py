@@ -6,16 +6,15 @@ because starting Ray takes seconds; the module is one xdist group so only one wo
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bank_helpers import file_hashes
 
 from cmcaug.build import BUILD_DIR, BuildJob, build_bank, run_local
 from cmcaug.cli.main import main
@@ -64,11 +63,6 @@ def options(corpus: Path, **overrides: object) -> dict:
             "min_box": 4, "max_per_concept": 6, "progress": False, **overrides}
 
 
-def digests(bank: Path) -> dict[str, str]:
-    """Every entry of the bank folder, hidden ones included, so a leftover .build/ shows up."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in sorted(bank.iterdir())}
-
-
 def shard_count(out: Path) -> int:
     return len(list((out / BUILD_DIR / "shards").glob("*.npz")))
 
@@ -77,7 +71,7 @@ def shard_count(out: Path) -> int:
 def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], dict]:
     out = tmp_path_factory.mktemp("reference") / "bank"
     result = build_bank(corpus / "images", out, **options(corpus))
-    return digests(out), result.stats
+    return file_hashes(out), result.stats
 
 
 def stop_after(n: int, runner):
@@ -96,7 +90,7 @@ def stop_after(n: int, runner):
 
 def test_ray_bank_is_the_local_bank(cluster, corpus: Path, reference, tmp_path: Path) -> None:
     result = build_bank_distributed(corpus / "images", tmp_path / "bank", actors=1, **options(corpus))
-    assert digests(tmp_path / "bank") == reference[0] and result.stats == reference[1]
+    assert file_hashes(tmp_path / "bank") == reference[0] and result.stats == reference[1]
     assert result.stats["images"]["read"] == 34 and result.stats["images"]["failed"]["truncated"] == 1
     assert result.stats["images"]["failed"]["empty"] == 1 and result.stats["boxes"]["kept"] > 0
 
@@ -107,16 +101,16 @@ def test_resume_across_runners(cluster, corpus: Path, reference, tmp_path: Path)
         build_bank(corpus / "images", local_first, runner=stop_after(3, run_local), **options(corpus))
     assert shard_count(local_first) == 3 and not (local_first / "manifest.json").exists()
     resumed = build_bank_distributed(corpus / "images", local_first, resume=True, **options(corpus))
-    assert resumed.resumed_batches == 3 and digests(local_first) == reference[0]
+    assert resumed.resumed_batches == 3 and file_hashes(local_first) == reference[0]
 
     ray_first = tmp_path / "ray-first"
     with pytest.raises(KeyboardInterrupt):
         build_bank(corpus / "images", ray_first, runner=stop_after(2, RayRunner(actors=1)), **options(corpus))
     assert shard_count(ray_first) == 2 and not (ray_first / "manifest.json").exists()
     resumed = build_bank(corpus / "images", ray_first, resume=True, **options(corpus))
-    assert resumed.resumed_batches == 2 and digests(ray_first) == reference[0]
+    assert resumed.resumed_batches == 2 and file_hashes(ray_first) == reference[0]
     again = build_bank_distributed(corpus / "images", ray_first, resume=True, **options(corpus))
-    assert again.already_built and digests(ray_first) == reference[0]
+    assert again.already_built and file_hashes(ray_first) == reference[0]
 
 
 def test_yolo_detector_and_embedder_made_per_actor(cluster, corpus: Path, tmp_path: Path) -> None:
@@ -129,7 +123,7 @@ def test_yolo_detector_and_embedder_made_per_actor(cluster, corpus: Path, tmp_pa
     yolo = {"detector": detector, "conf": 0.0, "embedder": "detector", "batch_size": 2, "progress": False}
     local = build_bank(images, tmp_path / "local", **yolo)
     build_bank_distributed(images, tmp_path / "ray", actors=1, **yolo)
-    assert digests(tmp_path / "ray") == digests(tmp_path / "local") and local.stats["boxes"]["kept"] == 15
+    assert file_hashes(tmp_path / "ray") == file_hashes(tmp_path / "local") and local.stats["boxes"]["kept"] == 15
 
 
 def test_cli_ray_flag_with_relative_paths(cluster, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -141,7 +135,7 @@ def test_cli_ray_flag_with_relative_paths(cluster, corpus: Path, tmp_path: Path,
             "--max-per-concept", "6"]
     assert main(["build-bank", *args, "-o", str(tmp_path / "local")]) == 0
     assert main(["build-bank", *args, "-o", str(tmp_path / "ray"), "--ray", "--ray-actors", "1"]) == 0
-    assert "runner: ray (default)" in capsys.readouterr().out and digests(tmp_path / "ray") == digests(tmp_path / "local")
+    assert "runner: ray (default)" in capsys.readouterr().out and file_hashes(tmp_path / "ray") == file_hashes(tmp_path / "local")
     assert main(["build-bank", *args, "-o", str(tmp_path / "b2"), "--ray-gpus", "1"]) == 2
     assert "need --ray" in capsys.readouterr().err and not (tmp_path / "b2").exists()
     assert main(["build-bank", *args, "-o", str(tmp_path / "b3"), "--ray", "auto"]) == 3
@@ -189,8 +183,3 @@ def test_missing_ray_is_reported_before_any_work(corpus: Path, tmp_path: Path, m
     with pytest.raises(MissingDependencyError, match=r"cmcaug\[distributed\]"):
         build_bank_distributed(corpus / "images", tmp_path / "bank", **options(corpus))
     assert not (tmp_path / "bank").exists()
-
-
-def test_ray_is_imported_lazily() -> None:
-    code = "import sys, cmcaug, cmcaug.distributed, cmcaug.cli.build_bank; sys.exit('ray' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
