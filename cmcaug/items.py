@@ -43,11 +43,17 @@ def _span_triple(span: Any) -> tuple[int, int, int]:
     return int(start), int(end), int(concept_id)
 
 
+def _index(value: Any, position: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise InputError(f"batch item {position}: the index must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def parse_item(item: Any, position: int) -> Item:
     """`item` (batch position `position`, for messages) as an `Item`; exact-type checks first, for speed."""
     index = None
     if type(item) is tuple and len(item) == 2 and isinstance(item[0], (int, np.integer)):
-        index, item = int(item[0]), item[1]
+        index, item = _index(item[0], position), item[1]
     if isinstance(item, str):
         return Item(item, None, index)
     if not (type(item) is dict or isinstance(item, Mapping)) or "caption" not in item:
@@ -63,9 +69,7 @@ def parse_item(item: Any, position: int) -> Item:
     raw_index = item.get("index")
     raw_index = item.get("row_id") if raw_index is None else raw_index
     if raw_index is not None:
-        index = int(raw_index)
-        if index < 0:
-            raise InputError(f"batch item {position}: index must be >= 0, got {index}")
+        index = _index(raw_index, position)
     if spans is None:
         return Item(caption, None, index)
     try:

@@ -68,7 +68,7 @@ def uniform(keys: np.ndarray, stream: int, counters: np.ndarray) -> np.ndarray:
 
 
 def generator_seed(generator: torch.Generator) -> int:
-    """One 63-bit draw from a torch.Generator (advancing it), used in place of (seed, epoch)."""
+    """One draw in [0, 2**62) from a torch.Generator (advancing it), used in place of (seed, epoch)."""
     return int(torch.randint(0, 1 << 62, (), generator=generator, device=generator.device).item())
 
 

@@ -50,13 +50,13 @@ class CMCStats:
 
     captions: int = 0
     empty_captions: int = 0
-    truncated_captions: int = 0
-    ungrounded_captions: int = 0
-    spans: int = 0
-    spans_truncated: int = 0
-    spans_overlapping: int = 0
-    spans_absent: int = 0
-    spans_no_room: int = 0
+    truncated_captions: int = 0  # cut at max_length
+    ungrounded_captions: int = 0  # no grounded word at all (empty ones included)
+    spans: int = 0  # grounded words
+    spans_truncated: int = 0  # not (wholly) in the tokens: cut by truncation, or not a span of the caption
+    spans_overlapping: int = 0  # sharing a token with an earlier span: the earlier one wins
+    spans_absent: int = 0  # concept has no patch in the bank (per concept id: absent_concepts)
+    spans_no_room: int = 0  # chosen, but its patch would push the view past max_length
     spans_replaced: int = 0
     absent_concepts: dict[int, int] = field(default_factory=dict)
 
@@ -166,8 +166,10 @@ class CMCTransform:
         patch_tokens: int = 1,
         seed: int | torch.Generator = 0,
     ):
-        if not 0.0 <= float(ratio) <= 1.0:
-            raise InputError(f"ratio must lie in [0, 1], got {ratio}")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.number)) or not 0.0 <= ratio <= 1.0:
+            raise InputError(f"ratio must be a number in [0, 1], got {ratio!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, torch.Generator)):
+            raise InputError(f"seed must be an int or a torch.Generator, got {seed!r}")
         for name, value, low in (("max_replacements", max_replacements, 0), ("max_length", max_length, 2),
                                  ("patch_tokens", patch_tokens, 1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low):
@@ -351,8 +353,10 @@ class CMCTransform:
             offsets[special & (input_ids != getattr(tok, "unk_token_id", None))] = 0  # some give specials a span
             return input_ids, attention_mask, offsets, special
         tokens = tokenize_with_offsets(tok, captions, max_length=self.max_length)
-        special = (tokens.attention_mask == 0) | np.isin(tokens.input_ids, self._special_ids)
-        return tokens.input_ids, tokens.attention_mask, tokens.offsets.astype(np.int64), special
+        keep = slice(None, self.max_length)  # a plain callable's ids come back uncut
+        input_ids, attention_mask = tokens.input_ids[:, keep], tokens.attention_mask[:, keep]
+        special = (attention_mask == 0) | np.isin(input_ids, self._special_ids)
+        return input_ids, attention_mask, tokens.offsets[:, keep].astype(np.int64), special
 
     def _choose(self, spans: list[list[tuple[int, int, int]]], offsets: np.ndarray, lengths: np.ndarray,
                 keys: np.ndarray, stats: CMCStats) -> tuple[np.ndarray, ...]:
@@ -378,34 +382,29 @@ class CMCTransform:
         u = mlm.uniform(keys[row], mlm.STREAM_SELECT, ordinal)
         picked = np.flatnonzero(ok & ~overlap & ~absent & (u < self.ratio))
         picked = picked[np.lexsort((u[picked], row[picked]))]  # by row, then by u
-        rank = np.arange(picked.size) - np.searchsorted(row[picked], row[picked])
         if self.max_replacements is not None:
-            picked, rank = picked[rank < self.max_replacements], rank[rank < self.max_replacements]
+            rank = np.arange(picked.size) - np.searchsorted(row[picked], row[picked])  # 0, 1, ... within a row
+            picked = picked[rank < self.max_replacements]
         if self.max_length is not None and picked.size:
-            picked = self._fit(picked, rank, row, end - start, lengths, stats)
+            picked = self._fit(picked, row, end - start, lengths, stats)
         stats.spans_replaced = int(picked.size)
         picked = picked[np.lexsort((start[picked], row[picked]))]  # slot order: row by row, left to right
         return row[picked], start[picked], end[picked], flat[picked, 2], ordinal[picked]
 
-    def _fit(self, picked: np.ndarray, rank: np.ndarray, row: np.ndarray, width: np.ndarray, lengths: np.ndarray,
+    def _fit(self, picked: np.ndarray, row: np.ndarray, width: np.ndarray, lengths: np.ndarray,
              stats: CMCStats) -> np.ndarray:
         """Drop chosen spans whose K-token patch would push their row past max_length (in order of u)."""
-        extra = self.patch_tokens - width[picked]  # tokens a replacement adds (<= 0 when K <= span width)
-        room = self.max_length - lengths[row[picked]]
-        first = np.flatnonzero(rank == 0)  # each row's first span (picked is sorted by row, then u)
-        total = np.cumsum(extra)
-        grown = total - np.repeat(total[first] - extra[first], np.diff(np.r_[first, picked.size]))  # per-row running sum
-        if (grown <= room).all():
+        extra = self.patch_tokens - width[picked]  # tokens a replacement adds: <= 0 when K <= span width
+        if (extra <= 0).all():  # always so for one-token patches
             return picked
+        free = self.max_length - lengths
         keep = np.ones(picked.size, bool)
-        for b in np.unique(row[picked][grown > room]):  # rare: rows that overflow are replayed one span at a time
-            free = self.max_length - int(lengths[b])
-            for i in np.flatnonzero(row[picked] == b):
-                if extra[i] > free:
-                    keep[i] = False
-                    stats.spans_no_room += 1
-                else:
-                    free -= int(extra[i])
+        for i, (b, grow) in enumerate(zip(row[picked].tolist(), extra.tolist())):  # by row, then by u
+            if grow > free[b]:
+                keep[i] = False
+                stats.spans_no_room += 1
+            else:
+                free[b] -= grow
         return picked[keep]
 
 

@@ -2,31 +2,29 @@
 
     python examples/train_bert_cmc.py --steps 60
 
-Everything is built here, offline, in a temporary folder: a shapes-world corpus (images, COCO boxes,
-captions), a patch bank from its boxes (`build_bank`), grounding tags for the captions (`GroundingTagger`,
-once, before training, as `cmcaug tag-text` would), and a WordPiece tokenizer over the captions' words.
-Then the VLMixer recipe on unpaired text: each caption's grounded words are swapped for bank patches
-(the CMC view); the model learns masked language modelling on the CMC view and a contrastive loss that
-pulls each caption's text view and CMC view together.
+Everything is built here, offline, in a temporary folder: a shapes-world corpus, its patch bank and its
+captions' grounding tags (`shapes_world.py`), and a WordPiece tokenizer over the captions' words. Then the
+VLMixer recipe on unpaired text: each caption's grounded words are swapped for bank patches (the CMC view);
+the model learns masked language modelling on the CMC view and a contrastive loss that pulls each
+caption's text view and CMC view together.
 
 The lines that use cmcaug in a training loop are marked `# cmcaug`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
-from cmcaug import CMCTransform, GroundingTagger, PatchBank, build_bank
+from cmcaug import CMCTransform
 from cmcaug.losses import info_nce
-from cmcaug.synth import make_corpus
+from shapes_world import PatchEncoder, shapes_world  # next to this file
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+MAX_LENGTH = 64  # the model's position embeddings: tokens per caption, and per CMC view
 
 
 def wordpiece_tokenizer(texts: list[str]):
@@ -45,35 +43,11 @@ def wordpiece_tokenizer(texts: list[str]):
     return BertTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(tokens))})
 
 
-def shapes_world(root: Path, n_images: int, seed: int) -> tuple[PatchBank, list[dict]]:
-    """A shapes-world corpus, its patch bank, and its captions as tag rows (caption + grounded spans)."""
-    make_corpus(root / "corpus", n_images, seed=seed, image_size=96)
-    build_bank(root / "corpus" / "images", root / "bank", annotations=root / "corpus" / "annotations.json",
-               vocab=root / "corpus" / "vocab.json", patch_size=32, min_box=8, progress=False)
-    bank = PatchBank.open(root / "bank")
-    captions = [json.loads(line)["caption"] for line in (root / "corpus" / "captions.jsonl").open()]
-    tagger = GroundingTagger(bank.vocab, mode="lookup")
-    rows = [{"caption": c, "spans": [s._asdict() for s in spans]} for c, spans in zip(captions, tagger.tag(captions))]
-    return bank, rows
-
-
-class PatchEncoder(nn.Module):
-    """Bank patches [M, 3, P, P] -> one token each [M, 1, D]: a small CNN standing in for a vision tower."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 32, 4, stride=4), nn.GELU(), nn.Conv2d(32, dim, 4, stride=4),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(dim, dim))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.net(pixels).unsqueeze(1)
-
-
 def build_model(vocab_size: int, dim: int = 64):
     from transformers import BertConfig, BertForMaskedLM
 
     config = BertConfig(vocab_size=vocab_size, hidden_size=dim, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=2 * dim, max_position_embeddings=64, type_vocab_size=2)
+                        intermediate_size=2 * dim, max_position_embeddings=MAX_LENGTH, type_vocab_size=2)
     return BertForMaskedLM(config), PatchEncoder(dim)
 
 
@@ -107,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="cmcaug-bert-") as tmp:
         bank, rows = shapes_world(args.workdir or Path(tmp), args.images, args.seed)
         tokenizer = wordpiece_tokenizer([r["caption"] for r in rows])
-        cmc = CMCTransform(bank, tokenizer, ratio=args.ratio, seed=args.seed)                 # cmcaug
+        cmc = CMCTransform(bank, tokenizer, ratio=args.ratio, max_length=MAX_LENGTH, seed=args.seed)  # cmcaug
         loader = DataLoader(cmc.dataset(rows), batch_size=args.batch_size, shuffle=True, drop_last=True,
                             collate_fn=cmc.collate, num_workers=args.num_workers,           # cmcaug
                             generator=torch.Generator().manual_seed(args.seed))

@@ -8,37 +8,23 @@ open_clip `TextTransformer` then reads the CMC view: the spliced embeddings go i
 embeddings would (`encode_embeds`, below, is its forward from the token embeddings on). The loss is
 VLMixer's contrast between each caption's text view and its CMC view, with in-batch negatives.
 
-Corpus, bank and tags are built here, offline, in a temporary folder. Lines that use cmcaug in the
-training loop are marked `# cmcaug`.
+Corpus, bank and tags are built here, offline, in a temporary folder (`shapes_world.py`). Lines that use
+cmcaug in the training loop are marked `# cmcaug`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
-from cmcaug import CMCTransform, GroundingTagger, PatchBank, build_bank
+from cmcaug import CMCTransform
 from cmcaug.losses import info_nce
-from cmcaug.synth import make_corpus
+from shapes_world import PatchEncoder, shapes_world  # next to this file
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
-
-
-def shapes_world(root: Path, n_images: int, seed: int) -> tuple[PatchBank, list[dict]]:
-    """A shapes-world corpus, its patch bank, and its captions as tag rows (caption + grounded spans)."""
-    make_corpus(root / "corpus", n_images, seed=seed, image_size=96)
-    build_bank(root / "corpus" / "images", root / "bank", annotations=root / "corpus" / "annotations.json",
-               vocab=root / "corpus" / "vocab.json", patch_size=32, min_box=8, progress=False)
-    bank = PatchBank.open(root / "bank")
-    captions = [json.loads(line)["caption"] for line in (root / "corpus" / "captions.jsonl").open()]
-    tagger = GroundingTagger(bank.vocab, mode="lookup")
-    rows = [{"caption": c, "spans": [s._asdict() for s in spans]} for c, spans in zip(captions, tagger.tag(captions))]
-    return bank, rows
 
 
 def text_tower(width: int = 64, output_dim: int = 32):
@@ -57,18 +43,6 @@ def encode_embeds(model, embeds: torch.Tensor, attention_mask: torch.Tensor, pos
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
     pooled = x[torch.arange(x.shape[0], device=x.device), attention_mask.sum(1) - 1]
     return pooled @ model.text_projection
-
-
-class PatchEncoder(nn.Module):
-    """Bank patches [M, 3, P, P] -> one token each [M, 1, D]: a small CNN standing in for a vision tower."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 32, 4, stride=4), nn.GELU(), nn.Conv2d(32, dim, 4, stride=4),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(dim, dim))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.net(pixels).unsqueeze(1)
 
 
 def train_step(cmc: CMCTransform, model, patch_encoder, batch, temperature: float = 0.1) -> torch.Tensor:

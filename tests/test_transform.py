@@ -152,12 +152,16 @@ def test_splice_places_patches_and_keeps_text(bank, tokenizer):
     assert cmc.stats.spans_replaced == 8  # counted in the training process, at splice time
 
 
-def test_patch_pixels_is_the_normalization_kernel(bank, tokenizer):
+def test_patch_pixels_is_the_normalization_kernel(bank, tokenizer, triton_device):
     batch = CMCTransform(bank, tokenizer, ratio=1.0).collate(indexed(ROWS))
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     out = batch.patch_pixels(mean, std, torch.float32)
     assert out.shape == (batch.num_patches, 3, 4, 4)
-    assert torch.equal(out, normalize_patches(batch.pixels, mean, std, torch.float32, backend="reference"))
+    expected = normalize_patches(batch.pixels, mean, std, torch.float32, backend="reference")
+    assert torch.equal(out, expected)
+    # The Triton kernel itself (interpreted on CPU, compiled on a GPU machine).
+    torch.testing.assert_close(batch.to(triton_device).patch_pixels(mean, std, torch.float32, backend="triton").cpu(),
+                               expected)
 
 
 def test_batch_moves_as_a_whole(bank, tokenizer):
@@ -229,6 +233,24 @@ def test_views_depend_on_seed_epoch_and_index_only(bank, tokenizer):
     assert cmc.epoch == 1 and not torch.equal(epoch1.replaced_mask, full.replaced_mask)
     cmc.set_epoch(0)
     same_batch(cmc.collate(rows), full)
+    resumed = CMCTransform(bank, tokenizer, ratio=0.5, seed=7)  # a restarted job, resuming at epoch 1
+    resumed.set_epoch(1)
+    same_batch(resumed.collate(rows), epoch1)
+
+
+def test_draws_are_pinned_across_runs_and_versions(bank, tokenizer):
+    """The keyed generator's numbers, and so every view, are fixed: resumed training reproduces them."""
+    from cmcaug import mlm
+
+    keys = mlm.sample_keys(0, 0, np.array([0, 1, 2**40]))
+    assert [hex(int(k)) for k in keys] == ["0x27893c8764760a7f", "0x285d7c1e6f8b9543", "0xc7874da7956e47df"]
+    assert mlm.uniform(keys, mlm.STREAM_SELECT, np.array([0, 1, 5])).tolist() == [
+        0.0912736438897025, 0.24562885916121202, 0.7331765289098346]
+    assert mlm.content_id("a dog") == 14364831733120369406
+    batch = CMCTransform(bank, tokenizer, ratio=0.5, seed=0).collate(indexed(ROWS[:5] * 2))
+    assert [replaced_words(batch, b) for b in range(10)] == [
+        ["dogs"], ["kitten"], [], ["dog"], [], ["dogs"], ["cat"], [], ["dog"], []]
+    assert batch.patch_ids.tolist() == [2, 5, 3, 1, 5, 1]
 
 
 def test_items_without_index_are_keyed_by_their_text(bank, tokenizer):
@@ -252,6 +274,12 @@ def test_explicit_generator_semantics(bank, tokenizer):
     seeded = CMCTransform(bank, tokenizer, ratio=0.5, seed=torch.Generator().manual_seed(5))
     reseeded = CMCTransform(bank, tokenizer, ratio=0.5, seed=torch.Generator().manual_seed(5))
     same_batch(seeded.collate(rows), reseeded.collate(rows))
+    # mask_tokens too: one draw of the generator replaces the batch's keys.
+    a = cmc.mask_tokens(first, mlm_probability=0.5, generator=torch.Generator().manual_seed(2))
+    b = cmc.mask_tokens(first, mlm_probability=0.5, generator=torch.Generator().manual_seed(2))
+    keyed = cmc.mask_tokens(first, mlm_probability=0.5)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.labels, keyed.labels)
 
 
 # -- edge cases ------------------------------------------------------------------------------------------
@@ -277,6 +305,20 @@ def test_truncated_captions_drop_cut_spans(bank, tokenizer):
     assert batch.input_ids.shape[1] == 6 and batch.input_ids[0, -1] == tokenizer.sep_token_id
     assert replaced_words(batch, 0) == ["dogs"]  # "frisbee" lost its "##bee": dropped, not half-replaced
     assert batch.stats.truncated_captions == 1 and batch.stats.spans_truncated == 1
+
+
+def test_a_callable_tokenizer_is_truncated_at_max_length(bank):
+    def words(texts):  # any callable texts -> (ids, offsets): here, one token per word
+        found = [list(re.finditer(r"\S+", t)) for t in texts]
+        return [[len(m.group()) for m in row] for row in found], [[m.span() for m in row] for row in found]
+
+    cmc = CMCTransform(bank, words, ratio=1.0, max_length=4)
+    batch = cmc.collate(indexed(ROWS))
+    assert batch.input_ids.shape == (len(ROWS), 4) and batch.plan.output_length <= 4
+    assert batch.input_ids[0].tolist() == [3, 4, 5, 1]  # "Two dogs chase a"
+    assert batch.replaced_mask[0].tolist() == [False, True, False, False]  # "dogs"
+    assert batch.stats.truncated_captions == 4  # the captions of more than 4 words
+    assert batch.stats.spans_truncated == 5  # frisbee; kitten, puppy; hot dog; dog (words 5+ of their rows)
 
 
 def test_multi_token_patches_respect_max_length(bank, tokenizer):
@@ -321,6 +363,8 @@ def test_overlapping_spans_keep_the_first(bank, tokenizer):
     ({"caption": 7, "spans": []}, "'caption' must be a string"),
     ({"caption": "a dog", "spans": [{"start": 2}]}, "spans must be"),
     ({"caption": "a dog", "spans": [(2, 5, 99)]}, "outside the bank's vocabulary"),
+    ((-1, "a dog"), "index must be an integer >= 0"),
+    ({"caption": "a dog", "spans": [], "index": -2}, "index must be an integer >= 0"),
     ("a dog", "no tagger"),
 ])
 def test_bad_items_get_clear_errors(bank, tokenizer, item, message):
@@ -328,7 +372,8 @@ def test_bad_items_get_clear_errors(bank, tokenizer, item, message):
         CMCTransform(bank, tokenizer).collate([item])
 
 
-@pytest.mark.parametrize("kwargs", [{"ratio": 1.5}, {"max_replacements": -1}, {"patch_tokens": 0}, {"max_length": 1}])
+@pytest.mark.parametrize("kwargs", [{"ratio": 1.5}, {"ratio": None}, {"max_replacements": -1}, {"patch_tokens": 0},
+                                    {"max_length": 1}, {"seed": 0.5}, {"seed": None}])
 def test_bad_options_are_refused(bank, tokenizer, kwargs):
     with pytest.raises(InputError):
         CMCTransform(bank, tokenizer, **kwargs)
@@ -350,6 +395,8 @@ def test_captions_are_tagged_on_the_fly(bank, tokenizer):
     tagged = [{"caption": c, "spans": s, "index": i} for i, (c, s) in enumerate(zip(CAPTIONS, tagger.tag(CAPTIONS)))]
     same_batch(cmc.collate([(i, c) for i, c in enumerate(CAPTIONS)]), cmc.collate(tagged))
     assert cmc.collate([(0, CAPTIONS[0])]).num_patches == 2
+    clone = pickle.loads(pickle.dumps(cmc))  # what a spawned DataLoader worker gets: the tagger reloads there
+    same_batch(clone.collate([(i, c) for i, c in enumerate(CAPTIONS)]), cmc.collate(tagged))
     with pytest.raises(InputError, match="vocabulary differs"):
         CMCTransform(bank, tokenizer, tagger=GroundingTagger(ConceptVocab({"dog": []}), mode="lookup"))
 
@@ -487,8 +534,30 @@ def test_dataset_reads_a_tag_text_file(bank, tokenizer, tmp_path):
     same_batch(cmc.collate(cmc.dataset(table).__getitems__(range(len(CAPTIONS)))), cmc.collate(indexed(ROWS)))
 
 
-def test_splice_backend_reference_matches_kernel_dispatch(bank, tokenizer):
-    batch = CMCTransform(bank, tokenizer, ratio=1.0).collate(indexed(ROWS))
+def test_splice_with_the_triton_kernel_equals_the_reference(bank, tokenizer, triton_device):
+    cmc = CMCTransform(bank, tokenizer, ratio=1.0)
+    batch = cmc.collate(indexed(ROWS))
     text, patches = torch.randn(*batch.input_ids.shape, 8), torch.randn(batch.num_patches, 1, 8)
-    assert torch.equal(splice(text, patches, batch.plan, backend="reference").embeds,
-                       CMCTransform(bank, tokenizer).splice(text, patches, batch).embeds)
+    expected = splice(text, patches, batch.plan, backend="reference").embeds
+    assert torch.equal(cmc.splice(text, patches, batch).embeds, expected)  # "auto" on CPU tensors
+    moved = batch.to(triton_device)
+    kernel = cmc.splice(text.to(triton_device), patches.to(triton_device), moved, backend="triton").embeds
+    assert torch.equal(kernel.cpu(), expected)
+
+
+@pytest.mark.gpu
+def test_cuda_batch_pins_moves_and_matches_the_cpu(bank, tokenizer):
+    """DataLoader(pin_memory=True) pins the whole batch; on the GPU every step gives the CPU's result."""
+    from torch.utils.data import DataLoader
+
+    cmc = CMCTransform(bank, tokenizer, ratio=0.5, seed=2)
+    (host,) = DataLoader(indexed(ROWS), batch_size=len(ROWS), collate_fn=cmc.collate, pin_memory=True)
+    assert all(t.is_pinned() for t in (host.input_ids, host.pixels, host.plan.source_index, host.replaced_mask))
+    batch = host.to("cuda", non_blocking=True)
+    assert batch.pixels.is_cuda and batch.plan.device.type == "cuda"
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    torch.testing.assert_close(batch.patch_pixels(mean, std).cpu(), host.patch_pixels(mean, std))
+    text, patches = torch.randn(*host.input_ids.shape, 16), torch.randn(host.num_patches, 1, 16)
+    assert torch.equal(cmc.splice(text.cuda(), patches.cuda(), batch).embeds.cpu(), cmc.splice(text, patches, host).embeds)
+    on_gpu, on_cpu = cmc.mask_tokens(batch, mlm_probability=0.5), cmc.mask_tokens(host, mlm_probability=0.5)
+    assert torch.equal(on_gpu.input_ids.cpu(), on_cpu.input_ids) and torch.equal(on_gpu.labels.cpu(), on_cpu.labels)

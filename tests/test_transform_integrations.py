@@ -1,11 +1,12 @@
 """CMCTransform inside real training code: HF BERT and open_clip's text tower, random init, offline.
 
 The models and training steps are the ones in `examples/`, imported from there, so the examples are
-tested too. A shapes-world corpus and bank are built once for the module.
+tested too. A shapes-world corpus and bank (`examples/shapes_world.py`) are built once for the module.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,19 +18,22 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _example(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Import examples/<name>.py as running the script would: with its folder first on sys.path."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(EXAMPLES))
 
 
+shapes = _example("shapes_world")
 bert_example = _example("train_bert_cmc")
 clip_example = _example("train_open_clip_cmc")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
-    return bert_example.shapes_world(tmp_path_factory.mktemp("world"), n_images=48, seed=0)
+    return shapes.shapes_world(tmp_path_factory.mktemp("world"), n_images=48, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +70,7 @@ def test_bert_gradients_reach_kept_tokens_and_patches_not_replaced_ones(bert_set
     # Untied: with tied weights the MLM decoder would give every vocabulary row a gradient.
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, type_vocab_size=2, tie_word_embeddings=False)
-    model, patch_encoder = BertForMaskedLM(config), bert_example.PatchEncoder(32)
+    model, patch_encoder = BertForMaskedLM(config), shapes.PatchEncoder(32)
     words = model.get_input_embeddings()
     assert words.weight is not model.get_output_embeddings().weight
     masked = cmc.mask_tokens(batch, mlm_probability=0.3)
@@ -119,7 +123,7 @@ def test_open_clip_text_tower_trains_on_cmc_views(clip_setup):
     cmc = CMCTransform(bank, tokenizer, ratio=0.5, seed=0)
     batch = cmc.collate([dict(r, index=i) for i, r in enumerate(rows[:16])])
     assert batch.num_patches > 0 and batch.plan.output_length < batch.input_ids.shape[1]
-    model, patch_encoder = clip_example.text_tower(width=32, output_dim=16), clip_example.PatchEncoder(32)
+    model, patch_encoder = clip_example.text_tower(width=32, output_dim=16), shapes.PatchEncoder(32)
     optimizer = torch.optim.AdamW([*model.parameters(), *patch_encoder.parameters()], lr=3e-3)
     losses = []
     for _ in range(6):

@@ -1,0 +1,42 @@
+"""What both training examples stand on, so that each of them shows only its model and its training loop.
+
+- `shapes_world`: a shapes-world corpus (images, COCO boxes, captions; `cmcaug.synth`), a patch bank
+  built from its boxes (`build_bank`), and the captions tagged once, before training, into the rows
+  `cmcaug tag-text` would write (caption + grounded character spans), so no spaCy model runs during
+  training. All offline, in a folder of your choice.
+- `PatchEncoder`: a small CNN standing in for your vision tower (bank patches -> one token each).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cmcaug import GroundingTagger, PatchBank, build_bank
+from cmcaug.synth import make_corpus
+
+
+def shapes_world(root: Path, n_images: int, seed: int) -> tuple[PatchBank, list[dict]]:
+    """A shapes-world corpus under `root`, its patch bank, and its captions as tag rows."""
+    make_corpus(root / "corpus", n_images, seed=seed, image_size=96)
+    build_bank(root / "corpus" / "images", root / "bank", annotations=root / "corpus" / "annotations.json",
+               vocab=root / "corpus" / "vocab.json", patch_size=32, min_box=8, progress=False)
+    bank = PatchBank.open(root / "bank")
+    captions = [json.loads(line)["caption"] for line in (root / "corpus" / "captions.jsonl").open()]
+    tagger = GroundingTagger(bank.vocab, mode="lookup")
+    rows = [{"caption": c, "spans": [s._asdict() for s in spans]} for c, spans in zip(captions, tagger.tag(captions))]
+    return bank, rows
+
+
+class PatchEncoder(nn.Module):
+    """Bank patches [M, 3, P, P] -> one token each [M, 1, dim]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 32, 4, stride=4), nn.GELU(), nn.Conv2d(32, dim, 4, stride=4),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(dim, dim))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net(pixels).unsqueeze(1)
