@@ -10,6 +10,9 @@ with `return_offsets_mapping=True`):
 - a span the token sequence does not cover completely (cut by truncation, or by a sliding window) is
   dropped, never half-kept: its entry is `None`. Results stay in input order, one per span.
 
+`align_span_arrays` is the one implementation: a whole batch at once, vectorized (what `CMCTransform`
+calls per batch); `align_spans` and `align_batch` are its list-in, list-out forms.
+
 `tokenize_with_offsets` produces such offsets for a batch: for HF fast tokenizers directly, for
 open_clip's `SimpleTokenizer` (which returns none) by decoding its byte-pair tokens back to bytes and
 walking them along the original text, and for any callable that returns ids and offsets.
@@ -43,34 +46,75 @@ def _bounds(span: Any) -> tuple[int, int]:
     return int(span[0]), int(span[1])
 
 
+def align_span_arrays(row: np.ndarray, start: np.ndarray, end: np.ndarray,
+                      offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ranges of many character spans at once: `(token_start, token_end, ok)`, one entry per span.
+
+    Span i covers characters `[start[i], end[i])` of sequence `row[i]`; `offsets` `[B, L, 2]` holds each
+    token's `(start, end)`, `(0, 0)` on special tokens and padding, in text order (each token starts and
+    ends no earlier than the one before: every tokenizer's). A span maps to the tokens from the first whose
+    end is past its start to the last whose start is before its end (`token_end` exclusive); it is not
+    ok (dropped, its range 0) when it is empty, reaches outside the characters its row's tokens cover (cut
+    by truncation), or touches no token. Binary searches over the batch's content tokens, rows kept apart
+    by a per-row key offset.
+    """
+    row, start, end = (np.asarray(a, dtype=np.int64) for a in (row, start, end))
+    offsets = np.asarray(offsets)
+    content = offsets[..., 1] > offsets[..., 0]
+    token_row, token_pos = np.nonzero(content)
+    if token_row.size == 0 or row.size == 0:
+        zeros = np.zeros(row.size, np.int64)
+        return zeros, zeros, np.zeros(row.size, bool)
+    tok_start, tok_end = offsets[token_row, token_pos, 0], offsets[token_row, token_pos, 1]
+    scale = int(max(offsets[..., 1].max(), end.max(initial=0))) + 2
+    ends_key = np.maximum.accumulate(token_row * scale + tok_end)
+    starts_key = np.minimum.accumulate((token_row * scale + tok_start)[::-1])[::-1]
+    first = np.searchsorted(ends_key, row * scale + start, side="right")
+    last = np.searchsorted(starts_key, row * scale + end, side="left") - 1
+    n_rows = offsets.shape[0]
+    low = np.full(n_rows, np.iinfo(np.int64).max)
+    high = np.zeros(n_rows, np.int64)
+    np.minimum.at(low, token_row, tok_start)
+    np.maximum.at(high, token_row, tok_end)
+    ok = (end > start) & (start >= low[row]) & (end <= high[row]) & (last >= first)
+    first, last = np.clip(first, 0, token_pos.size - 1), np.clip(last, 0, token_pos.size - 1)
+    ok &= (token_row[first] == row) & (token_row[last] == row)
+    return np.where(ok, token_pos[first], 0), np.where(ok, token_pos[last] + 1, 0), ok
+
+
+def _offset_rows(offsets: Any) -> np.ndarray:
+    """`[B, L, 2]` int64 offsets from an array, a tensor or per-sequence lists (ragged ones padded with (0, 0))."""
+    rows = [_pairs(o) for o in offsets]
+    out = np.zeros((len(rows), max(map(len, rows), default=0), 2), np.int64)
+    for b, pairs in enumerate(rows):
+        if pairs:
+            out[b, : len(pairs)] = pairs
+    return out
+
+
 def align_spans(spans: Iterable[Any], offsets: Any) -> list[TokenRange | None]:
     """Token range `(token_start, token_end)` (end exclusive) of each character span, or `None` if dropped.
 
     `spans`: `GroundedSpan`s or `(start, end, ...)` tuples. `offsets`: one `(start, end)` per token of
-    one sequence (list, numpy `[L, 2]` or torch `[L, 2]`). A span is dropped when no token overlaps it
-    or when the tokens end before it ends (or start after it starts): the model sees only part of it.
+    one sequence, in text order (list, numpy `[L, 2]` or torch `[L, 2]`). A span is dropped when no token
+    overlaps it or when the tokens end before it ends (or start after it starts): the model sees only part
+    of it. One sequence of `align_span_arrays`.
     """
-    content = [(i, s, e) for i, (s, e) in enumerate(_pairs(offsets)) if e > s]
-    if not content:
-        return [None for _ in spans]
-    first_char = min(s for _, s, _ in content)
-    last_char = max(e for _, _, e in content)
-    out: list[TokenRange | None] = []
-    for span in spans:
-        start, end = _bounds(span)
-        if end <= start or start < first_char or end > last_char:
-            out.append(None)
-            continue
-        hit = [i for i, s, e in content if s < end and e > start]
-        out.append((hit[0], hit[-1] + 1) if hit else None)
-    return out
+    return align_batch([spans], [offsets])[0]
 
 
 def align_batch(spans: Sequence[Iterable[Any]], offsets: Any) -> list[list[TokenRange | None]]:
     """`align_spans` for each sequence of a batch: `offsets` is `[B, L, 2]` (or a list of per-text lists)."""
     if len(spans) != len(offsets):
         raise InputError(f"align_batch needs one span list per sequence: got {len(spans)} span lists, {len(offsets)} sequences")
-    return [align_spans(s, o) for s, o in zip(spans, offsets)]
+    bounds = [[_bounds(s) for s in row] for row in spans]
+    counts = np.fromiter(map(len, bounds), np.int64, len(bounds))
+    flat = np.asarray([b for row in bounds for b in row], dtype=np.int64).reshape(-1, 2)
+    start, end, ok = align_span_arrays(np.repeat(np.arange(len(bounds)), counts), flat[:, 0], flat[:, 1],
+                                       _offset_rows(offsets))
+    ranges = [(s, e) if k else None for s, e, k in zip(start.tolist(), end.tolist(), ok.tolist())]
+    edges = np.cumsum(counts).tolist()
+    return [ranges[a - n:a] for a, n in zip(edges, counts.tolist())]
 
 
 # -- tokenizing with offsets -----------------------------------------------------------------------
@@ -78,32 +122,45 @@ def align_batch(spans: Sequence[Iterable[Any]], offsets: Any) -> list[list[Token
 
 @dataclass(frozen=True)
 class TokenizedBatch:
-    """A padded batch: `input_ids` int64 `[B, L]`, `attention_mask` int64 `[B, L]`, `offsets` int32 `[B, L, 2]`.
+    """A right-padded batch: `input_ids` int64 `[B, L]`, `attention_mask` int64 `[B, L]`, `offsets` int32
+    `[B, L, 2]`, `special_tokens_mask` bool `[B, L]`.
 
-    Special tokens and padding have offset `(0, 0)`, so `align_spans(spans, batch.offsets[b])` works as is.
+    Special tokens and padding have offset `(0, 0)`, so `align_spans(spans, batch.offsets[b])` works as is;
+    [UNK] keeps its offsets (it stands for a word of the text). `special_tokens_mask` marks padding and the
+    tokenizer's `all_special_ids` ([UNK] included, as HF's MLM collator does), the tokens MLM never picks.
     """
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
     offsets: np.ndarray
+    special_tokens_mask: np.ndarray
 
 
 def _pad(ids: Sequence[Sequence[int]], offsets: Sequence[Sequence[tuple[int, int]]], masks: Sequence[Sequence[int]] | None,
-         length: int | None = None, pad_id: int = 0) -> TokenizedBatch:
+         *, width: int | None = None, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask, offsets) of per-text lists cut after `max_length` tokens, right-padded
+    with id 0 to `width` (default: the longest)."""
     if len(ids) != len(offsets):
         raise InputError(f"tokenizer returned {len(ids)} id lists but {len(offsets)} offset lists")
-    width = length if length is not None else max((len(x) for x in ids), default=0)
-    batch = TokenizedBatch(np.full((len(ids), width), pad_id, dtype=np.int64), np.zeros((len(ids), width), dtype=np.int64),
-                           np.zeros((len(ids), width, 2), dtype=np.int32))
-    for b, (row_ids, row_offsets) in enumerate(zip(ids, offsets)):
-        n = len(row_ids)
-        if len(row_offsets) != n:
-            raise InputError(f"text {b}: tokenizer returned {n} ids but {len(row_offsets)} offsets")
-        batch.input_ids[b, :n] = row_ids
-        batch.attention_mask[b, :n] = masks[b] if masks is not None else 1
+    kept = [len(x) if max_length is None else min(len(x), max_length) for x in ids]
+    width = width if width is not None else max(kept, default=0)
+    input_ids = np.zeros((len(ids), width), dtype=np.int64)
+    attention_mask = np.zeros((len(ids), width), dtype=np.int64)
+    offset_array = np.zeros((len(ids), width, 2), dtype=np.int32)
+    for b, (row_ids, row_offsets, n) in enumerate(zip(ids, offsets, kept)):
+        if len(row_offsets) != len(row_ids):
+            raise InputError(f"text {b}: tokenizer returned {len(row_ids)} ids but {len(row_offsets)} offsets")
+        input_ids[b, :n] = row_ids[:n]
+        attention_mask[b, :n] = masks[b][:n] if masks is not None else 1
         if n:
-            batch.offsets[b, :n] = row_offsets
-    return batch
+            offset_array[b, :n] = row_offsets[:n]
+    return input_ids, attention_mask, offset_array
+
+
+def _batch(tokenizer: Any, input_ids: np.ndarray, attention_mask: np.ndarray, offsets: np.ndarray) -> TokenizedBatch:
+    special_ids = np.asarray(getattr(tokenizer, "all_special_ids", None) or (), dtype=np.int64)
+    special = (attention_mask == 0) | np.isin(input_ids, special_ids)
+    return TokenizedBatch(input_ids, attention_mask, offsets, special)
 
 
 def _is_hf_fast(tokenizer: Any) -> bool:
@@ -115,13 +172,20 @@ def _is_open_clip(tokenizer: Any) -> bool:
 
 
 def _hf_batch(tokenizer: Any, texts: list[str], max_length: int | None) -> TokenizedBatch:
-    # Padded here, not by the tokenizer: byte-level BPE tokenizers (GPT-2 style) often have no pad token.
-    enc = tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True,
-                    truncation=max_length is not None, max_length=max_length)
-    offsets = [[(0, 0) if special else (s, e) for (s, e), special in zip(row, specials)]  # some give specials a span
-               for row, specials in zip(enc["offset_mapping"], enc["special_tokens_mask"])]
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    return _pad(enc["input_ids"], offsets, enc["attention_mask"], pad_id=0 if pad_id is None else int(pad_id))
+    options = {"return_offsets_mapping": True, "return_token_type_ids": False,
+               "truncation": max_length is not None, "max_length": max_length}
+    if getattr(tokenizer, "pad_token_id", None) is not None:  # padded lists -> NumPy: faster than padding here
+        enc = tokenizer(texts, padding="longest", padding_side="right", **options)
+        input_ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        arrays = (input_ids, np.asarray(enc["attention_mask"], dtype=np.int64),
+                  np.asarray(enc["offset_mapping"], dtype=np.int32).reshape(*input_ids.shape, 2))
+    else:  # byte-level BPE tokenizers (GPT-2 style) often have no pad token: padded here, with id 0
+        enc = tokenizer(texts, **options)
+        arrays = _pad(enc["input_ids"], enc["offset_mapping"], enc["attention_mask"])
+    batch = _batch(tokenizer, *arrays)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    batch.offsets[batch.special_tokens_mask & (batch.input_ids != unk)] = 0  # some give specials a span
+    return batch
 
 
 def tokenize_with_offsets(tokenizer: Any, texts: Sequence[str], *, max_length: int | None = None) -> TokenizedBatch:
@@ -134,11 +198,12 @@ def tokenize_with_offsets(tokenizer: Any, texts: Sequence[str], *, max_length: i
     - open_clip's `SimpleTokenizer` (`open_clip.get_tokenizer("ViT-B-32")`): ids equal `tokenizer(texts,
       max_length)`, i.e. `<start>` tokens `<end>` zero-padded to its context length, `<end>` replacing the
       last token when truncated.
-    - any callable `f(texts) -> (ids, offsets)` with one id list and one `(start, end)` list per text.
+    - any callable `f(texts) -> (ids, offsets)` with one id list and one `(start, end)` list per text;
+      each text's tokens are cut after the first `max_length`, and padded with id 0 to the longest.
     """
     texts = list(texts)
     if not texts:
-        return _pad([], [], None)
+        return _batch(tokenizer, *_pad([], [], None))
     if not all(isinstance(t, str) for t in texts):
         bad = next(i for i, t in enumerate(texts) if not isinstance(t, str))
         raise InputError(f"texts[{bad}] is a {type(texts[bad]).__name__}, expected a str")
@@ -154,7 +219,8 @@ def tokenize_with_offsets(tokenizer: Any, texts: Sequence[str], *, max_length: i
         if not (isinstance(result, tuple) and len(result) == 2):
             raise InputError(f"a tokenizer callable must return (ids, offsets) per text, got {type(result).__name__}")
         ids, offsets = result
-        return _pad([list(map(int, r)) for r in ids], [_pairs(o) for o in offsets], None)
+        return _batch(tokenizer, *_pad([list(map(int, r)) for r in ids], [_pairs(o) for o in offsets], None,
+                                       max_length=max_length))
     raise InputError(f"cannot tokenize with a {type(tokenizer).__name__}: expected an HF fast tokenizer, "
                      "open_clip's SimpleTokenizer, or a callable texts -> (ids, offsets)")
 
@@ -270,7 +336,7 @@ class OpenClipOffsets:
                 row_ids[-1], row_offsets[-1] = tok.eot_token_id, (0, 0)
             ids.append(row_ids)
             offsets.append(row_offsets)
-        return _pad(ids, offsets, None, length)
+        return _batch(tok, *_pad(ids, offsets, None, width=length))
 
 
 def open_clip_offsets(tokenizer: Any, text: str) -> list[tuple[int, int]]:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import mlm
-from .align import tokenize_with_offsets
+from .align import align_span_arrays, tokenize_with_offsets
 from .errors import InputError
 from .items import IndexedItems, Item, parse_item
 from .plan import SplicePlan
@@ -132,14 +132,13 @@ class CMCBatch:
         return normalize_patches(self.pixels, mean, std, dtype=dtype, backend=backend)
 
 
-def _tokenizer_facts(tokenizer: Any) -> tuple[np.ndarray, int | None, int | None, int | None]:
-    """(special token ids, mask token id, vocabulary size, longest input) of an HF or open_clip tokenizer."""
-    special = np.asarray(sorted(getattr(tokenizer, "all_special_ids", None) or ()), dtype=np.int64)
+def _tokenizer_facts(tokenizer: Any) -> tuple[int | None, int | None, int | None]:
+    """(mask token id, vocabulary size, longest input) of an HF or open_clip tokenizer."""
     mask_id = getattr(tokenizer, "mask_token_id", None)
     if getattr(tokenizer, "is_fast", False):
         limit = getattr(tokenizer, "model_max_length", None)
-        return special, mask_id, len(tokenizer), limit if isinstance(limit, int) and limit < 1_000_000 else None
-    return special, mask_id, getattr(tokenizer, "vocab_size", None), getattr(tokenizer, "context_length", None)
+        return mask_id, len(tokenizer), limit if isinstance(limit, int) and limit < 1_000_000 else None
+    return mask_id, getattr(tokenizer, "vocab_size", None), getattr(tokenizer, "context_length", None)
 
 
 class CMCTransform:
@@ -184,7 +183,7 @@ class CMCTransform:
         self.ratio = float(ratio)
         self.max_replacements = max_replacements
         self.patch_tokens = int(patch_tokens)
-        self._special_ids, self._mask_token_id, self._vocab_size, limit = _tokenizer_facts(tokenizer)
+        self._mask_token_id, self._vocab_size, limit = _tokenizer_facts(tokenizer)
         self.max_length = int(max_length) if max_length is not None else limit
         self.seed = mlm.generator_seed(seed) if isinstance(seed, torch.Generator) else int(seed)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # shared with (persistent) workers
@@ -238,8 +237,9 @@ class CMCTransform:
         captions = [r.caption for r in rows]
         keys = self._keys(rows, generator)
         spans = self._spans(rows)
-        input_ids, attention_mask, offsets, special = self._tokenize(captions)
-        lengths = attention_mask.sum(axis=1)
+        tokens = tokenize_with_offsets(self.tokenizer, captions, max_length=self.max_length)
+        input_ids, offsets = tokens.input_ids, tokens.offsets
+        lengths = tokens.attention_mask.sum(axis=1)
         last_char = offsets[..., 1].max(axis=1, initial=0)  # where the tokens stop reading the caption
         caption_end = np.fromiter((len(c.rstrip()) for c in captions), np.int64, len(rows))
         stats = CMCStats(
@@ -259,8 +259,8 @@ class CMCTransform:
         np.add.at(edges, (row, end), -1)
         return CMCBatch(
             input_ids=torch.from_numpy(input_ids),
-            attention_mask=torch.from_numpy(attention_mask),
-            special_tokens_mask=torch.from_numpy(special),
+            attention_mask=torch.from_numpy(tokens.attention_mask),
+            special_tokens_mask=torch.from_numpy(tokens.special_tokens_mask),
             replaced_mask=torch.from_numpy(edges.cumsum(axis=1)[:, :-1] > 0),
             plan=plan,
             patch_ids=torch.from_numpy(patch_ids),
@@ -335,29 +335,6 @@ class CMCTransform:
                                  "tag the text with the bank's vocabulary (cmcaug tag-text --bank BANK)")
         return spans
 
-    def _tokenize(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(input_ids, attention_mask, offsets, special-or-padding mask) of a right-padded batch.
-
-        Offsets of special tokens and padding are (0, 0). HF fast tokenizers with a pad token are called
-        directly (their lists converted by NumPy, faster than return_tensors="np"); others go through
-        `cmcaug.align.tokenize_with_offsets`.
-        """
-        tok = self.tokenizer
-        if getattr(tok, "is_fast", False) and getattr(tok, "pad_token_id", None) is not None:
-            enc = tok(captions, padding="longest", truncation=self.max_length is not None, max_length=self.max_length,
-                      return_offsets_mapping=True, return_token_type_ids=False, padding_side="right")
-            input_ids = np.asarray(enc["input_ids"], dtype=np.int64)
-            attention_mask = np.asarray(enc["attention_mask"], dtype=np.int64)
-            special = (attention_mask == 0) | np.isin(input_ids, self._special_ids)
-            offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(*input_ids.shape, 2)
-            offsets[special & (input_ids != getattr(tok, "unk_token_id", None))] = 0  # some give specials a span
-            return input_ids, attention_mask, offsets, special
-        tokens = tokenize_with_offsets(tok, captions, max_length=self.max_length)
-        keep = slice(None, self.max_length)  # a plain callable's ids come back uncut
-        input_ids, attention_mask = tokens.input_ids[:, keep], tokens.attention_mask[:, keep]
-        special = (attention_mask == 0) | np.isin(input_ids, self._special_ids)
-        return input_ids, attention_mask, tokens.offsets[:, keep].astype(np.int64), special
-
     def _choose(self, spans: list[list[tuple[int, int, int]]], offsets: np.ndarray, lengths: np.ndarray,
                 keys: np.ndarray, stats: CMCStats) -> tuple[np.ndarray, ...]:
         """(row, token_start, token_end, concept_id, span ordinal) of the spans to replace, in slot order.
@@ -370,7 +347,7 @@ class CMCTransform:
         flat = np.asarray([s for row in spans for s in row], dtype=np.int64).reshape(-1, 3)
         row = np.repeat(np.arange(len(spans)), counts)
         ordinal = np.arange(row.size) - np.repeat(np.cumsum(counts) - counts, counts)
-        start, end, ok = align_flat(row, flat[:, 0], flat[:, 1], offsets)
+        start, end, ok = align_span_arrays(row, flat[:, 0], flat[:, 1], offsets)
         overlap = _overlapping(row, start, end, ok)
         absent = ok & ~overlap & (self._counts[flat[:, 2]] == 0)
         stats.spans = int(row.size)
@@ -406,37 +383,6 @@ class CMCTransform:
             else:
                 free[b] -= grow
         return picked[keep]
-
-
-def align_flat(row: np.ndarray, start: np.ndarray, end: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, ...]:
-    """`cmcaug.align.align_spans` for a whole batch at once: (token_start, token_end, ok) per span.
-
-    Span i covers characters [start[i], end[i]) of row row[i]; `offsets` [B, L, 2] has (0, 0) on special
-    tokens and padding. A span maps to the tokens from the first whose end is past its start to the last
-    whose start is before its end; it is not ok (dropped) when it is empty, reaches outside the
-    characters the row's tokens cover (cut by truncation), or touches no token. Vectorized with binary
-    searches over the batch's content tokens, for offsets in text order (every tokenizer's).
-    """
-    content = offsets[..., 1] > offsets[..., 0]
-    token_row, token_pos = np.nonzero(content)
-    if token_row.size == 0 or row.size == 0:
-        zeros = np.zeros(row.size, np.int64)
-        return zeros, zeros, np.zeros(row.size, bool)
-    tok_start, tok_end = offsets[token_row, token_pos, 0], offsets[token_row, token_pos, 1]
-    scale = int(max(offsets[..., 1].max(), end.max(initial=0))) + 2
-    ends_key = np.maximum.accumulate(token_row * scale + tok_end)
-    starts_key = np.minimum.accumulate((token_row * scale + tok_start)[::-1])[::-1]
-    first = np.searchsorted(ends_key, row * scale + start, side="right")
-    last = np.searchsorted(starts_key, row * scale + end, side="left") - 1
-    n_rows = offsets.shape[0]
-    low = np.full(n_rows, np.iinfo(np.int64).max)
-    high = np.zeros(n_rows, np.int64)
-    np.minimum.at(low, token_row, tok_start)
-    np.maximum.at(high, token_row, tok_end)
-    ok = (end > start) & (start >= low[row]) & (end <= high[row]) & (last >= first)
-    first, last = np.clip(first, 0, token_pos.size - 1), np.clip(last, 0, token_pos.size - 1)
-    ok &= (token_row[first] == row) & (token_row[last] == row)
-    return np.where(ok, token_pos[first], 0), np.where(ok, token_pos[last] + 1, 0), ok
 
 
 def _overlapping(row: np.ndarray, start: np.ndarray, end: np.ndarray, ok: np.ndarray) -> np.ndarray:

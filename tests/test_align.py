@@ -20,7 +20,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmcaug.align import OpenClipOffsets, align_batch, align_spans, open_clip_offsets, tokenize_with_offsets
+from cmcaug.align import (OpenClipOffsets, align_batch, align_span_arrays, align_spans, open_clip_offsets,
+                          tokenize_with_offsets)
 from cmcaug.errors import InputError
 from cmcaug.grounding import GroundedSpan
 
@@ -76,6 +77,11 @@ def test_accepts_grounded_spans_numpy_and_torch():
         align_batch([[span]], offsets[None].repeat(2, 0))
 
 
+def test_align_batch_takes_ragged_offset_lists():
+    assert align_batch([[(0, 3)], [(4, 8), (0, 3)], []], [[(0, 3)], [(0, 0), (4, 8), (9, 12)], []]) == [
+        [(0, 1)], [(1, 2), None], []]
+
+
 @st.composite
 def tokenized_text(draw):
     """Words split into random sub-tokens, CLS/SEP/padding around them, possibly truncated on the right."""
@@ -105,6 +111,54 @@ def test_kept_spans_cover_exactly_their_tokens(case):
         lo, hi = result
         assert [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start] == list(range(lo, hi))
         assert offsets[lo][0] == start and offsets[hi - 1][1] == end
+
+
+def overlapping_tokens(spans: list[tuple[int, int]], offsets: np.ndarray) -> list[tuple[int, int] | None]:
+    """The alignment rule, span by span: the content tokens a span overlaps, if the tokens cover it whole."""
+    content = [(i, s, e) for i, (s, e) in enumerate(offsets.tolist()) if e > s]
+    out = []
+    for start, end in spans:
+        if not content or end <= start or start < min(s for _, s, _ in content) or end > max(e for _, _, e in content):
+            out.append(None)
+            continue
+        hit = [i for i, s, e in content if s < end and e > start]
+        out.append((hit[0], hit[-1] + 1) if hit else None)
+    return out
+
+
+@st.composite
+def token_rows(draw):
+    """Offsets of a right-padded batch in text order (specials and padding at (0, 0)) plus char spans."""
+    rows, spans = [], []
+    for _ in range(draw(st.integers(1, 4))):
+        pos, row = draw(st.integers(0, 3)), [(0, 0)]
+        for _ in range(draw(st.integers(0, 8))):
+            pos += draw(st.integers(0, 2))
+            width = draw(st.integers(1, 4))
+            row.append((pos, pos + width))
+            pos += width
+        row.append((0, 0))
+        rows.append(row)
+        spans.append([tuple(sorted(draw(st.lists(st.integers(0, pos + 3), min_size=2, max_size=2))))
+                      for _ in range(draw(st.integers(0, 4)))])
+    width = max(map(len, rows))
+    offsets = np.zeros((len(rows), width, 2), np.int64)
+    for b, row in enumerate(rows):
+        offsets[b, : len(row)] = row
+    return offsets, spans
+
+
+@settings(max_examples=300, deadline=None)
+@given(token_rows())
+def test_align_span_arrays_equals_the_rule_span_by_span(case):
+    offsets, spans = case
+    row = np.repeat(np.arange(len(spans)), [len(s) for s in spans])
+    flat = np.asarray([s for r in spans for s in r], np.int64).reshape(-1, 2)
+    start, end, ok = align_span_arrays(row, flat[:, 0], flat[:, 1], offsets)
+    expected = [overlapping_tokens(r, offsets[b]) for b, r in enumerate(spans)]
+    assert [(int(s), int(e)) if k else None for s, e, k in zip(start, end, ok)] == [t for r in expected for t in r]
+    assert align_batch(spans, offsets) == expected
+    assert [align_spans(r, offsets[b]) for b, r in enumerate(spans)] == expected
 
 
 # -- real tokenizers ---------------------------------------------------------------------------------
@@ -185,6 +239,15 @@ def test_bert_wordpiece(bert):
     assert skate[1] - skate[0] == 3  # skate ##board ##er
 
 
+def test_special_tokens_are_marked_and_unk_keeps_its_offsets(bert):
+    text = "a doggo [MASK] dog"  # [CLS] a [UNK] [MASK] dog [SEP]: "doggo" is no word of the vocabulary
+    batch = tokenize_with_offsets(bert, [text, "a"])
+    assert batch.input_ids[0].tolist() == [bert.cls_token_id, 5, bert.unk_token_id, bert.mask_token_id, 8, bert.sep_token_id]
+    assert batch.special_tokens_mask.tolist() == [[True, False, True, True, False, True], [True, False, True, True, True, True]]
+    assert batch.offsets[0].tolist() == [[0, 0], [0, 1], [2, 7], [0, 0], [15, 18], [0, 0]]
+    assert align_spans([(2, 7), (8, 14), (15, 18)], batch.offsets[0]) == [(2, 3), None, (4, 5)]  # doggo [MASK] dog
+
+
 def test_bert_truncation_drops_cut_spans(bert):
     text = CAPTIONS[1]
     batch = tokenize_with_offsets(bert, [text], max_length=6)  # [CLS] a skate ##board ##er [SEP]: "rides" is cut
@@ -249,25 +312,36 @@ def test_open_clip_offsets_point_at_the_bytes_of_each_token(open_clip_tokenizer,
         assert oc._bytes_of(token_id) in oc._clean(text[s:e]).encode("utf-8")
 
 
-def test_callable_tokenizer_is_padded():
-    def whitespace(texts):
-        ids, offsets = [], []
-        for text in texts:
-            pos, row_ids, row_offsets = 0, [], []
-            for word in text.split():
-                start = text.index(word, pos)
-                pos = start + len(word)
-                row_ids.append(len(word))
-                row_offsets.append((start, pos))
-            ids.append(row_ids)
-            offsets.append(row_offsets)
-        return ids, offsets
+def whitespace(texts):
+    """A callable tokenizer: one token per word, its id the word's length."""
+    ids, offsets = [], []
+    for text in texts:
+        pos, row_ids, row_offsets = 0, [], []
+        for word in text.split():
+            start = text.index(word, pos)
+            pos = start + len(word)
+            row_ids.append(len(word))
+            row_offsets.append((start, pos))
+        ids.append(row_ids)
+        offsets.append(row_offsets)
+    return ids, offsets
 
+
+def test_callable_tokenizer_is_padded():
     batch = tokenize_with_offsets(whitespace, ["a dog", "two red dogs", ""])
     assert batch.input_ids.shape == (3, 3) and batch.attention_mask.tolist() == [[1, 1, 0], [1, 1, 1], [0, 0, 0]]
     assert align_spans([(2, 5)], batch.offsets[0]) == [(1, 2)]
     with pytest.raises(InputError, match="2 ids but 1 offsets"):
         tokenize_with_offsets(lambda texts: ([[1, 2]], [[(0, 1)]]), ["ab"])
+
+
+def test_callable_tokenizer_is_cut_at_max_length():
+    batch = tokenize_with_offsets(whitespace, ["a dog", "two red dogs", "a"], max_length=2)
+    assert batch.input_ids.tolist() == [[1, 3], [3, 3], [1, 0]] and batch.offsets[1].tolist() == [[0, 3], [4, 7]]
+    assert batch.special_tokens_mask.tolist() == [[False, False], [False, False], [False, True]]  # padding only
+    assert align_spans([(8, 12)], batch.offsets[1]) == [None]  # "dogs" was cut
+    with pytest.raises(InputError, match="2 ids but 1 offsets"):  # checked before cutting
+        tokenize_with_offsets(lambda texts: ([[1, 2]], [[(0, 1)]]), ["ab"], max_length=1)
 
 
 def test_unusable_tokenizers_are_refused(open_clip_tokenizer):

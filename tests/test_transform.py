@@ -12,16 +12,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from cmcaug.align import align_spans
 from cmcaug.bank import PatchBank
 from cmcaug.bank_writer import write_bank
 from cmcaug.concepts import ConceptVocab
 from cmcaug.errors import InputError
 from cmcaug.kernels import normalize_patches, splice
-from cmcaug.transform import CMCBatch, CMCTransform, align_flat
+from cmcaug.transform import CMCBatch, CMCTransform
 
 VOCAB = ConceptVocab({"dog": ["puppy"], "cat": ["kitten"], "hot dog": [], "kite": [], "frisbee": []})
 COUNTS = {"dog": 5, "cat": 3, "hot dog": 2, "kite": 0, "frisbee": 4}  # kite: in the vocabulary, not the bank
@@ -437,42 +434,6 @@ def test_mask_tokens_needs_a_mask_token_for_open_clip(bank):
         cmc.mask_tokens(batch)
     masked = cmc.mask_tokens(batch, mask_token_id=49407, mlm_probability=0.5)
     assert masked.labels.shape == batch.plan.source_index.shape
-
-
-# -- alignment ---------------------------------------------------------------------------------------------
-
-
-@st.composite
-def _token_rows(draw):
-    """Offsets of a right-padded batch in text order (specials and padding at (0, 0)) plus char spans."""
-    rows, spans = [], []
-    for _ in range(draw(st.integers(1, 4))):
-        pos, row = draw(st.integers(0, 3)), [(0, 0)]
-        for _ in range(draw(st.integers(0, 8))):
-            pos += draw(st.integers(0, 2))
-            width = draw(st.integers(1, 4))
-            row.append((pos, pos + width))
-            pos += width
-        row.append((0, 0))
-        rows.append(row)
-        spans.append([tuple(sorted(draw(st.lists(st.integers(0, pos + 3), min_size=2, max_size=2))))
-                      for _ in range(draw(st.integers(0, 4)))])
-    width = max(map(len, rows))
-    offsets = np.zeros((len(rows), width, 2), np.int64)
-    for b, row in enumerate(rows):
-        offsets[b, : len(row)] = row
-    return offsets, spans
-
-
-@settings(max_examples=300, deadline=None)
-@given(_token_rows())
-def test_align_flat_equals_align_spans(case):
-    offsets, spans = case
-    row = np.repeat(np.arange(len(spans)), [len(s) for s in spans])
-    flat = np.asarray([s for r in spans for s in r], np.int64).reshape(-1, 2)
-    start, end, ok = align_flat(row, flat[:, 0], flat[:, 1], offsets)
-    expected = [t for b, r in enumerate(spans) for t in align_spans(r, offsets[b])]
-    assert [(int(s), int(e)) if k else None for s, e, k in zip(start, end, ok)] == expected
 
 
 # -- processes -----------------------------------------------------------------------------------------------
