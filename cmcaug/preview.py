@@ -1,8 +1,10 @@
-"""Pictures of what cmcaug works with, for eyes rather than models: patch grids and bank previews.
+"""Pictures of what cmcaug works with, for eyes rather than models: patch grids, bank previews, TiMix mixes.
 
 A bank is only as good as its patches, and the fastest check is to look at them: `preview_bank` draws
 one row per concept with a few sampled patches, `render_patch_grid` any stack of patches with labels.
-Text uses Pillow's built-in bitmap font, so rendering never needs a font file or the network.
+`render_mix` shows what TiMix did to a batch: each image, its partner with the window that was cut out,
+and the mixed image with the window it landed in. Text uses Pillow's built-in bitmap font, so rendering
+never needs a font file or the network. CMC views (HTML) are drawn by `cmcaug.views`.
 """
 from __future__ import annotations
 
@@ -17,12 +19,14 @@ from .errors import InputError
 
 if TYPE_CHECKING:
     from .bank import PatchBank
+    from .timix import MixResult
 
 _PAD = 4
 _LABEL_HEIGHT = 13
 _BACKGROUND = (255, 255, 255)
 _INK = (20, 20, 20)
 _EMPTY = (225, 225, 225)
+_WINDOW = (255, 0, 200)  # TiMix window outlines: a magenta that photos rarely hold
 
 Cell = tuple[np.ndarray, str | None]
 
@@ -46,11 +50,13 @@ def _fit(font: ImageFont.ImageFont, text: str, width: int) -> str:
     return text + ".."
 
 
-def _compose(rows: Sequence[Sequence[Cell]], titles: Sequence[str] | None, side: int) -> Image.Image:
-    """Rows of (patch, label) cells drawn `side` pixels wide on a white sheet; optional row titles on the left."""
+def _compose(rows: Sequence[Sequence[Cell]], titles: Sequence[str] | None, tile: tuple[int, int]) -> Image.Image:
+    """Rows of (image, label) cells drawn `tile` = (width, height) pixels on a white sheet; optional row
+    titles on the left."""
     font = ImageFont.load_default_imagefont()
+    width, height = tile
     labelled = any(label for row in rows for _, label in row)
-    cell_w, cell_h = side + _PAD, side + _PAD + (_LABEL_HEIGHT if labelled else 0)
+    cell_w, cell_h = width + _PAD, height + _PAD + (_LABEL_HEIGHT if labelled else 0)
     title_w = int(max(font.getlength(t) for t in titles)) + 2 * _PAD if titles else 0
     columns = max(1, max(len(row) for row in rows))
     sheet = Image.new("RGB", (title_w + columns * cell_w + _PAD, len(rows) * cell_h + _PAD), _BACKGROUND)
@@ -58,19 +64,22 @@ def _compose(rows: Sequence[Sequence[Cell]], titles: Sequence[str] | None, side:
     for r, row in enumerate(rows):
         top = _PAD + r * cell_h
         if titles:
-            draw.text((_PAD, top + max(0, (side - _LABEL_HEIGHT) // 2)), titles[r], fill=_INK, font=font)
+            draw.text((_PAD, top + max(0, (height - _LABEL_HEIGHT) // 2)), titles[r], fill=_INK, font=font)
             if not row:
-                draw.rectangle((title_w + _PAD, top, title_w + _PAD + side - 1, top + side - 1), fill=_EMPTY)
-        for c, (patch, label) in enumerate(row):
+                draw.rectangle((title_w + _PAD, top, title_w + _PAD + width - 1, top + height - 1), fill=_EMPTY)
+        for c, (pixels, label) in enumerate(row):
             left = title_w + _PAD + c * cell_w
-            image = Image.fromarray(patch, "RGB")
-            if image.width != side:
-                resample = Image.Resampling.NEAREST if side > image.width else Image.Resampling.BOX
-                image = image.resize((side, side), resample)
-            sheet.paste(image, (left, top))
+            sheet.paste(_resized(Image.fromarray(pixels, "RGB"), tile), (left, top))
             if label:
-                draw.text((left, top + side + 1), _fit(font, label, side), fill=_INK, font=font)
+                draw.text((left, top + height + 1), _fit(font, label, width), fill=_INK, font=font)
     return sheet
+
+
+def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`image` at `size`: nearest-neighbour when enlarging (pixels stay crisp), box filter when shrinking."""
+    if image.size == size:
+        return image
+    return image.resize(size, Image.Resampling.NEAREST if size[0] > image.width else Image.Resampling.BOX)
 
 
 def _save(sheet: Image.Image, path: str | Path) -> Path:
@@ -96,7 +105,8 @@ def render_patch_grid(
         raise InputError(f"columns must be at least 1, got {columns}")
     cells = [(patch, None if labels is None else str(labels[i])) for i, patch in enumerate(patches)]
     rows = [cells[i : i + columns] for i in range(0, len(cells), columns)]
-    return _save(_compose(rows, None, tile_size or patches.shape[1]), path)
+    side = tile_size or patches.shape[1]
+    return _save(_compose(rows, None, (side, side)), path)
 
 
 def preview_bank(
@@ -133,4 +143,67 @@ def preview_bank(
     bounds = np.cumsum([0, *(len(c) for c in chosen)])
     rows = [cells[bounds[r] : bounds[r + 1]] for r in range(len(ids))]
     titles = [f"{vocab.name(i)} ({counts[i]})" for i in ids]
-    return _save(_compose(rows, titles, tile_size or bank.patch_size), path)
+    side = tile_size or bank.patch_size
+    return _save(_compose(rows, titles, (side, side)), path)
+
+
+def _as_images(images: Any, name: str) -> np.ndarray:
+    """uint8 `[B, H, W, 3]` from images `[B, C, H, W]` (C = 1 or 3): uint8, or float in [0, 1] (clipped)."""
+    if hasattr(images, "detach"):
+        images = images.detach()
+        images = (images.float() if images.is_floating_point() else images).cpu().numpy()
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise InputError(f"{name} must be [B, C, H, W] with C = 1 or 3, got shape {list(images.shape)}")
+    if images.dtype.kind == "f":
+        images = (np.clip(np.nan_to_num(images), 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    elif images.dtype != np.uint8:
+        raise InputError(f"{name} must be uint8 or float in [0, 1] (undo any normalization first), got {images.dtype}")
+    images = images.transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(np.repeat(images, 3, axis=3) if images.shape[3] == 1 else images)
+
+
+def _outlined(image: np.ndarray, size: tuple[int, int], box: Sequence[int] | None) -> np.ndarray:
+    """`image` drawn at `size`, with the pixel box (x0, y0, x1, y1), end-exclusive, outlined 2 pixels
+    wide just inside its edge (drawn after scaling, so outlines stay crisp at any size)."""
+    tile = _resized(Image.fromarray(image, "RGB"), size)
+    if box is not None and box[2] > box[0] and box[3] > box[1]:
+        sx, sy = size[0] / image.shape[1], size[1] / image.shape[0]
+        corners = (round(box[0] * sx), round(box[1] * sy), round(box[2] * sx) - 1, round(box[3] * sy) - 1)
+        ImageDraw.Draw(tile).rectangle(corners, outline=_WINDOW, width=2)
+    return np.asarray(tile)
+
+
+def render_mix(
+    images: Any, result: MixResult, path: str | Path, *, max_rows: int = 8, tile_size: int | None = 128
+) -> Path:
+    """Write a PNG of what `text_aware_mix` did: per sample, the image, its partner with the source window
+    outlined, and the mixed image with the target window outlined, labelled with lam.
+
+    `images` are the inputs of the mix, `[B, C, H, W]` uint8 or float in [0, 1] (array or tensor);
+    `result.images` is read the same way. `tile_size` is the drawn length of an image's longer side
+    (None: as is). Samples left unmixed (their own partner) show no outline and lam 1.
+    """
+    originals, mixed = _as_images(images, "images"), _as_images(result.images, "result.images")
+    if originals.shape != mixed.shape:
+        raise InputError(f"images {list(originals.shape)} and result.images {list(mixed.shape)} differ in shape "
+                         "(as [B, H, W, C]); pass the batch that was mixed")
+    if max_rows < 1 or (tile_size is not None and tile_size < 1):
+        raise InputError(f"max_rows and tile_size must be at least 1, got {max_rows} and {tile_size}")
+    height, width = originals.shape[1:3]
+    scale = 1.0 if tile_size is None else tile_size / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    lam, partner = result.lam.tolist(), result.partner.tolist()
+    source_box = (result.source_box * result.patch_size).tolist()
+    target_box = (result.target_box * result.patch_size).tolist()
+    rows = []
+    for i in range(min(len(originals), max_rows)):
+        j = partner[i]
+        rows.append([
+            (_outlined(originals[i], size, None), f"image {i}"),
+            (_outlined(originals[j], size, source_box[i] if j != i else None), f"partner {j}"),
+            (_outlined(mixed[i], size, target_box[i] if j != i else None), f"lam {lam[i]:.3f}"),
+        ])
+    if not rows:
+        raise InputError("render_mix needs at least one image, got an empty batch")
+    return _save(_compose(rows, None, size), path)
