@@ -26,7 +26,9 @@ demo: $(STAMP)
 	$(CMCAUG) inspect demo/bank
 	$(CMCAUG) preview demo/bank -o demo/bank-preview.png
 	$(CMCAUG) tag-text demo/corpus/captions.jsonl -o demo/tags.parquet --bank demo/bank
-	@echo "demo: bank in demo/bank, preview in demo/bank-preview.png, caption tags in demo/tags.parquet"
+	$(CMCAUG) preview demo/bank --captions demo/tags.parquet -o demo/cmc-views.html
+	@echo "demo: bank in demo/bank, patches in demo/bank-preview.png, caption tags in demo/tags.parquet," \
+		"cross-modal CutMix views in demo/cmc-views.html"
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup -q
