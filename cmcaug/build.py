@@ -11,22 +11,14 @@ Determinism: batch b always holds images [b*B, (b+1)*B) of the key-sorted list a
 nothing else, and the finalize step reads shards in batch order, so neither `workers`, the runner nor a
 resume changes a byte of the bank. `max_per_concept` draws from a generator seeded by (seed, concept).
 
-Resume: a shard is written to a temporary name and renamed into place, so a shard file exists only
-when its batch is complete; `state.json` pins the inputs and options. A build killed at any point
-(SIGKILL included) and re-run with `resume=True` redoes only the missing batches, then finalizes from
-scratch; `write_bank` publishes the bank by writing `manifest.json` last. `.build/` is renamed away
-before it is deleted, so it is either whole or gone.
+Resume: the shards and `state.json` under BANK/.build/ are the build's state (`cmcaug.build_state`); a
+build killed at any point and re-run with `resume=True` redoes only the batches without a shard.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
 import math
 import os
-import shutil
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Generator, Sequence
@@ -39,22 +31,18 @@ import pyarrow as pa
 from PIL import Image
 from tqdm import tqdm
 
-from . import bank_format as fmt
 from .bank_writer import write_bank
+from .build_state import (BUILD_DIR, clear_leftovers, crash_point, digest, encode_shard, load_shard, missing_batches,
+                          open_build, remove_build, save_shard, shard_path)
 from .concepts import ConceptVocab
 from .detect import AnnotationDetector, Detector, UltralyticsDetector
 from .embed import Embedder, make_embedder
-from .errors import BankFormatError, InputError
+from .errors import InputError
 from .images import DEFAULT_MAX_PIXELS, FAILURE_REASONS, DecodedImage, ImageRef, decode_stream, list_images
 
 log = logging.getLogger(__name__)
 
-BUILD_DIR = ".build"
 DROP_REASONS = ("unknown_concept", "low_score", "small", "max_per_concept")
-CRASH_ENV = "CMCAUG_BUILD_CRASH_AT"  # test hook: "shard:N", "finalize:before", "finalize:written", "finalize:renamed"
-_TRASH = ".build.trash"
-_STATE = "state.json"
-_BANK_NAMES = {fmt.MANIFEST, *fmt.DATA_FILES, *(f".{n}.tmp" for n in (fmt.MANIFEST, *fmt.DATA_FILES)), BUILD_DIR, _TRASH}
 
 
 @dataclass(frozen=True)
@@ -80,83 +68,7 @@ def crop_patch(image: Image.Image, box: Sequence[float], size: int) -> np.ndarra
     return np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
-def _crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-# -- the output directory --------------------------------------------------------------------------
-def _clear(out: Path) -> None:
-    for entry in sorted(out.iterdir(), key=lambda p: p.name == BUILD_DIR):  # .build/ last: stays recognisable
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-
-
-def _open_build(out: Path, state: dict[str, Any], resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """Make `out/.build/` ready for `state`; return the finished bank's manifest when resuming one."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output {out} exists and is not a directory; pass a directory path for the bank")
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / _TRASH, ignore_errors=True)
-    build, manifest = out / BUILD_DIR, out / fmt.MANIFEST
-    entries = sorted(p.name for p in out.iterdir())
-    foreign = [e for e in entries if e not in _BANK_NAMES]
-    if foreign:
-        raise InputError(f"output {out} holds files that are not part of a cmcaug bank ({', '.join(foreign[:3])}); "
-                         "choose a new or empty directory")
-    if overwrite:
-        _clear(out)
-    elif resume and build.is_dir():
-        old = _read_state(build)
-        if old is None:
-            shutil.rmtree(build)  # killed before its state was written: nothing to keep
-        elif old["fingerprint"] != state["fingerprint"]:
-            changed = sorted(k for k in state["description"] if old["description"].get(k) != state["description"][k])
-            raise InputError(f"the unfinished build in {build} was started with other inputs or options (differs in: "
-                             f"{', '.join(changed)}); rerun with the same ones to resume, or pass --overwrite to start over")
-    elif resume and manifest.is_file():
-        try:
-            finished = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise BankFormatError(f"{manifest}: unreadable manifest ({exc}); pass --overwrite to rebuild the bank") from exc
-        if finished.get("provenance", {}).get("fingerprint") == state["fingerprint"]:
-            return finished
-        raise InputError(f"{out} is a finished bank built from other inputs or options; pass --overwrite to rebuild it")
-    elif resume:
-        _clear(out)  # leftovers of a bank being deleted: start over
-    elif entries:
-        what = ("an unfinished build: pass --resume to continue it or --overwrite to start over" if build.is_dir()
-                else "a bank: pass --overwrite to replace it")
-        raise InputError(f"output {out} already holds {what}")
-    (build / "shards").mkdir(parents=True, exist_ok=True)
-    for stale in (build / "shards").glob("*.tmp"):
-        stale.unlink()
-    if _read_state(build) is None:
-        _write_atomic(build / _STATE, json.dumps(state, sort_keys=True, indent=1).encode())
-    return None
-
-
-def _read_state(build: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((build / _STATE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 # -- one batch -------------------------------------------------------------------------------------
-def _shard_path(build: Path, batch: int) -> Path:
-    return build / "shards" / f"{batch:08d}.npz"
-
-
 def _concept_map(names: Sequence[str], vocab: ConceptVocab) -> np.ndarray:
     """Detector class index -> concept id (-1 when the vocabulary has no such name or synonym)."""
     forms = vocab.surface_forms
@@ -207,19 +119,7 @@ def process_batch(first: int, decoded: Sequence[DecodedImage], detector: Detecto
     failed = Counter(d.failure for d in decoded if d.failure)
     stats = {"read": len(decoded), "decoded": len(ok), "failed": dict(failed), "found": int(sum(len(f) for f in found)),
              "dropped": dict(dropped)}
-    shard = io.BytesIO()
-    np.savez(shard, stats=np.frombuffer(json.dumps(stats, sort_keys=True).encode(), np.uint8), **arrays)
-    return shard.getvalue()
-
-
-def _load_shard(path: Path, names: Sequence[str]) -> dict[str, Any]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            out: dict[str, Any] = {n: z[n] for n in names}
-            out["stats"] = json.loads(bytes(z["stats"]).decode())
-            return out
-    except (OSError, ValueError, KeyError) as exc:
-        raise BankFormatError(f"{path}: unreadable build shard ({exc}); pass --overwrite to start the build over") from exc
+    return encode_shard(arrays, stats)
 
 
 # -- finalize --------------------------------------------------------------------------------------
@@ -240,7 +140,7 @@ def select_per_concept(concept: np.ndarray, image: np.ndarray, box: np.ndarray, 
 
 def _finalize(out: Path, build: Path, n_batches: int, keys: Sequence[str], vocab: ConceptVocab, opts: dict[str, Any],
               dim: int, provenance: dict[str, Any], progress: bool) -> dict[str, Any]:
-    meta = [_load_shard(_shard_path(build, b), ("concept_id", "image", "box", "score")) for b in range(n_batches)]
+    meta = [load_shard(build, b, ("concept_id", "image", "box", "score")) for b in range(n_batches)]
     concept = np.concatenate([m["concept_id"] for m in meta])
     image = np.concatenate([m["image"] for m in meta])
     box = np.concatenate([m["box"] for m in meta])
@@ -253,7 +153,7 @@ def _finalize(out: Path, build: Path, n_batches: int, keys: Sequence[str], vocab
         mask = keep[start:start + len(m["concept_id"])]
         start += len(mask)
         if mask.any():
-            with np.load(_shard_path(build, b), allow_pickle=False) as z:
+            with np.load(shard_path(build, b), allow_pickle=False) as z:
                 pixels[row:row + mask.sum()] = z["pixels"][mask]
                 embeddings[row:row + mask.sum()] = z["embeddings"][mask]
             row += int(mask.sum())
@@ -277,17 +177,11 @@ def _finalize(out: Path, build: Path, n_batches: int, keys: Sequence[str], vocab
         "box": pa.FixedSizeListArray.from_arrays(pa.array(box[keep].ravel(), pa.float32()), 4),
         "score": pa.array(np.concatenate([m["score"] for m in meta])[keep], pa.float32()),
     })
-    _crash_point("finalize:before")
-    for entry in out.iterdir():  # leftovers of a write_bank that was killed
-        if entry.name != BUILD_DIR:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    clear_leftovers(out)
     manifest = write_bank(out, vocab=vocab, patches=patches, pixels=pixels, embeddings=embeddings,
                           provenance=provenance, stats=stats, progress=progress)
     del pixels, embeddings
-    _crash_point("finalize:written")
-    os.replace(build, out / _TRASH)
-    _crash_point("finalize:renamed")
-    shutil.rmtree(out / _TRASH)
+    remove_build(out)
     return manifest
 
 
@@ -421,12 +315,12 @@ def build_bank(
             "batch_size": int(batch_size), "seed": int(seed), "max_pixels": int(max_pixels)}
     description = {
         "inputs": [str(p) for p in inputs],
-        "images": {"count": len(keys), "keys_sha256": _digest(keys)}, "detector": det.describe(),
-        "embedder": emb.describe(), "vocab": {"concepts": len(vocab), "sha256": _digest(vocab.to_dict())}, "options": opts,
+        "images": {"count": len(keys), "keys_sha256": digest(keys)}, "detector": det.describe(),
+        "embedder": emb.describe(), "vocab": {"concepts": len(vocab), "sha256": digest(vocab.to_dict())}, "options": opts,
     }
-    state = {"fingerprint": _digest(description), "description": description}
+    state = {"fingerprint": digest(description), "description": description}
     out = Path(out)
-    finished = _open_build(out, state, resume, overwrite)
+    finished = open_build(out, state, resume, overwrite)
     if finished is not None:
         log.info("%s is already a finished bank of these inputs and options", out)
         return BuildStats(out, finished.get("stats", {}), time.perf_counter() - started, 0.0, already_built=True, manifest=finished)
@@ -434,7 +328,7 @@ def build_bank(
     build = out / BUILD_DIR
     job = BuildJob(refs, int(batch_size), workers, spec, det, emb, concept_of, opts)
     n_batches = -(-len(refs) // batch_size)
-    todo = [b for b in range(n_batches) if not _shard_path(build, b).is_file()]
+    todo = missing_batches(build, n_batches)
     if len(todo) < n_batches:
         log.info("resuming %s: %d of %d batches already done", build, n_batches - len(todo), n_batches)
     todo_images = sum(len(job.images(b)) for b in todo)
@@ -447,8 +341,8 @@ def build_bank(
                 if b not in pending:
                     raise RuntimeError(f"the batch runner returned batch {b}, which was not asked for or came twice")
                 pending.discard(b)
-                _write_atomic(_shard_path(build, b), shard)
-                _crash_point(f"shard:{count}")
+                save_shard(build, b, shard)
+                crash_point(f"shard:{count}")
                 bar.update(len(job.images(b)))
         finally:
             results.close()

@@ -18,13 +18,12 @@ not a dog. Two modes:
 - `"lookup"`: `spacy.blank("en")` plus the lookup lemmatizer of spacy-lookups-data: no POS, more than
   ten times faster, and blind to the traps above.
 
-Offsets always index the caption as given. HTML entities are unescaped and blanks (whitespace runs,
-zero-width spaces) made one space before spaCy sees the text (both confuse the tagger), and spans are
-mapped back through that edit; punctuation glued between letters ("cat|dog") splits words.
+Offsets always index the caption as given: spaCy sees the caption after `caption_text.clean_text`
+(HTML entities unescaped, blanks made one space) and spans are mapped back through that edit;
+punctuation glued between letters ("cat|dog") splits words.
 """
 from __future__ import annotations
 
-import html
 import logging
 import re
 import unicodedata
@@ -32,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
+from .caption_text import clean_text
 from .concepts import ConceptVocab
 from .deps import require
 from .errors import InputError, MissingDependencyError
@@ -54,13 +54,6 @@ _PRESENT_HEADS = frozenset({
 })
 _END = ""  # trie key marking "a form ends here"; never a word
 _CACHE_LIMIT = 1 << 18  # lemma cache entries; beyond it lemmas are computed without caching
-# What clean_text rewrites: runs of blanks (whitespace, zero-width spaces, &nbsp; ...), any blank that is not
-# a plain space, and HTML entities.
-_ZERO_WIDTH = "\u200b\ufeff"  # zero-width space, byte-order mark: invisible word breaks spaCy does not split on
-_SPACE = rf"(?:[\s{_ZERO_WIDTH}]|&(?:nbsp|ensp|emsp|thinsp|#0*(?:9|10|13|32|160)|#[xX]0*(?:9|[aA]|[dD]|20|[aA]0));)"
-_ENTITY = r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});"
-_EDIT = re.compile(rf"{_SPACE}{{2,}}|[^\S ]|[{_ZERO_WIDTH}]|{_ENTITY}")
-_BLANK = re.compile(rf"[\s{_ZERO_WIDTH}]+")
 # Punctuation glued between letters that spaCy leaves inside one token ("cat|dog", "sofa;lamp", "dog!cat").
 _GLUED_PUNCT = r"(?<=[^\W\d_])[;|+&!?]+(?=[^\W\d_])"
 
@@ -73,42 +66,6 @@ class GroundedSpan(NamedTuple):
     concept_id: int
     concept: str
     text: str
-
-
-# -- text clean-up with an offset map --------------------------------------------------------------
-
-
-def clean_text(text: str) -> tuple[str, list[int] | None, list[int] | None]:
-    """`text` with HTML entities unescaped and blanks (whitespace runs, tabs, zero-width spaces) made one
-    space, and the way back.
-
-    Returns `(clean, starts, ends)`: clean character k came from `text[starts[k]:ends[k]]`; both maps are
-    `None` when nothing changed. A span `[a, b)` of `clean` is `[starts[a], ends[b - 1])` of `text`.
-    """
-    if _EDIT.search(text) is None:
-        return text, None, None
-    parts: list[str] = []
-    starts: list[int] = []
-    ends: list[int] = []
-    pos = 0
-    for m in _EDIT.finditer(text):
-        new = html.unescape(m.group())
-        new = " " if _BLANK.fullmatch(new) else new
-        if new == m.group():
-            continue
-        parts.append(text[pos:m.start()])
-        starts.extend(range(pos, m.start()))
-        ends.extend(range(pos + 1, m.start() + 1))
-        parts.append(new)
-        starts.extend([m.start()] * len(new))
-        ends.extend([m.end()] * len(new))
-        pos = m.end()
-    if pos == 0:
-        return text, None, None
-    parts.append(text[pos:])
-    starts.extend(range(pos, len(text)))
-    ends.extend(range(pos + 1, len(text) + 1))
-    return "".join(parts), starts, ends
 
 
 # -- the matcher -----------------------------------------------------------------------------------

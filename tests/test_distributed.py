@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from bank_helpers import file_hashes
 
-from cmcaug.build import BUILD_DIR, BuildJob, build_bank, run_local
+from cmcaug.build import BuildJob, build_bank, run_local
+from cmcaug.build_state import BUILD_DIR
 from cmcaug.cli.main import main
 from cmcaug.detect import UltralyticsDetector
 from cmcaug.distributed import RayRunner, build_bank_distributed

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from cmcaug import grounding
 from cmcaug.concepts import ConceptVocab
 from cmcaug.errors import InputError, MissingDependencyError
-from cmcaug.grounding import GroundedSpan, GroundingTagger, clean_text
+from cmcaug.grounding import GroundedSpan, GroundingTagger
 
 EVAL_SET = Path(__file__).parent / "data" / "grounding_eval.jsonl"
 
@@ -142,16 +142,6 @@ def test_punctuation_and_invisible_characters(tagger, lookup, caption, expected)
         spans = mode.tag([caption])[0]
         assert [s.text for s in spans] == expected
         assert all(caption[s.start:s.end] == s.text for s in spans)
-
-
-def test_clean_text_maps_every_character_back():
-    text = "a&amp;b  c\t&nbsp;d &bogus; &#x1F436;"
-    clean, starts, ends = clean_text(text)
-    assert clean == "a&b c d &bogus; 🐶"
-    assert len(starts) == len(ends) == len(clean)
-    assert [text[starts[k]:ends[k]] for k in (1, 3, 5)] == ["&amp;", "  ", "\t&nbsp;"]
-    assert clean_text("plain text") == ("plain text", None, None)
-    assert clean_text("a \u200b\tb\ufeff")[0] == "a b "
 
 
 words = st.sampled_from(["dog", "Cat", "GIRAFFE", "pizza", "umbrellas", "laptop", "zebra", "toaster"])

@@ -1,7 +1,8 @@
-"""CMCTransform: collate (tokenize, align, choose, sample, plan), determinism, pickling, MLM, edge cases.
+"""CMCTransform: collate (tokenize, align, choose, sample, plan), determinism, pickling, edge cases.
 
-A tiny real bank (`write_bank`) whose patch pixels encode their patch id, a WordPiece tokenizer whose
-vocabulary is written here ("frisbee" is two sub-tokens), and spaCy's lookup tagger for on-the-fly tags.
+A tiny real bank whose patch pixels encode their patch id, a WordPiece tokenizer whose vocabulary is
+written for the tests, and spaCy's lookup tagger for on-the-fly tags; the shared inputs live in
+tests/transform_helpers.py, the MLM tests in tests/test_mlm.py.
 """
 from __future__ import annotations
 
@@ -12,96 +13,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from transform_helpers import (  # noqa: F401 (bank, tokenizer: fixtures)
+    CAPTIONS, COUNTS, ROWS, VOCAB, bank, indexed, regex_spans, replaced_words, same_batch, tokenizer)
 
-from cmcaug.bank import PatchBank
-from cmcaug.bank_writer import write_bank
 from cmcaug.concepts import ConceptVocab
 from cmcaug.errors import InputError
 from cmcaug.kernels import normalize_patches, splice
-from cmcaug.transform import CMCBatch, CMCTransform
-
-VOCAB = ConceptVocab({"dog": ["puppy"], "cat": ["kitten"], "hot dog": [], "kite": [], "frisbee": []})
-COUNTS = {"dog": 5, "cat": 3, "hot dog": 2, "kite": 0, "frisbee": 4}  # kite: in the vocabulary, not the bank
-WORDS = ("a the two three and on with in of is are red blue dog dogs puppy cat cats kitten hot kite kites "
-         "fris ##bee ##s chase chases sits grass park man eats plays").split()
-
-
-def _tokenizer():
-    from transformers import BertTokenizer
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    return BertTokenizer(vocab={w: i for i, w in enumerate(specials + WORDS + [".", ","])})
-
-
-def _spans(caption: str) -> list[dict[str, int]]:
-    """Reference grounding for the test captions (a regex over the vocabulary's surface forms)."""
-    forms = sorted(VOCAB.surface_forms, key=len, reverse=True)
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, forms)) + r")\b", re.I)
-    return [{"start": m.start(), "end": m.end(), "concept_id": VOCAB.surface_forms[m.group().lower()]}
-            for m in pattern.finditer(caption)]
-
-
-CAPTIONS = [
-    "Two dogs chase a frisbee on the grass.",
-    "A cat sits with a kitten and a puppy.",
-    "A man eats a hot dog in the park.",
-    "Three kites and a dog.",
-    "A red frisbee.",
-    "The grass is blue.",  # nothing grounded
-    "",
-]
-ROWS = [{"caption": c, "spans": _spans(c)} for c in CAPTIONS]
-
-
-@pytest.fixture(scope="module")
-def bank(tmp_path_factory: pytest.TempPathFactory) -> PatchBank:
-    concepts = np.repeat(np.arange(len(VOCAB)), [COUNTS[n] for n in VOCAB.names]).astype(np.int32)
-    n = concepts.size
-    pixels = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 4, 4, 3)).copy()  # pixel = id
-    embeddings = np.eye(n, 8, dtype=np.float32) + np.eye(n, 8, k=-8, dtype=np.float32)
-    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    patches = pa.table({"concept_id": concepts, "image": [f"{i:02d}.png" for i in range(n)],
-                        "box": pa.array([[0, 0, 4, 4]] * n, pa.list_(pa.float32(), 4)),
-                        "score": np.ones(n, np.float32)})
-    path = tmp_path_factory.mktemp("bank") / "bank"
-    write_bank(path, vocab=VOCAB, patches=patches, pixels=pixels, embeddings=embeddings, provenance={}, stats={})
-    return PatchBank.open(path)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return _tokenizer()
-
-
-def indexed(rows: list[dict]) -> list[dict]:
-    return [dict(r, index=i) for i, r in enumerate(rows)]
-
-
-def same_batch(a: CMCBatch, b: CMCBatch) -> None:
-    for name in ("input_ids", "attention_mask", "replaced_mask", "patch_ids", "concept_ids", "pixels", "indices"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
-    assert torch.equal(a.plan.source_index, b.plan.source_index)
-
-
-def replaced_words(batch: CMCBatch, b: int) -> list[str]:
-    """The caption text under each replaced token run of row b, from the token offsets."""
-    spans, row = [], batch.replaced_mask[b].tolist()
-    j = 0
-    while j < len(row):
-        if row[j]:
-            k = j
-            while k < len(row) and row[k]:
-                k += 1
-            spans.append((j, k))
-            j = k
-        else:
-            j += 1
-    return [batch.captions[b][s:e] for s, e in _char_ranges(batch, b, spans)]
-
-
-def _char_ranges(batch, b, spans):
-    enc = _tokenizer()(batch.captions[b], return_offsets_mapping=True)["offset_mapping"]
-    return [(enc[s][0], enc[e - 1][1]) for s, e in spans]
+from cmcaug.transform import CMCTransform
 
 
 # -- the contract of one batch -----------------------------------------------------------------------
@@ -197,7 +115,7 @@ def test_replacement_rate_matches_ratio(bank, tokenizer):
 
 
 def test_max_replacements_keeps_a_uniform_subset(bank, tokenizer):
-    row = {"caption": "A cat sits with a kitten and a puppy.", "spans": _spans("A cat sits with a kitten and a puppy.")}
+    row = {"caption": "A cat sits with a kitten and a puppy.", "spans": regex_spans("A cat sits with a kitten and a puppy.")}
     cmc = CMCTransform(bank, tokenizer, ratio=1.0, max_replacements=1)
     batch = cmc.collate([dict(row, index=i) for i in range(600)])
     assert batch.plan.slots_per_row.max() == 1 and batch.num_patches == 600
@@ -208,7 +126,7 @@ def test_max_replacements_keeps_a_uniform_subset(bank, tokenizer):
 
 def test_patches_are_drawn_uniformly_from_the_concept(bank, tokenizer):
     cmc = CMCTransform(bank, tokenizer, ratio=1.0)
-    batch = cmc.collate([{"caption": "a dog", "spans": _spans("a dog"), "index": i} for i in range(1000)])
+    batch = cmc.collate([{"caption": "a dog", "spans": regex_spans("a dog"), "index": i} for i in range(1000)])
     counts = np.bincount(batch.patch_ids.numpy() - bank.offsets[VOCAB.id("dog")], minlength=COUNTS["dog"])
     assert counts.size == COUNTS["dog"] and (abs(counts - 200) < 4 * (200 * 0.8) ** 0.5).all()
 
@@ -234,20 +152,6 @@ def test_views_depend_on_seed_epoch_and_index_only(bank, tokenizer):
     resumed.set_epoch(1)
     same_batch(resumed.collate(rows), epoch1)
 
-
-def test_draws_are_pinned_across_runs_and_versions(bank, tokenizer):
-    """The keyed generator's numbers, and so every view, are fixed: resumed training reproduces them."""
-    from cmcaug import mlm
-
-    keys = mlm.sample_keys(0, 0, np.array([0, 1, 2**40]))
-    assert [hex(int(k)) for k in keys] == ["0x27893c8764760a7f", "0x285d7c1e6f8b9543", "0xc7874da7956e47df"]
-    assert mlm.uniform(keys, mlm.STREAM_SELECT, np.array([0, 1, 5])).tolist() == [
-        0.0912736438897025, 0.24562885916121202, 0.7331765289098346]
-    assert mlm.content_id("a dog") == 14364831733120369406
-    batch = CMCTransform(bank, tokenizer, ratio=0.5, seed=0).collate(indexed(ROWS[:5] * 2))
-    assert [replaced_words(batch, b) for b in range(10)] == [
-        ["dogs"], ["kitten"], [], ["dog"], [], ["dogs"], ["cat"], [], ["dog"], []]
-    assert batch.patch_ids.tolist() == [2, 5, 3, 1, 5, 1]
 
 
 def test_items_without_index_are_keyed_by_their_text(bank, tokenizer):
@@ -298,7 +202,7 @@ def test_small_and_odd_batches_splice(bank, tokenizer, rows):
 def test_truncated_captions_drop_cut_spans(bank, tokenizer):
     caption = "Two dogs chase a frisbee on the grass."  # [CLS] two dogs chase a fris ##bee ...
     cmc = CMCTransform(bank, tokenizer, ratio=1.0, max_length=6)
-    batch = cmc.collate([{"caption": caption, "spans": _spans(caption), "index": 0}])
+    batch = cmc.collate([{"caption": caption, "spans": regex_spans(caption), "index": 0}])
     assert batch.input_ids.shape[1] == 6 and batch.input_ids[0, -1] == tokenizer.sep_token_id
     assert replaced_words(batch, 0) == ["dogs"]  # "frisbee" lost its "##bee": dropped, not half-replaced
     assert batch.stats.truncated_captions == 1 and batch.stats.spans_truncated == 1
@@ -332,7 +236,7 @@ def test_multi_token_patches_respect_max_length(bank, tokenizer):
 
 def test_absent_concepts_are_skipped_and_counted(bank, tokenizer):
     cmc = CMCTransform(bank, tokenizer, ratio=1.0)
-    row = {"caption": "Three kites and a dog.", "spans": _spans("Three kites and a dog."), "index": 0}
+    row = {"caption": "Three kites and a dog.", "spans": regex_spans("Three kites and a dog."), "index": 0}
     batch = cmc.collate([row, row])
     assert [VOCAB.name(c) for c in batch.concept_ids.tolist()] == ["dog", "dog"]
     assert batch.stats.spans_absent == 2 and batch.stats.absent_concepts == {VOCAB.id("kite"): 2}
@@ -396,44 +300,6 @@ def test_captions_are_tagged_on_the_fly(bank, tokenizer):
     same_batch(clone.collate([(i, c) for i, c in enumerate(CAPTIONS)]), cmc.collate(tagged))
     with pytest.raises(InputError, match="vocabulary differs"):
         CMCTransform(bank, tokenizer, tagger=GroundingTagger(ConceptVocab({"dog": []}), mode="lookup"))
-
-
-# -- MLM ---------------------------------------------------------------------------------------------------
-
-
-def test_mask_tokens_masks_only_text_of_the_view(bank, tokenizer):
-    cmc = CMCTransform(bank, tokenizer, ratio=0.5)
-    batch = cmc.collate(indexed(ROWS[:5] * 40))
-    masked = cmc.mask_tokens(batch, mlm_probability=0.3)
-    changed_or_chosen = masked.plan.remap_labels(torch.where(batch.input_ids >= 0, 1, 0), ignore_index=0)
-    assert masked.labels.shape == batch.plan.source_index.shape
-    chosen_view = masked.labels != -100
-    assert (changed_or_chosen[chosen_view] == 1).all()  # labels only on text rows of the view
-    # Labels hold the original ids, remapped through the plan.
-    assert torch.equal(masked.labels[chosen_view], batch.plan.remap_labels(batch.input_ids)[chosen_view])
-    chosen_text = torch.zeros_like(batch.input_ids, dtype=torch.bool)
-    chosen_text.view(-1)[batch.plan.source_index[chosen_view].long()] = True
-    assert not (chosen_text & (batch.special_tokens_mask | batch.replaced_mask)).any()
-    assert torch.equal(masked.input_ids[~chosen_text], batch.input_ids[~chosen_text])
-    maskable = int((~(batch.special_tokens_mask | batch.replaced_mask)).sum())
-    n = int(chosen_text.sum())
-    assert abs(n - 0.3 * maskable) < 4 * (maskable * 0.21) ** 0.5
-    became_mask = int((masked.input_ids[chosen_text] == tokenizer.mask_token_id).sum())
-    kept = int((masked.input_ids[chosen_text] == batch.input_ids[chosen_text]).sum())
-    assert abs(became_mask - 0.8 * n) < 4 * (n * 0.16) ** 0.5 and abs(kept - 0.1 * n) < 4 * (n * 0.09) ** 0.5 + 2
-    same = cmc.mask_tokens(batch, mlm_probability=0.3)
-    assert torch.equal(same.input_ids, masked.input_ids) and torch.equal(same.labels, masked.labels)
-
-
-def test_mask_tokens_needs_a_mask_token_for_open_clip(bank):
-    open_clip = pytest.importorskip("open_clip")
-    cmc = CMCTransform(bank, open_clip.get_tokenizer("ViT-B-32"), ratio=1.0)
-    batch = cmc.collate(indexed(ROWS[:3]))
-    assert batch.input_ids.shape[1] == 77
-    with pytest.raises(InputError, match="no mask token"):
-        cmc.mask_tokens(batch)
-    masked = cmc.mask_tokens(batch, mask_token_id=49407, mlm_probability=0.5)
-    assert masked.labels.shape == batch.plan.source_index.shape
 
 
 # -- processes -----------------------------------------------------------------------------------------------
