@@ -1,5 +1,6 @@
 """`cmcaug preview BANK -o OUT.png`: a picture of a bank, one row of sampled patches per concept;
-`cmcaug preview BANK --captions FILE -o OUT.html`: the CMC views of the first captions of FILE."""
+`cmcaug preview BANK --captions FILE -o OUT.html`: the CMC views of the first captions of FILE;
+`cmcaug preview --timix CORPUS -o OUT.png`: TiMix on the first images of a COCO-annotated corpus."""
 from __future__ import annotations
 
 import argparse
@@ -8,25 +9,29 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "preview",
-        help="write a PNG of sampled bank patches, or an HTML page of CMC views of captions",
+        help="write a PNG of sampled bank patches, an HTML page of CMC views of captions, or a PNG of TiMix mixes",
         description="Without --captions: draw one row per concept (name, patch count, then sampled patches labelled "
         "with their source image). With --captions: collate the first --rows captions with CMCTransform against the "
         "bank and write each caption with its replaced words marked and its CMC view (text tokens with the bank "
-        "patches inline), as a self-contained HTML page, or a PNG when OUT ends in .png.",
+        "patches inline), as a self-contained HTML page, or a PNG when OUT ends in .png. With --timix CORPUS (no "
+        "BANK): mix the corpus's first --rows images with TiMix, each patch's relevance the share of it that an "
+        "annotated box covers, and draw each image, its partner and the mixed image with the windows outlined.",
     )
-    parser.add_argument("bank", metavar="BANK", help="patch bank folder")
+    parser.add_argument("bank", metavar="BANK", nargs="?", help="patch bank folder (not with --timix)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help="file to write: .png, or .html for --captions")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the patch sampling and of the CMC draws (default 0)")
-    parser.add_argument("--tile-size", type=int, help="draw patches at this side in pixels (default: the bank's patch "
-                        "size, at least 48 for --captions)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the patch sampling, of the CMC draws or of the TiMix window (default 0)")
+    parser.add_argument("--tile-size", type=int, help="draw patches (TiMix: images) at this side in pixels (default: the "
+                        "bank's patch size, at least 48 for --captions; 160 for --timix)")
+    parser.add_argument("--rows", type=int, help="captions to show, from the start of FILE (default 16), or images "
+                        "of CORPUS to mix (default 8)")
     bank = parser.add_argument_group("bank preview")
     bank.add_argument("--concepts", help="comma-separated concept names (default: every concept with patches)")
     bank.add_argument("--per-concept", type=int, default=8, help="patches per concept (default 8)")
     views = parser.add_argument_group("CMC views (--captions)")
     views.add_argument("--captions", metavar="FILE", help="a tag-text .parquet file, or .txt / .jsonl / .parquet "
                        "captions (tagged here with the bank's vocabulary)")
-    views.add_argument("--rows", type=int, default=16, help="captions to show, from the start of FILE (default 16)")
     views.add_argument("--ratio", type=float, default=0.5,
                        help="probability that a grounded word is replaced (default 0.5)")
     views.add_argument("--tokenizer", choices=("words", "open_clip"), default="words",
@@ -36,21 +41,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="JSON field / Parquet column holding the caption (default caption)")
     views.add_argument("--mode", choices=("tagger", "lookup"), default="tagger",
                        help="spaCy grounding mode for captions without tags (default tagger)")
+    timix = parser.add_argument_group("TiMix (--timix)")
+    timix.add_argument("--timix", metavar="CORPUS", help="a folder holding images/ and annotations.json (COCO boxes), "
+                       "as `cmcaug synth` writes one")
+    timix.add_argument("--image-size", type=int, default=224,
+                       help="resize images to this side, a multiple of --patch-size (default 224)")
+    timix.add_argument("--patch-size", type=int, default=32, help="patch side in pixels (default 32)")
+    timix.add_argument("--label-mode", choices=("area", "relevance"), default="area",
+                       help="how lam is computed (see text_aware_mix; default area)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from cmcaug.errors import InputError
+
+    from .render import summary
+
+    shown = {k: v for k, v in (("rows", args.rows), ("tile_size", args.tile_size)) if v is not None}
+    if args.timix:
+        if args.bank or args.captions:
+            raise InputError("--timix mixes images of a corpus and takes no BANK or --captions; run them separately")
+        from cmcaug.preview import preview_timix
+
+        stats = preview_timix(args.timix, args.output, seed=args.seed, patch_size=args.patch_size,
+                              image_size=args.image_size, label_mode=args.label_mode, **shown)
+        print(summary("preview: TiMix", stats))
+        return 0
+    if not args.bank:
+        raise InputError("give a patch bank folder BANK, or --timix CORPUS for a TiMix preview")
     from cmcaug.bank import PatchBank
 
     bank = PatchBank.open(args.bank)
     if args.captions:
         from cmcaug.views import preview_captions
 
-        from .render import summary
-
-        stats = preview_captions(bank, args.captions, args.output, tokenizer=args.tokenizer, rows=args.rows,
-                                 ratio=args.ratio, seed=args.seed, field=args.field, mode=args.mode,
-                                 tile_size=args.tile_size)
+        stats = preview_captions(bank, args.captions, args.output, tokenizer=args.tokenizer, ratio=args.ratio,
+                                 seed=args.seed, field=args.field, mode=args.mode, **shown)
         print(summary("preview: CMC views", stats))
         return 0
     from cmcaug.preview import preview_bank

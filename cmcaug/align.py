@@ -15,7 +15,8 @@ calls per batch); `align_spans` and `align_batch` are its list-in, list-out form
 
 `tokenize_with_offsets` produces such offsets for a batch: for HF fast tokenizers directly, for
 open_clip's `SimpleTokenizer` (which returns none) by decoding its byte-pair tokens back to bytes and
-walking them along the original text, and for any callable that returns ids and offsets.
+walking them along the original text, and for any callable that returns ids and offsets, such as
+`tokenize_words` (one token per word or punctuation mark, no vocabulary file).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import contextlib
 import difflib
 import html.entities
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -223,6 +225,24 @@ def tokenize_with_offsets(tokenizer: Any, texts: Sequence[str], *, max_length: i
                                        max_length=max_length))
     raise InputError(f"cannot tokenize with a {type(tokenizer).__name__}: expected an HF fast tokenizer, "
                      "open_clip's SimpleTokenizer, or a callable texts -> (ids, offsets)")
+
+
+_WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]")
+
+
+def tokenize_words(texts: Sequence[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Words (hyphens and apostrophes kept inside) and punctuation marks as tokens: `(ids, offsets)` per text.
+
+    A tokenizer callable for `tokenize_with_offsets` and `CMCTransform` that needs no vocabulary file, for
+    previews and tests: a token's id is a CRC-32 of its lowercased text (stable across runs and processes;
+    no special tokens, no padding id of its own).
+    """
+    ids, offsets = [], []
+    for text in texts:
+        words = list(_WORD.finditer(text))
+        ids.append([zlib.crc32(m.group().lower().encode()) & 0x7FFFFFFF for m in words])
+        offsets.append([m.span() for m in words])
+    return ids, offsets
 
 
 # -- open_clip: offsets recovered from the byte-pair decoding -------------------------------------

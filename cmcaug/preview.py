@@ -3,14 +3,15 @@
 A bank is only as good as its patches, and the fastest check is to look at them: `preview_bank` draws
 one row per concept with a few sampled patches, `render_patch_grid` any stack of patches with labels.
 `render_mix` shows what TiMix did to a batch: each image, its partner with the window that was cut out,
-and the mixed image with the window it landed in. Text uses Pillow's built-in bitmap font, so rendering
+and the mixed image with the window it landed in; `preview_timix` mixes the first images of an annotated
+corpus for it, with box coverage as relevance. Text uses Pillow's built-in bitmap font, so rendering
 never needs a font file or the network. CMC views (HTML) are drawn by `cmcaug.views`.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -50,19 +51,36 @@ def _fit(font: ImageFont.ImageFont, text: str, width: int) -> str:
     return text + ".."
 
 
-def _compose(rows: Sequence[Sequence[Cell]], titles: Sequence[str] | None, tile: tuple[int, int]) -> Image.Image:
+def _wrap(font: ImageFont.ImageFont, text: str, width: int) -> list[str]:
+    """`text` broken at spaces into lines of at most `width` pixels (a longer word gets a line of its own, cut)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(_fit(font, word, width))
+    return lines
+
+
+def _compose(rows: Sequence[Sequence[Cell]], titles: Sequence[str] | None, tile: tuple[int, int],
+             heading: str | None = None) -> Image.Image:
     """Rows of (image, label) cells drawn `tile` = (width, height) pixels on a white sheet; optional row
-    titles on the left."""
+    titles on the left and a `heading` above, wrapped to the sheet's width."""
     font = ImageFont.load_default_imagefont()
     width, height = tile
     labelled = any(label for row in rows for _, label in row)
     cell_w, cell_h = width + _PAD, height + _PAD + (_LABEL_HEIGHT if labelled else 0)
     title_w = int(max(font.getlength(t) for t in titles)) + 2 * _PAD if titles else 0
     columns = max(1, max(len(row) for row in rows))
-    sheet = Image.new("RGB", (title_w + columns * cell_w + _PAD, len(rows) * cell_h + _PAD), _BACKGROUND)
+    sheet_w = title_w + columns * cell_w + _PAD
+    lines = _wrap(font, heading, sheet_w - 2 * _PAD) if heading else []
+    head_h = len(lines) * _LABEL_HEIGHT + (_PAD if lines else 0)
+    sheet = Image.new("RGB", (sheet_w, head_h + len(rows) * cell_h + _PAD), _BACKGROUND)
     draw = ImageDraw.Draw(sheet, "RGB")
+    for k, line in enumerate(lines):
+        draw.text((_PAD, _PAD + k * _LABEL_HEIGHT), line, fill=_INK, font=font)
     for r, row in enumerate(rows):
-        top = _PAD + r * cell_h
+        top = head_h + _PAD + r * cell_h
         if titles:
             draw.text((_PAD, top + max(0, (height - _LABEL_HEIGHT) // 2)), titles[r], fill=_INK, font=font)
             if not row:
@@ -175,10 +193,12 @@ def _outlined(image: np.ndarray, size: tuple[int, int], box: Sequence[int] | Non
 
 
 def render_mix(
-    images: Any, result: MixResult, path: str | Path, *, max_rows: int = 8, tile_size: int | None = 128
+    images: Any, result: MixResult, path: str | Path, *, max_rows: int = 8, tile_size: int | None = 128,
+    heading: str | None = None,
 ) -> Path:
     """Write a PNG of what `text_aware_mix` did: per sample, the image, its partner with the source window
-    outlined, and the mixed image with the target window outlined, labelled with lam.
+    outlined, and the mixed image with the target window outlined, labelled with lam; `heading` (say, what
+    the relevance was) is written above.
 
     `images` are the inputs of the mix, `[B, C, H, W]` uint8 or float in [0, 1] (array or tensor);
     `result.images` is read the same way. `tile_size` is the drawn length of an image's longer side
@@ -202,8 +222,67 @@ def render_mix(
         rows.append([
             (_outlined(originals[i], size, None), f"image {i}"),
             (_outlined(originals[j], size, source_box[i] if j != i else None), f"partner {j}"),
-            (_outlined(mixed[i], size, target_box[i] if j != i else None), f"lam {lam[i]:.3f}"),
+            (_outlined(mixed[i], size, target_box[i] if j != i else None), f"mixed, lam {lam[i]:.3f}"),
         ])
     if not rows:
         raise InputError("render_mix needs at least one image, got an empty batch")
-    return _save(_compose(rows, None, size), path)
+    return _save(_compose(rows, None, size, heading), path)
+
+
+def preview_timix(
+    corpus: str | Path,
+    path: str | Path,
+    *,
+    rows: int = 8,
+    seed: int = 0,
+    patch_size: int = 32,
+    image_size: int = 224,
+    label_mode: Literal["area", "relevance"] = "area",
+    tile_size: int | None = 160,
+) -> dict[str, Any]:
+    """Write a PNG of TiMix on the first `rows` images (by file name) of a COCO-annotated corpus, a folder with
+    `images/` and `annotations.json` as `cmcaug synth` writes it (`render_mix`); returns what was mixed.
+
+    A patch's relevance is the share of it that one annotated box covers (`patch_box_coverage`), standing in
+    for a trained text-aware head: shapes-world captions name every annotated object. Images are resized to
+    `image_size` squared, a multiple of `patch_size`; `text_aware_mix` runs with its defaults (flip partners,
+    one window side per batch) and `label_mode`, drawing from a generator seeded with `seed`.
+    """
+    import torch
+
+    from .detect import AnnotationDetector
+    from .images import ImageDecodeError, decode_image, list_images
+    from .relevance import patch_box_coverage
+    from .synth import ANNOTATIONS, IMAGES_DIR
+    from .timix import text_aware_mix
+
+    if rows < 1 or patch_size < 1 or image_size < patch_size or image_size % patch_size:
+        raise InputError(f"need rows >= 1 and an image_size that is a positive multiple of patch_size, got rows "
+                         f"{rows}, image_size {image_size}, patch_size {patch_size}")
+    root = Path(corpus)
+    if not (root / IMAGES_DIR).is_dir() or not (root / ANNOTATIONS).is_file():
+        raise InputError(f"{root}: expected a corpus folder holding {IMAGES_DIR}/ and {ANNOTATIONS} (COCO boxes), "
+                         "as `cmcaug synth` writes one")
+    refs = list_images([root / IMAGES_DIR])[:rows]
+    pixels = []
+    for ref in refs:
+        try:
+            pixels.append(decode_image(ref.read()))
+        except ImageDecodeError as exc:
+            raise InputError(f"{ref.path}: cannot decode it ({exc}); remove it from the corpus") from exc
+    found = AnnotationDetector(root / ANNOTATIONS).detect(pixels, [ref.key for ref in refs])
+    boxes = [torch.from_numpy(d.boxes) / torch.tensor([p.shape[1], p.shape[0]] * 2) for d, p in zip(found, pixels)]
+    side = image_size // patch_size
+    relevance = patch_box_coverage(boxes, (side, side))  # boxes as fractions: the resize does not move them
+    resized = [Image.fromarray(p, "RGB").resize((image_size, image_size), Image.Resampling.BILINEAR) for p in pixels]
+    images = torch.from_numpy(np.stack([np.asarray(im) for im in resized])).permute(0, 3, 1, 2).contiguous()
+    result = text_aware_mix(images, relevance, patch_size=patch_size, label_mode=label_mode,
+                            generator=torch.Generator().manual_seed(seed))
+    window = int((result.source_box[:, 2] - result.source_box[:, 0]).max())
+    heading = (f"TiMix on {root}: {len(refs)} images at {image_size} px, {side} x {side} patches of {patch_size} "
+               f"px, window {window} x {window} patches. Each image (left) gets the window of its partner holding the "
+               "most annotated-box area (middle, outlined) pasted over its own window holding the least (right). "
+               f"lam ({label_mode}): the weight of the image's own caption in the mixed image's target.")
+    out = render_mix(images, result, path, max_rows=rows, tile_size=tile_size, heading=heading)
+    return {"output": str(out), "images": [ref.key for ref in refs], "grid": [side, side], "window": window,
+            "partner": result.partner.tolist(), "lam": [round(v, 4) for v in result.lam.tolist()]}

@@ -68,6 +68,37 @@ class TextAwarePatchPredictor(nn.Module):
         return logits.float().softmax(-1)[..., 1].reshape(-1, *grid)
 
 
+def _in_patch_units(image_boxes: torch.Tensor, grid: tuple[int, int], image_size: tuple[int, int] | None) -> torch.Tensor:
+    """[n, 4] float64 boxes (x0, y0, x1, y1) on the CPU, clamped to the image and scaled to patch units."""
+    xyxy = torch.as_tensor(image_boxes, dtype=torch.float64, device="cpu").reshape(-1, 4)
+    if image_size is not None:
+        xyxy = xyxy / torch.tensor([image_size[1], image_size[0]] * 2, dtype=torch.float64)
+    return xyxy.clamp(0, 1) * torch.tensor([grid[1], grid[0]] * 2, dtype=torch.float64)
+
+
+def patch_box_coverage(boxes: Sequence[torch.Tensor], grid: tuple[int, int], *,
+                       image_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """[B, gh, gw] float64 on the CPU: the largest fraction of each patch's area that one of its image's boxes
+    covers (0 for an image without boxes); boxes as in `patch_labels_from_boxes`, which thresholds this.
+
+    Ground-truth boxes of the objects a caption names make a relevance map for TiMix without a trained
+    head: windows are then ranked by how much object area they hold.
+    """
+    gh, gw = grid
+    if gh < 1 or gw < 1:
+        raise InputError(f"need a patch grid of at least 1 x 1, got {grid}")
+    ys = torch.arange(gh, dtype=torch.float64).view(1, gh, 1)
+    xs = torch.arange(gw, dtype=torch.float64).view(1, 1, gw)
+    coverage = torch.zeros(len(boxes), gh, gw, dtype=torch.float64)
+    for b, image_boxes in enumerate(boxes):
+        x0, y0, x1, y1 = (v.view(-1, 1, 1) for v in _in_patch_units(image_boxes, grid, image_size).unbind(1))
+        overlap = (torch.minimum(x1, xs + 1) - torch.maximum(x0, xs)).clamp(min=0) * \
+                  (torch.minimum(y1, ys + 1) - torch.maximum(y0, ys)).clamp(min=0)
+        if len(overlap):
+            coverage[b] = overlap.amax(0)
+    return coverage
+
+
 def patch_labels_from_boxes(boxes: Sequence[torch.Tensor], grid: tuple[int, int], *,
                             image_size: tuple[int, int] | None = None, min_overlap: float = 0.5) -> torch.Tensor:
     """[B, gh, gw] bool: the patches each image's caption-grounded boxes cover (on the CPU, from boxes on any
@@ -75,24 +106,15 @@ def patch_labels_from_boxes(boxes: Sequence[torch.Tensor], grid: tuple[int, int]
 
     `boxes[b]` is [n_b, 4] (x0, y0, x1, y1), in pixels of an image of `image_size` = (H, W), or as
     fractions of the width and height when `image_size` is None. A patch is relevant when one box covers at
-    least `min_overlap` of its area, and the patch holding a box's center always is, so boxes smaller than a
-    patch still mark one.
+    least `min_overlap` of its area (`patch_box_coverage`), and the patch holding a box's center always is,
+    so boxes smaller than a patch still mark one.
     """
+    if not 0 < min_overlap <= 1:
+        raise InputError(f"need 0 < min_overlap <= 1, got {min_overlap}")
     gh, gw = grid
-    if gh < 1 or gw < 1 or not 0 < min_overlap <= 1:
-        raise InputError(f"need a grid of at least 1 x 1 and 0 < min_overlap <= 1, got {grid} and {min_overlap}")
-    labels = torch.zeros(len(boxes), gh, gw, dtype=torch.bool)
+    labels = patch_box_coverage(boxes, grid, image_size=image_size) >= min_overlap
     for b, image_boxes in enumerate(boxes):
-        xyxy = torch.as_tensor(image_boxes, dtype=torch.float64, device="cpu").reshape(-1, 4)
-        if image_size is not None:
-            xyxy = xyxy / torch.tensor([image_size[1], image_size[0]] * 2, dtype=torch.float64)
-        xyxy = xyxy.clamp(0, 1) * torch.tensor([gw, gh, gw, gh], dtype=torch.float64)  # patch units
-        x0, y0, x1, y1 = (v.view(-1, 1, 1) for v in xyxy.unbind(1))
-        ys = torch.arange(gh, dtype=torch.float64).view(1, gh, 1)
-        xs = torch.arange(gw, dtype=torch.float64).view(1, 1, gw)
-        overlap = (torch.minimum(x1, xs + 1) - torch.maximum(x0, xs)).clamp(min=0) * \
-                  (torch.minimum(y1, ys + 1) - torch.maximum(y0, ys)).clamp(min=0)
-        labels[b] = (overlap >= min_overlap).any(0)
+        xyxy = _in_patch_units(image_boxes, grid, image_size)
         nonempty = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
         cy = ((xyxy[nonempty, 1] + xyxy[nonempty, 3]) / 2).long().clamp(max=gh - 1)
         cx = ((xyxy[nonempty, 0] + xyxy[nonempty, 2]) / 2).long().clamp(max=gw - 1)

@@ -1,8 +1,8 @@
 """Tagging a caption corpus into a Parquet tags file, streaming, so a corpus larger than memory works.
 
-Inputs, read in the order given: `.txt` (one caption a line), `.jsonl` (a string field of each object)
-and `.parquet` (a string column); `.txt.gz` and `.jsonl.gz` too. The tags file has one row per input
-row, in input order, so it joins back to the corpus by position or by `row_id`:
+Inputs (`read_captions` streams them, in the order given): `.txt` (one caption a line), `.jsonl` (a
+string field of each object) and `.parquet` (a string column); `.txt.gz` and `.jsonl.gz` too. The tags
+file has one row per input row, in input order, so it joins back to the corpus by position or by `row_id`:
 
 | column | type | meaning |
 |---|---|---|
@@ -28,7 +28,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,7 +42,7 @@ SPAN_TYPE = pa.struct([("start", pa.int32()), ("end", pa.int32()), ("concept_id"
 TAGS_SCHEMA = pa.schema([("row_id", pa.int64()), ("source", pa.string()), ("source_row", pa.int64()),
                          ("caption", pa.string()), ("spans", pa.list_(SPAN_TYPE))])
 SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
-_UNREADABLE = object()  # a JSON line that does not parse
+UNREADABLE = object()  # what `read_captions` yields for a JSON line that does not parse
 
 
 def _kind(path: Path) -> str:
@@ -59,16 +59,28 @@ def _open_text(path: Path) -> TextIO:
     return open(path, encoding="utf-8-sig", errors="replace")  # noqa: SIM115 - closed by the caller's `with`
 
 
-def _read_captions(paths: Sequence[str | Path], field: str = "caption", batch_rows: int = 8192) -> Iterator[tuple[str, int, Any]]:
-    """`(source, source_row, value)` for every row of every input; `value` is whatever the row holds.
+class CaptionRow(NamedTuple):
+    """One row of a caption corpus: the input file (as given), the row's 0-based line (txt, jsonl) or row
+    (parquet) within it, and whatever the row holds (`UNREADABLE` for a JSON line that does not parse)."""
 
-    Streams: text inputs line by line (a leading byte-order mark skipped, undecodable UTF-8 bytes read as
-    U+FFFD), Parquet in record batches of `batch_rows`. A JSON line that does not parse yields an internal
-    marker that `tag_corpus` counts as unreadable.
+    source: str
+    source_row: int
+    value: Any
+
+
+def read_captions(paths: Sequence[str | Path], field: str = "caption", *, batch_rows: int = 8192) -> Iterator[CaptionRow]:
+    """Every row of every caption file of `paths`, in order: `.txt` lines, the `field` of `.jsonl` objects, the
+    `field` column of `.parquet` files (`.txt.gz` and `.jsonl.gz` too).
+
+    Streams, so a corpus larger than memory works: text line by line (a leading byte-order mark skipped,
+    undecodable UTF-8 bytes read as U+FFFD), Parquet in record batches of `batch_rows`. A row's value is
+    not checked: it may be None, a number or a blank string (a JSON object without `field` gives None).
     """
     for raw in paths:
         path = Path(raw)
         kind = _kind(path)
+        if not path.is_file():
+            raise InputError(f"{path}: no such caption file")
         if kind == ".parquet":
             yield from _read_parquet(path, str(raw), field, batch_rows)
             continue
@@ -76,9 +88,9 @@ def _read_captions(paths: Sequence[str | Path], field: str = "caption", batch_ro
             for row, line in enumerate(f):
                 line = line[:-1] if line.endswith("\n") else line
                 if kind.startswith(".txt"):
-                    yield str(raw), row, line
+                    yield CaptionRow(str(raw), row, line)
                     continue
-                yield str(raw), row, _json_field(line, field, path, row)
+                yield CaptionRow(str(raw), row, _json_field(line, field, path, row))
 
 
 def _json_field(line: str, field: str, path: Path, row: int) -> Any:
@@ -88,7 +100,7 @@ def _json_field(line: str, field: str, path: Path, row: int) -> Any:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         log.warning("%s:%d: not valid JSON (%s); the row gets no tags", path, row + 1, exc)
-        return _UNREADABLE
+        return UNREADABLE
     return obj.get(field) if isinstance(obj, dict) else None
 
 
@@ -102,11 +114,11 @@ def _parquet_file(path: Path, field: str) -> pq.ParquetFile:
     return file
 
 
-def _read_parquet(path: Path, source: str, field: str, batch_rows: int) -> Iterator[tuple[str, int, Any]]:
+def _read_parquet(path: Path, source: str, field: str, batch_rows: int) -> Iterator[CaptionRow]:
     row = 0
     for batch in _parquet_file(path, field).iter_batches(batch_size=batch_rows, columns=[field]):
         for value in batch.column(0).to_pylist():
-            yield source, row, value
+            yield CaptionRow(source, row, value)
             row += 1
 
 
@@ -203,8 +215,8 @@ def tag_corpus(paths: Sequence[str | Path], output: str | Path, tagger: Groundin
     pending: deque[tuple[int, str, int, str | None]] = deque()
 
     def to_tag() -> Iterator[str]:
-        for row_id, (source, source_row, value) in enumerate(_read_captions(paths, field, batch_rows)):
-            kind = ("unreadable" if value is _UNREADABLE else "not_text" if not isinstance(value, str)
+        for row_id, (source, source_row, value) in enumerate(read_captions(paths, field, batch_rows=batch_rows)):
+            kind = ("unreadable" if value is UNREADABLE else "not_text" if not isinstance(value, str)
                     else "empty" if not value.strip() else "too_long" if len(value) > tagger.max_chars else "tagged")
             counts["captions"] += 1
             counts[kind] += 1

@@ -5,8 +5,8 @@ data URIs, no external assets) or a PNG: per caption, the caption with the repla
 the grounded words that stayed text underlined, given their spans), then the view as the model reads
 it, token by token, with each bank patch inline where it replaced its word, labelled with its concept.
 `preview_captions` does the whole trip for the CLI (`cmcaug preview BANK --captions FILE`): read and tag
-captions, collate them with `CMCTransform`, render. `tokenize_words` is a tokenizer with no vocabulary
-file, so that trip needs no model download.
+captions, collate them with `CMCTransform`, render; its default tokenizer, `cmcaug.align.tokenize_words`,
+needs no vocabulary file, so that trip needs no model download.
 
 Where the plan puts two patches side by side, it does not say which of the replaced tokens each one
 took: such words are marked as one run, labelled with both concepts.
@@ -20,8 +20,6 @@ import html
 import io
 import itertools
 import os
-import re
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .align import tokenize_with_offsets
+from .align import tokenize_with_offsets, tokenize_words
 from .errors import InputError
 from .items import IndexedItems, parse_item
 
@@ -37,22 +35,6 @@ if TYPE_CHECKING:
     from .bank import PatchBank
     from .concepts import ConceptVocab
     from .transform import CMCBatch
-
-_WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]")
-
-
-def tokenize_words(texts: Sequence[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    """Words (hyphens and apostrophes kept inside) and punctuation marks as tokens: `(ids, offsets)` per text.
-
-    A tokenizer callable for `CMCTransform` that needs no vocabulary: a token's id is a CRC-32 of its
-    lowercased text (stable across runs and processes; no special tokens, no padding id of its own).
-    """
-    ids, offsets = [], []
-    for text in texts:
-        words = list(_WORD.finditer(text))
-        ids.append([zlib.crc32(m.group().lower().encode()) & 0x7FFFFFFF for m in words])
-        offsets.append([m.span() for m in words])
-    return ids, offsets
 
 
 # -- the layout: what each caption row shows, shared by the HTML and the PNG ------------------------
@@ -352,16 +334,15 @@ def _read_items(captions: str | Path | Sequence[Any], vocab: ConceptVocab, rows:
         return list(itertools.islice(captions, rows))
     import pyarrow.parquet as pq
 
-    from .tags import _kind, _read_captions
+    from .tags import read_captions
 
     path = Path(captions)
     if not path.is_file():
         raise InputError(f"{path}: no such captions file")
-    if _kind(path) == ".parquet" and "spans" in pq.read_schema(path).names:
+    if path.suffix.lower() == ".parquet" and "spans" in pq.read_schema(path).names:
         tags = IndexedItems.of(path, vocab)
         return tags.__getitems__(range(min(rows, len(tags))))
-    values = itertools.islice(_read_captions([path], field), rows)
-    return [value if isinstance(value, str) else "" for _, _, value in values]
+    return [row.value if isinstance(row.value, str) else "" for row in itertools.islice(read_captions([path], field), rows)]
 
 
 def _resolve_tokenizer(tokenizer: Any) -> Any:

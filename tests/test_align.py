@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cmcaug.align import (OpenClipOffsets, align_batch, align_span_arrays, align_spans, open_clip_offsets,
-                          tokenize_with_offsets)
+                          tokenize_with_offsets, tokenize_words)
 from cmcaug.errors import InputError
 from cmcaug.grounding import GroundedSpan
 
@@ -342,6 +342,16 @@ def test_callable_tokenizer_is_cut_at_max_length():
     assert align_spans([(8, 12)], batch.offsets[1]) == [None]  # "dogs" was cut
     with pytest.raises(InputError, match="2 ids but 1 offsets"):  # checked before cutting
         tokenize_with_offsets(lambda texts: ([[1, 2]], [[(0, 1)]]), ["ab"], max_length=1)
+
+
+def test_word_tokenizer_keeps_words_whole_and_punctuation_apart():
+    text = "Two dogs' T-shirts, a hot dog!"
+    ids, offsets = tokenize_words([text, "", "TWO  dogs'"])
+    assert [text[s:e] for s, e in offsets[0]] == ["Two", "dogs", "'", "T-shirts", ",", "a", "hot", "dog", "!"]
+    assert ids[1] == offsets[1] == [] and ids[2][:2] == ids[0][:2]  # ids ignore case, offsets the spacing
+    assert len(set(ids[0])) == 9 and all(0 <= i < 2**31 for i in ids[0])
+    batch = tokenize_with_offsets(tokenize_words, [text])
+    assert align_spans([(22, 29), (4, 8)], batch.offsets[0]) == [(6, 8), (1, 2)]  # "hot dog", "dogs"
 
 
 def test_unusable_tokenizers_are_refused(open_clip_tokenizer):

@@ -11,12 +11,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cmcaug.cli.main import main
 
+from cmcaug.cli.main import main
 from cmcaug.concepts import ConceptVocab
+from cmcaug.errors import InputError
 from cmcaug.grounding import GroundingTagger
 from cmcaug.synth import make_corpus
-from cmcaug.tags import TAGS_SCHEMA, _read_captions, tag_corpus
+from cmcaug.tags import TAGS_SCHEMA, UNREADABLE, read_captions, tag_corpus
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,18 @@ def test_every_format_bad_rows_and_row_ids(tmp_path):
     assert not list(tmp_path.glob("out/.tags.parquet.tmp*"))
 
 
+def test_read_captions_yields_every_row_as_it_holds_it(tmp_path):
+    (tmp_path / "a.txt").write_text("\ufeffA dog.\n\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text('{"text": "a cat"}\nnot json\n{"caption": "x"}\n', encoding="utf-8")
+    pq.write_table(pa.table({"text": ["a kite", None]}), tmp_path / "c.parquet")
+    rows = list(read_captions([tmp_path / "a.txt", tmp_path / "b.jsonl", tmp_path / "c.parquet"], "text", batch_rows=1))
+    assert [(Path(r.source).name, r.source_row) for r in rows] == [
+        ("a.txt", 0), ("a.txt", 1), ("b.jsonl", 0), ("b.jsonl", 1), ("b.jsonl", 2), ("c.parquet", 0), ("c.parquet", 1)]
+    assert [r.value for r in rows] == ["A dog.", "", "a cat", UNREADABLE, None, "a kite", None]
+    with pytest.raises(InputError, match="no such caption file"):
+        next(read_captions([tmp_path / "missing.txt"]))
+
+
 def test_large_input_streams_in_batches(tmp_path, lookup, capsys):
     rows = 2500
     captions = [f"{i} dogs and a cat" if i % 3 else "" for i in range(rows)]
@@ -101,7 +114,7 @@ def test_parquet_is_read_batch_by_batch(tmp_path):
     captions = [f"caption {i} " + "x" * 200 for i in range(20_000)]  # about 4.4 MB of text
     pq.write_table(pa.table({"caption": captions}), tmp_path / "a.parquet", row_group_size=1000)
     before = pa.total_allocated_bytes()
-    rows = _read_captions([tmp_path / "a.parquet"], batch_rows=500)
+    rows = read_captions([tmp_path / "a.parquet"], batch_rows=500)
     assert next(rows)[1:] == (0, captions[0])
     assert pa.total_allocated_bytes() - before < 1_500_000  # one row group's worth, not the column
 

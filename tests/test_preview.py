@@ -1,6 +1,7 @@
 """Pictures: patch grids and bank previews (layout, exact tile contents, labels, bad input), TiMix mix sheets
-(outlines exactly on the windows), and CMC view pages on a shapes-world bank (one inlined patch per replaced
-word, exactly the replaced words marked, the view's tokens in order), through the library and the CLI."""
+(outlines exactly on the windows; on a shapes-world corpus, the windows with the most and least box coverage),
+and CMC view pages on a shapes-world bank (one inlined patch per replaced word, exactly the replaced words
+marked, the view's tokens in order), through the library and the CLI."""
 from __future__ import annotations
 
 import base64
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cmcaug.align import tokenize_words
 from cmcaug.bank import PatchBank
 from cmcaug.bank_writer import write_bank
 from cmcaug.cli.main import main
@@ -228,6 +230,120 @@ def test_render_mix_rejects_bad_images(tmp_path: Path, images: torch.Tensor, mat
         render_mix(images, result, tmp_path / "mix.png")
 
 
+# -- TiMix previews of an annotated corpus -------------------------------------------------------------
+def test_patch_box_coverage_is_the_largest_share_one_box_covers() -> None:
+    from cmcaug.relevance import patch_box_coverage
+
+    boxes = [torch.tensor([[5.0, 0.0, 16.0, 10.0], [0.0, 0.0, 8.0, 10.0]]), torch.zeros(0, 4)]  # 40 x 40 px, 4 x 4
+    coverage = patch_box_coverage(boxes, (4, 4), image_size=(40, 40))
+    assert coverage.dtype == torch.float64 and coverage.shape == (2, 4, 4)
+    assert coverage[0, 0].tolist() == pytest.approx([0.8, 0.6, 0, 0]) and not coverage[0, 1:].any()  # max, not sum
+    assert not coverage[1].any()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from cmcaug.synth import make_corpus
+
+    return make_corpus(tmp_path_factory.mktemp("timix") / "corpus", 6, seed=1, image_size=64).root
+
+
+def expected_coverage(root: Path, grid: int) -> dict[str, np.ndarray]:
+    """file name -> [grid, grid] largest share of each patch that one COCO box covers, from annotations.json."""
+    coco = json.loads((root / "annotations.json").read_text())
+    names = {im["id"]: (im["file_name"], im["width"]) for im in coco["images"]}
+    out = {name: np.zeros((grid, grid)) for name, _ in names.values()}
+    for ann in coco["annotations"]:
+        name, size = names[ann["image_id"]]
+        x, y, w, h = (v * grid / size for v in ann["bbox"])  # patch units
+        edges = np.arange(grid)
+        cover = (np.minimum(y + h, edges + 1) - np.maximum(y, edges)).clip(0)[:, None] * \
+                (np.minimum(x + w, edges + 1) - np.maximum(x, edges)).clip(0)[None, :]
+        out[name] = np.maximum(out[name], cover)
+    return out
+
+
+def window_sums_of(coverage: np.ndarray, k: int) -> list[float]:
+    n = len(coverage)
+    return [coverage[y : y + k, x : x + k].sum() for y in range(n - k + 1) for x in range(n - k + 1)]
+
+
+def outlined_box(tile: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero((tile == _WINDOW).all(axis=-1))
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+@pytest.mark.parametrize(("rows", "seed"), [(5, 0), (6, 3)])
+def test_preview_timix_pastes_the_most_covered_window_over_the_least(corpus: Path, tmp_path: Path, rows: int,
+                                                                     seed: int) -> None:
+    from cmcaug.preview import preview_timix
+
+    patch, side = 16, 96  # 6 x 6 patches; the 64-pixel images are enlarged, their boxes with them
+    stats = preview_timix(corpus, tmp_path / "mix.png", rows=rows, seed=seed, patch_size=patch, image_size=side,
+                          tile_size=None)
+    sheet = read(tmp_path / "mix.png")
+    cell = side + _PAD + _LABEL_HEIGHT
+    heading = sheet.shape[0] - rows * cell - _PAD  # the rows sit under the heading
+    assert heading > _LABEL_HEIGHT and sheet.shape[1] == _PAD + 3 * (side + _PAD)
+    assert (sheet[:heading].min(axis=-1) < 100).any()  # the heading's ink
+    assert stats["images"] == [f"{i:06d}.png" for i in range(1, rows + 1)] and stats["grid"] == [6, 6]
+    assert stats["partner"] == list(range(rows))[::-1]
+    coverage = expected_coverage(corpus, 6)
+    k = stats["window"]
+    assert 2 <= k <= 4  # window_ratio (0.35, 0.75) of 6 patches
+    for i in range(rows):
+        j = stats["partner"][i]
+        tiles = [sheet[heading + _PAD + i * cell :][:side, _PAD + c * (side + _PAD) :][:, :side] for c in range(3)]
+        if j == i:  # the middle image of an odd batch stays as it was
+            assert not (tiles[2] == _WINDOW).all(axis=-1).any() and stats["lam"][i] == 1
+            continue
+        source, target = outlined_box(tiles[1]), outlined_box(tiles[2])
+        assert source[2] - source[0] == target[2] - target[0] == k * patch
+        assert all(v % patch == 0 for v in source + target)
+        sx, sy, tx, ty = source[0] // patch, source[1] // patch, target[0] // patch, target[1] // patch
+        partner, own = coverage[stats["images"][j]], coverage[stats["images"][i]]
+        assert partner[sy : sy + k, sx : sx + k].sum() == pytest.approx(max(window_sums_of(partner, k)))
+        assert own[ty : ty + k, tx : tx + k].sum() == pytest.approx(min(window_sums_of(own, k)))
+        inner = (slice(2, k * patch - 2), slice(2, k * patch - 2))  # inside the outlines: the pasted pixels
+        pasted = tiles[2][target[1] : target[3], target[0] : target[2]][inner]
+        assert np.array_equal(pasted, tiles[1][source[1] : source[3], source[0] : source[2]][inner])
+        assert stats["lam"][i] == pytest.approx(1 - k * k / 36, abs=1e-4)
+
+
+def test_preview_timix_is_deterministic_for_a_seed(corpus: Path, tmp_path: Path) -> None:
+    from cmcaug.preview import preview_timix
+
+    options = {"rows": 4, "patch_size": 16, "image_size": 64, "tile_size": 48}
+    first = preview_timix(corpus, tmp_path / "a.png", seed=5, **options)
+    second = preview_timix(corpus, tmp_path / "b.png", seed=5, **options)
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert {k: v for k, v in first.items() if k != "output"} == {k: v for k, v in second.items() if k != "output"}
+    relevance = preview_timix(corpus, tmp_path / "c.png", seed=5, label_mode="relevance", **options)
+    assert relevance["window"] == first["window"] and relevance["lam"] != first["lam"]
+
+
+@pytest.mark.parametrize(("options", "match"), [({"image_size": 100}, "multiple of patch_size"), ({"rows": 0}, "rows"),
+                                                ({"patch_size": 0}, "patch_size")])
+def test_preview_timix_rejects_bad_arguments(corpus: Path, tmp_path: Path, options: dict, match: str) -> None:
+    from cmcaug.preview import preview_timix
+
+    with pytest.raises(InputError, match=match):
+        preview_timix(corpus, tmp_path / "x.png", **{"patch_size": 16, "image_size": 64, **options})
+    with pytest.raises(InputError, match="annotations.json"):
+        preview_timix(corpus / "images", tmp_path / "x.png")
+
+
+def test_preview_cli_renders_timix(corpus: Path, bank_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "timix.png"
+    args = ["preview", "--timix", str(corpus), "-o", str(out), "--patch-size", "16", "--image-size", "64"]
+    assert main([*args, "--rows", "3", "--tile-size", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "preview: TiMix" in printed and str(out) in printed and "partner: 2, 1, 0" in printed
+    assert read(out).shape[1] == _PAD + 3 * (64 + _PAD)
+    assert main([*args, str(bank_path)]) == 3 and "takes no BANK" in capsys.readouterr().err
+    assert main(["preview", "-o", str(out)]) == 3 and "--timix CORPUS" in capsys.readouterr().err
+
+
 # -- CMC views --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[PatchBank, Path, list[dict]]:
@@ -249,7 +365,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[PatchBank, Path, li
 
 def collate(bank: PatchBank, rows: list[dict], **options):
     from cmcaug.transform import CMCTransform
-    from cmcaug.views import tokenize_words
 
     return CMCTransform(bank, tokenize_words, **{"ratio": 0.6, **options}).collate(rows)
 
@@ -288,7 +403,7 @@ def marked(section: ET.Element, kind: str) -> list[str]:
 
 @pytest.mark.parametrize("patch_tokens", [1, 2])
 def test_cmc_view_page_marks_the_replaced_words_and_inlines_their_patches(world, tmp_path: Path, patch_tokens: int) -> None:
-    from cmcaug.views import render_cmc_views, tokenize_words
+    from cmcaug.views import render_cmc_views
 
     bank, _, rows = world
     batch = collate(bank, rows, patch_tokens=patch_tokens)
