@@ -25,10 +25,11 @@ demo: $(STAMP)
 		--vocab demo/corpus/vocab.json --overwrite
 	$(CMCAUG) inspect demo/bank
 	$(CMCAUG) preview demo/bank -o demo/bank-preview.png
+	$(CMCAUG) preview --timix demo/corpus -o demo/timix-preview.png
 	$(CMCAUG) tag-text demo/corpus/captions.jsonl -o demo/tags.parquet --bank demo/bank
 	$(CMCAUG) preview demo/bank --captions demo/tags.parquet -o demo/cmc-views.html
 	@echo "demo: bank in demo/bank, patches in demo/bank-preview.png, caption tags in demo/tags.parquet," \
-		"cross-modal CutMix views in demo/cmc-views.html"
+		"cross-modal CutMix views in demo/cmc-views.html, TiMix mixes in demo/timix-preview.png"
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup -q
