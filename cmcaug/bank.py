@@ -54,6 +54,17 @@ def _uniform(n: int, generator: Generator) -> np.ndarray:
     raise InputError(f"generator must be a torch.Generator, numpy Generator, int seed or None, got {type(generator).__name__}")
 
 
+def _checked_uniforms(uniforms: Any, n: int) -> np.ndarray:
+    """`uniforms` as float64, refused unless it holds `n` values in [0, 1): a value outside would draw from a
+    neighbouring concept's id range."""
+    u = (uniforms.detach().cpu().numpy() if isinstance(uniforms, torch.Tensor) else np.asarray(uniforms)).astype(np.float64)
+    if u.size != n:
+        raise InputError(f"uniforms must hold one value per concept id ({n}), got shape {tuple(u.shape)}")
+    if u.size and not ((u >= 0) & (u < 1)).all():
+        raise InputError(f"uniforms must lie in [0, 1), found [{u.min()}, {u.max()}]")
+    return u
+
+
 def _gather(array: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """`array[ids]` for any ids shape, reading the memmap in ascending order (sequential-friendly)."""
     flat = ids.reshape(-1)
@@ -104,9 +115,10 @@ class PatchBank:
             file, expected = path / name, manifest["files"][name]
             if not file.is_file():
                 raise BankFormatError(f"{file}: missing (listed in {fmt.MANIFEST}); rebuild the bank")
-            if file.stat().st_size != expected["bytes"]:
+            size = file.stat().st_size
+            if size != expected["bytes"]:
                 raise BankFormatError(
-                    f"{file}: {file.stat().st_size} bytes, {fmt.MANIFEST} records {expected['bytes']}; the file was changed or truncated"
+                    f"{file}: {size} bytes, {fmt.MANIFEST} records {expected['bytes']}; the file was changed or truncated"
                 )
             if validate and fmt.sha256_file(file) != expected["sha256"]:
                 raise BankFormatError(f"{file}: sha256 checksum does not match {fmt.MANIFEST}; the file is corrupt or was changed")
@@ -155,13 +167,7 @@ class PatchBank:
 
     def count(self, concept: str | int) -> int:
         """Patches of a concept, by name (case-insensitive) or id."""
-        return int(self._counts[self._concept_id(concept)])
-
-    def _concept_id(self, concept: str | int) -> int:
-        if isinstance(concept, str):
-            return self.vocab.id(concept)
-        self.vocab.name(concept)  # range check with a helpful message
-        return int(concept)
+        return int(self._counts[self.vocab.resolve(concept)])
 
     # -- sampling and reads -----------------------------------------------------------------------
     def sample(
@@ -179,7 +185,7 @@ class PatchBank:
         if concepts.size and (concepts.min() < 0 or concepts.max() >= len(self.vocab)):
             raise InputError(f"concept_ids must lie in [0, {len(self.vocab)}), found [{concepts.min()}, {concepts.max()}]")
         counts = self._counts[concepts]
-        u = _uniform(concepts.size, generator) if uniforms is None else np.asarray(uniforms, dtype=np.float64)
+        u = _uniform(concepts.size, generator) if uniforms is None else _checked_uniforms(uniforms, concepts.size)
         u = u.reshape(concepts.shape)
         ids = self._offsets[concepts] + np.minimum(np.floor(u * counts).astype(np.int64), counts - 1)
         empty = counts == 0
@@ -243,7 +249,7 @@ class PatchBank:
             raise InputError(f"k must be >= 1, got {k}")
         id_range = None
         if concept is not None:
-            c = self._concept_id(concept)
+            c = self.vocab.resolve(concept)
             id_range = (int(self._offsets[c]), int(self._offsets[c] + self._counts[c]))
         candidates = len(self) if id_range is None else id_range[1] - id_range[0]
         k = min(int(k), candidates)

@@ -10,6 +10,8 @@ streamed in chunks of about 64 MiB rather than loaded whole.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 from collections.abc import Iterator
@@ -93,13 +95,20 @@ def _gathered(source: np.ndarray, order: np.ndarray, dtype: np.dtype, bar: tqdm)
         yield rows, block
 
 
-def _write_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype, blocks: Iterator[np.ndarray]) -> None:
-    """Write a `.npy` file block by block (header first), never holding the whole array."""
-    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+def _write_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype, blocks: Iterator[np.ndarray]) -> str:
+    """Write a `.npy` file block by block (header first), never holding the whole array; return its sha256,
+    hashed on the way so the manifest need not read the bank's largest files back."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                                  "shape": shape})
+    digest = hashlib.sha256(header.getvalue())
     with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, header)
+        f.write(header.getvalue())
         for block in blocks:
-            f.write(np.ascontiguousarray(block).data)
+            data = np.ascontiguousarray(block).data
+            digest.update(data)
+            f.write(data)
+    return digest.hexdigest()
 
 
 def _checked_embeddings(chunks: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[np.ndarray]:
@@ -179,18 +188,20 @@ def write_bank(
     try:
         pq.write_table(_concepts_table(vocab, table.column("concept_id").to_numpy()), temps[fmt.CONCEPTS], **fmt.PARQUET_OPTIONS)
         pq.write_table(table, temps[fmt.PATCHES], **fmt.PARQUET_OPTIONS)
+        digests: dict[str, str] = {}  # the .npy files, hashed as they are written
         with tqdm(total=n, desc="bank pixels", unit="patch", disable=not progress) as bar:
             blocks = (block for _, block in _gathered(pixels, order, fmt.PIXEL_DTYPE, bar))
-            _write_npy(temps[fmt.PIXELS], (n, p, p, 3), fmt.PIXEL_DTYPE, blocks)
+            digests[fmt.PIXELS] = _write_npy(temps[fmt.PIXELS], (n, p, p, 3), fmt.PIXEL_DTYPE, blocks)
         with tqdm(total=n, desc="bank embeddings", unit="patch", disable=not progress) as bar:
             blocks = _checked_embeddings(_gathered(embeddings, order, fmt.EMBEDDING_DTYPE, bar))
-            _write_npy(temps[fmt.EMBEDDINGS], (n, d), fmt.EMBEDDING_DTYPE, blocks)
+            digests[fmt.EMBEDDINGS] = _write_npy(temps[fmt.EMBEDDINGS], (n, d), fmt.EMBEDDING_DTYPE, blocks)
         log.info("building a %s index over %d embeddings", spec["factory"], n)
         sorted_embeddings = np.load(temps[fmt.EMBEDDINGS], mmap_mode="r", allow_pickle=False)
         save_index(build_index(sorted_embeddings, spec), temps[fmt.INDEX])
         del sorted_embeddings
         manifest["files"] = {
-            name: {"sha256": fmt.sha256_file(temps[name]), "bytes": temps[name].stat().st_size} for name in fmt.DATA_FILES
+            name: {"sha256": digests.get(name) or fmt.sha256_file(temps[name]), "bytes": temps[name].stat().st_size}
+            for name in fmt.DATA_FILES
         }
         temps[fmt.MANIFEST].write_text(fmt.manifest_json(manifest), encoding="utf-8")
         for temp in temps.values():

@@ -151,12 +151,12 @@ def _finalize(out: Path, build: Path, n_batches: int, keys: Sequence[str], vocab
     start, row = 0, 0
     for b, m in enumerate(meta):
         mask = keep[start:start + len(m["concept_id"])]
-        start += len(mask)
-        if mask.any():
+        start, kept = start + len(mask), int(mask.sum())
+        if kept:
             with np.load(shard_path(build, b), allow_pickle=False) as z:
-                pixels[row:row + mask.sum()] = z["pixels"][mask]
-                embeddings[row:row + mask.sum()] = z["embeddings"][mask]
-            row += int(mask.sum())
+                pixels[row:row + kept] = z["pixels"][mask]
+                embeddings[row:row + kept] = z["embeddings"][mask]
+            row += kept
     counts = np.bincount(concept[keep], minlength=len(vocab))
     total: Counter[str] = Counter()
     failed: Counter[str] = Counter({r: 0 for r in FAILURE_REASONS})
@@ -219,13 +219,16 @@ class BuildJob:
     elsewhere), the detector-class -> concept map and the build options (`opts`)."""
 
     refs: Sequence[ImageRef]
-    batch_size: int
     workers: int | None  # decode threads; None: the runner's default
     spec: ModelSpec
     detector: Detector
     embedder: Embedder
     concept_of: np.ndarray
     opts: dict[str, Any]
+
+    @property
+    def batch_size(self) -> int:
+        return self.opts["batch_size"]
 
     def images(self, batch: int) -> Sequence[ImageRef]:
         return self.refs[batch * self.batch_size:(batch + 1) * self.batch_size]
@@ -326,8 +329,8 @@ def build_bank(
         return BuildStats(out, finished.get("stats", {}), time.perf_counter() - started, 0.0, already_built=True, manifest=finished)
 
     build = out / BUILD_DIR
-    job = BuildJob(refs, int(batch_size), workers, spec, det, emb, concept_of, opts)
-    n_batches = -(-len(refs) // batch_size)
+    job = BuildJob(refs, workers, spec, det, emb, concept_of, opts)
+    n_batches = -(-len(refs) // job.batch_size)
     todo = missing_batches(build, n_batches)
     if len(todo) < n_batches:
         log.info("resuming %s: %d of %d batches already done", build, n_batches - len(todo), n_batches)

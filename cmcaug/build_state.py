@@ -52,9 +52,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 # -- the output directory --------------------------------------------------------------------------
-def _clear(out: Path) -> None:
-    for entry in sorted(out.iterdir(), key=lambda p: p.name == BUILD_DIR):  # .build/ last: stays recognisable
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+def _clear(out: Path, keep: str | None = None) -> None:
+    """Delete every entry of `out` but `keep`; `.build/` goes last, so a cleared-half folder stays recognisable."""
+    for entry in sorted(out.iterdir(), key=lambda p: p.name == BUILD_DIR):
+        if entry.name != keep:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def open_build(out: Path, state: dict[str, Any], resume: bool, overwrite: bool) -> dict[str, Any] | None:
@@ -111,9 +113,7 @@ def _read_state(build: Path) -> dict[str, Any] | None:
 def clear_leftovers(out: Path) -> None:
     """Remove what a killed `write_bank` left in `out` (everything but `.build/`) before writing the bank again."""
     crash_point("finalize:before")
-    for entry in out.iterdir():
-        if entry.name != BUILD_DIR:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    _clear(out, keep=BUILD_DIR)
 
 
 def remove_build(out: Path) -> None:

@@ -165,11 +165,11 @@ class ConceptVocab:
         return self._names[int(concept_id)]
 
     def synonyms(self, concept: str | int) -> tuple[str, ...]:
-        return self._synonyms[self._resolve(concept)]
+        return self._synonyms[self.resolve(concept)]
 
     def forms(self, concept: str | int) -> tuple[str, ...]:
         """Every lowercase form naming `concept`: its name, synonyms, and their plurals."""
-        i = self._resolve(concept)
+        i = self.resolve(concept)
         out: dict[str, None] = {}
         for base in (self._names[i], *self._synonyms[i]):
             out[base] = None
@@ -190,7 +190,8 @@ class ConceptVocab:
         """Words in the longest surface form (how far a multi-word matcher must look ahead)."""
         return max(len(f.split(" ")) for f in self.surface_forms)
 
-    def _resolve(self, concept: str | int) -> int:
+    def resolve(self, concept: str | int) -> int:
+        """The id of a concept given by name (case-insensitive) or id, checked either way."""
         if isinstance(concept, str):
             return self.id(concept)
         self.name(concept)

@@ -14,6 +14,7 @@ because it means the annotations belong to other images or use another box forma
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import defaultdict
@@ -95,7 +96,8 @@ class AnnotationDetector:
     def __init__(self, coco_json: str | Path):
         self.path = Path(coco_json)
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            raw = self.path.read_bytes()  # read once: parsed here, hashed for `describe` below
+            data = json.loads(raw.decode("utf-8"))
             categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
             images = {int(im["id"]): (_norm(str(im["file_name"])), im.get("width"), im.get("height")) for im in data["images"]}
             annotations = data["annotations"]
@@ -129,7 +131,7 @@ class AnnotationDetector:
         self._by_base: dict[str, list[str]] = defaultdict(list)
         for name, _, _ in images.values():
             self._by_base[PurePosixPath(name).name].append(name)
-        self._sha256 = sha256_file(self.path)
+        self._sha256 = hashlib.sha256(raw).hexdigest()
 
     def _file_name(self, key: str) -> str | None:
         key = _norm(key)

@@ -56,9 +56,9 @@ class PixelEmbedder:
         self.dim = grid * grid * 3 + levels**3
 
     def embed(self, patches: np.ndarray) -> np.ndarray:
-        n, p = patches.shape[0], patches.shape[1]
-        if patches.dtype != np.uint8 or patches.ndim != 4 or patches.shape[3] != 3 or p < self.grid:
+        if patches.dtype != np.uint8 or patches.ndim != 4 or patches.shape[3] != 3 or patches.shape[1] < self.grid:
             raise InputError(f"expected uint8 patches [n, P, P, 3] with P >= {self.grid}, got {patches.dtype} {patches.shape}")
+        n = patches.shape[0]
         if n == 0:
             return np.zeros((0, self.dim), np.float32)
         thumb = _area_average(patches.astype(np.float32) / 255.0, self.grid)

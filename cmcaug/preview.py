@@ -151,7 +151,7 @@ def preview_bank(
         if not ids:
             raise InputError("the bank has no patches to preview")
     else:
-        ids = [vocab.id(c if isinstance(c, str) else vocab.name(c)) for c in concepts]
+        ids = [vocab.resolve(c) for c in concepts]
     rng = np.random.default_rng(seed)
     chosen = [offsets[i] + rng.choice(counts[i], size=min(counts[i], per_concept), replace=False) for i in ids]
     flat = np.concatenate(chosen).astype(np.int64)

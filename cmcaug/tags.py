@@ -129,12 +129,12 @@ def _check_inputs(paths: Sequence[str | Path], field: str) -> int | None:
     rows: int | None = 0
     for raw in paths:
         path = Path(raw)
-        if _kind(path) and not path.is_file():
+        kind = _kind(path)
+        if not path.is_file():
             raise InputError(f"{path}: no such corpus file")
-        if _kind(path) == ".parquet":
-            rows = None if rows is None else rows + _parquet_file(path, field).metadata.num_rows
-        else:
-            rows = None
+        # Every Parquet input is opened, after a text input too, so its column is checked before any work.
+        num_rows = _parquet_file(path, field).metadata.num_rows if kind == ".parquet" else None
+        rows = None if rows is None or num_rows is None else rows + num_rows
     return rows
 
 
@@ -240,8 +240,7 @@ def tag_corpus(paths: Sequence[str | Path], output: str | Path, tagger: Groundin
                 writer.close()
         os.replace(tmp, output)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     stats: dict[str, Any] = {k: counts[k] for k in ("captions", "tagged", "grounded", "spans", "empty", "not_text",
                                                    "unreadable", "too_long")}

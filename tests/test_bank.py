@@ -94,6 +94,15 @@ def test_sample_refuses_bad_concept_ids(bank: PatchBank, bad: list, message: str
         bank.sample(bad, generator=0)
 
 
+def test_sample_with_callers_uniforms(bank: PatchBank) -> None:
+    c = VOCAB.id("cat")
+    ids = bank.sample(torch.tensor([c, c, c]), uniforms=torch.tensor([0.0, 0.5, np.nextafter(1.0, 0.0)]))
+    assert ids.tolist() == [bank.offsets[c], bank.offsets[c] + bank.count(c) // 2, bank.offsets[c] + bank.count(c) - 1]
+    for bad, message in [([0.5], "one value per concept id"), ([0.5, -0.1], r"\[0, 1\)"), ([0.5, 1.0], r"\[0, 1\)")]:
+        with pytest.raises(InputError, match=message):  # out of range would draw a neighbouring concept's patch
+            bank.sample([c, c], uniforms=bad)
+
+
 # -- reads -----------------------------------------------------------------------------------------
 def test_pixels_embeddings_and_records_match_the_sorted_inputs(bank: PatchBank, written: tuple[Path, dict]) -> None:
     expected = written[1]

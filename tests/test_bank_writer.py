@@ -96,7 +96,7 @@ def test_memmap_inputs_stream_in_chunks_to_the_same_bytes(tmp_path: Path, monkey
     write_bank(tmp_path / "in_memory", **inputs)
     for name in ("pixels", "embeddings"):
         np.save(tmp_path / f"{name}.npy", inputs[name])
-        inputs[name] = np.load(tmp_path / f"{name}.npy", mmap_mode="r")
+        inputs[name] = np.load(tmp_path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
     monkeypatch.setattr(bank_writer, "_CHUNK_BYTES", 1000)  # many small chunks
     write_bank(tmp_path / "streamed", **inputs)
     assert file_hashes(tmp_path / "in_memory") == file_hashes(tmp_path / "streamed")

@@ -151,6 +151,15 @@ def test_bad_inputs_exit_with_input_error(tmp_path, capsys):
     assert not (tmp_path / "t.parquet").exists()
 
 
+def test_every_input_is_checked_before_any_work(tmp_path, lookup):
+    (tmp_path / "a.txt").write_text("a dog\n")
+    pq.write_table(pa.table({"text": ["a dog"]}), tmp_path / "b.parquet")
+    out = tmp_path / "out" / "t.parquet"
+    with pytest.raises(InputError, match="no column 'caption'"):  # a Parquet input after a text one included
+        tag_corpus([tmp_path / "a.txt", tmp_path / "b.parquet"], out, lookup, progress=False)
+    assert not out.parent.exists()
+
+
 def test_vocabulary_from_a_bank(tmp_path, capsys):
     from cmcaug.bank_writer import write_bank
 

@@ -70,3 +70,10 @@ def test_json_round_trip(tmp_path):
         ConceptVocab.from_json(tmp_path / "bad.json")
     with pytest.raises(InputError, match="missing.json"):
         ConceptVocab.from_json(tmp_path / "missing.json")
+
+
+def test_resolve_takes_names_or_ids():
+    vocab = ConceptVocab({"dog": [], "hot dog": []})
+    assert vocab.resolve("HOT DOG") == 1 and vocab.resolve(0) == 0
+    with pytest.raises(InputError, match="out of range"):
+        vocab.resolve(5)

@@ -51,7 +51,7 @@ def test_annotations_match_keys_and_give_xyxy_boxes(corpus: Path, images: list[n
     assert len(found[0]) == len(first) and found[0].boxes[0].tolist() == [x, y, x + w, y + h]
     assert (found[0].scores == 1).all()
     assert [det.names[i] for i in found[0].labels] == [det.names[a["category_id"] - 1] for a in first]
-    assert json.loads(json.dumps(det.describe()))["sha256"]
+    assert json.loads(json.dumps(det.describe()))["sha256"] == sha256_file(corpus / "annotations.json")
 
 
 def test_box_policy_clip_partial_refuse_outside(tmp_path: Path) -> None:

@@ -43,8 +43,9 @@ def test_pixel_descriptor_ranks_similar_patches_closer() -> None:
     sims = v @ v[0]
     assert sims[1] > sims[2] > sims[3] and np.isfinite(v).all()
     assert PixelEmbedder().embed(np.zeros((0, 16, 16, 3), np.uint8)).shape == (0, 256)
-    with pytest.raises(InputError, match="uint8 patches"):
-        PixelEmbedder().embed(np.zeros((1, 16, 16, 3), np.float32))
+    for bad in (np.zeros((1, 16, 16, 3), np.float32), np.zeros(16, np.uint8), np.zeros((1, 4, 4, 3), np.uint8)):
+        with pytest.raises(InputError, match="uint8 patches"):
+            PixelEmbedder().embed(bad)
 
 
 def test_detector_embedder_pools_the_backbone() -> None:
