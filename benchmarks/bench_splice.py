@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cmcaug.kernels import reference, splice
-from cmcaug.plan import PAD_SOURCE, SplicePlan
+from cmcaug.plan import SplicePlan
 
 from . import common
 
@@ -72,7 +72,7 @@ def row_segments(lengths: np.ndarray, spans: list[list[tuple[int, int]]]) -> lis
 
 def pass_bytes(plan: SplicePlan, d: int, element_size: int) -> dict[str, int]:
     """Minimum bytes each pass must move: rows read + rows written + the int32 index map it reads."""
-    rows_used = int((plan.source_index != PAD_SOURCE).sum())
+    rows_used = int(plan.attention_mask.sum())  # non-padding output rows
     out_rows = plan.batch_size * plan.output_length
     in_rows = plan.batch_size * plan.text_length + plan.num_slots * plan.patch_tokens
     fwd = (rows_used + out_rows) * d * element_size + 4 * out_rows

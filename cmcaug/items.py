@@ -1,4 +1,4 @@
-"""What `CMCTransform.collate` accepts, and a dataset that gives every item its index.
+"""What `CMCTransform.collate` accepts, each item's grounded spans, and a dataset that gives every item its index.
 
 A batch item is one of
 - a caption string (tagged on the fly by the transform's tagger);
@@ -81,6 +81,22 @@ def parse_item(item: Any, position: int) -> Item:
             f"batch item {position}: spans must be {{'start', 'end', 'concept_id'}} dicts, GroundedSpans or "
             f"(start, end, concept_id) triples ({exc!r})"
         ) from exc
+
+
+def item_spans(items: Sequence[Item], tagger: Any) -> list[list[tuple[int, int, int]]]:
+    """Each item's `(start, end, concept_id)` character spans; `tagger` (a `GroundingTagger`) tags, in one
+    call, the items that came without any."""
+    missing = [i for i, item in enumerate(items) if item.spans is None]
+    spans = [item.spans or [] for item in items]
+    if missing:
+        if tagger is None:
+            raise InputError(
+                f"{len(missing)} batch items came without spans (e.g. item {missing[0]}) and there is no tagger: "
+                "pass tagger=GroundingTagger(bank.vocab), or give items as tag rows with 'spans'"
+            )
+        for i, tagged in zip(missing, tagger.tag([items[i].caption for i in missing])):
+            spans[i] = [(int(s.start), int(s.end), int(s.concept_id)) for s in tagged]
+    return spans
 
 
 class IndexedItems(torch.utils.data.Dataset):

@@ -49,8 +49,6 @@ class SplicePlan:
     text_lengths: np.ndarray         # int64 [B]: tokens of each text row
     output_lengths: np.ndarray       # int64 [B]: tokens of each spliced row
     slots_per_row: np.ndarray        # int64 [B]: the first slots_per_row[b] spans of row b were replaced
-    slot_rows: np.ndarray            # int64 [M]: the row of each patch slot
-    slot_span_index: np.ndarray      # int64 [M]: which of spans[row] each slot replaced
 
     def __post_init__(self) -> None:
         """Kernels size their outputs from these maps, so a hand-made plan whose maps disagree would make them
@@ -147,8 +145,6 @@ class SplicePlan:
             text_lengths=lengths,
             output_lengths=out_lengths,
             slots_per_row=slots_per_row,
-            slot_rows=span_row,
-            slot_span_index=nth_in_row[kept],
         )
 
     # -- sizes ------------------------------------------------------------------------------------------
@@ -179,6 +175,18 @@ class SplicePlan:
     @property
     def device(self) -> torch.device:
         return self.source_index.device
+
+    # -- slots, derived from slots_per_row (the replaced spans of a row are always its first ones) -----------
+    @functools.cached_property
+    def slot_rows(self) -> np.ndarray:
+        """int64 [M]: the row of each patch slot."""
+        return np.repeat(np.arange(self.slots_per_row.size), self.slots_per_row)
+
+    @functools.cached_property
+    def slot_span_index(self) -> np.ndarray:
+        """int64 [M]: which of `spans[row]` each slot replaced."""
+        first_slot = np.cumsum(self.slots_per_row) - self.slots_per_row
+        return np.arange(self.slot_rows.size) - first_slot[self.slot_rows]
 
     # -- maps derived from the source map: computed once per plan, on its device, then shared ---------------
     # A splice's cost is one pass over the embeddings; recomputing these (about ten tiny kernels) on every

@@ -84,6 +84,11 @@ def patch_box_coverage(boxes: Sequence[torch.Tensor], grid: tuple[int, int], *,
     Ground-truth boxes of the objects a caption names make a relevance map for TiMix without a trained
     head: windows are then ranked by how much object area they hold.
     """
+    return _coverage([_in_patch_units(image_boxes, grid, image_size) for image_boxes in boxes], grid)
+
+
+def _coverage(boxes: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+    """`patch_box_coverage` of boxes already in patch units (`_in_patch_units`)."""
     gh, gw = grid
     if gh < 1 or gw < 1:
         raise InputError(f"need a patch grid of at least 1 x 1, got {grid}")
@@ -91,7 +96,7 @@ def patch_box_coverage(boxes: Sequence[torch.Tensor], grid: tuple[int, int], *,
     xs = torch.arange(gw, dtype=torch.float64).view(1, 1, gw)
     coverage = torch.zeros(len(boxes), gh, gw, dtype=torch.float64)
     for b, image_boxes in enumerate(boxes):
-        x0, y0, x1, y1 = (v.view(-1, 1, 1) for v in _in_patch_units(image_boxes, grid, image_size).unbind(1))
+        x0, y0, x1, y1 = (v.view(-1, 1, 1) for v in image_boxes.unbind(1))
         overlap = (torch.minimum(x1, xs + 1) - torch.maximum(x0, xs)).clamp(min=0) * \
                   (torch.minimum(y1, ys + 1) - torch.maximum(y0, ys)).clamp(min=0)
         if len(overlap):
@@ -112,9 +117,9 @@ def patch_labels_from_boxes(boxes: Sequence[torch.Tensor], grid: tuple[int, int]
     if not 0 < min_overlap <= 1:
         raise InputError(f"need 0 < min_overlap <= 1, got {min_overlap}")
     gh, gw = grid
-    labels = patch_box_coverage(boxes, grid, image_size=image_size) >= min_overlap
-    for b, image_boxes in enumerate(boxes):
-        xyxy = _in_patch_units(image_boxes, grid, image_size)
+    in_patches = [_in_patch_units(image_boxes, grid, image_size) for image_boxes in boxes]
+    labels = _coverage(in_patches, grid) >= min_overlap
+    for b, xyxy in enumerate(in_patches):
         nonempty = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
         cy = ((xyxy[nonempty, 1] + xyxy[nonempty, 3]) / 2).long().clamp(max=gh - 1)
         cx = ((xyxy[nonempty, 0] + xyxy[nonempty, 2]) / 2).long().clamp(max=gw - 1)

@@ -93,8 +93,8 @@ def text_aware_mix(
     partner    "flip" (i <-> B-1-i, the paper), "roll" (image i-1 goes into image i, like
                `images.roll(1, 0)`), "random" (a permutation drawn from `generator`), or a [B] index tensor.
     label_mode "area": lam = 1 - k^2 / (grid area) (the published code); "relevance": see `mix_lambda`.
-    validate   check relevance values (finite; non-negative for "relevance") and explicit partners: one
-               host sync; pass False in a tuned loop once inputs are known to be good.
+    validate   check relevance values (finite; non-negative for "relevance"), explicit partners and window
+               sides: host syncs; pass False in a tuned loop once inputs are known to be good.
     group      the torch.distributed group whose features will be all-gathered (default: the world group,
                when initialized). Then every rank must call this together (it all-gathers lam and partner).
     """
@@ -104,7 +104,7 @@ def text_aware_mix(
     if validate and B > 0:
         _check_relevance_values(scores, label_mode)
     partners = choose_partners(B, partner, generator=generator, device=device, validate=validate)
-    sides = draw_window_sides(grid, B, window, window_ratio, generator=generator).to(device)
+    sides = draw_window_sides(grid, B, window, window_ratio, generator=generator, validate=validate).to(device)
     sides = torch.where(partners == torch.arange(B, device=device), 0, sides)
     target_box, source_box = find_windows(scores, partners, sides)
     lam = mix_lambda(scores, partners, target_box, source_box, label_mode)
@@ -123,7 +123,8 @@ def choose_partners(batch_size: int, partner: Partner = "flip", *, generator: to
                              f"{partner.dtype} {tuple(partner.shape)}")
         partner = partner.to(device=device, dtype=torch.int64)
         if validate and batch_size and bool(((partner < 0) | (partner >= batch_size)).any()):
-            raise InputError(f"explicit partner indices must lie in [0, {batch_size})")
+            raise InputError(f"explicit partner indices must lie in [0, {batch_size}) (rows of this batch), got "
+                             f"values from {int(partner.min())} to {int(partner.max())}")
         return partner
     index = torch.arange(batch_size, device=device)
     if partner == "flip":
@@ -138,8 +139,10 @@ def choose_partners(batch_size: int, partner: Partner = "flip", *, generator: to
 
 def draw_window_sides(grid: tuple[int, int], batch_size: int, window: Window = None,
                       window_ratio: tuple[float, float] = (0.35, 0.75), *,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """[B] int64 window sides in patches (on the generator's device, CPU by default); see `text_aware_mix`."""
+                      generator: torch.Generator | None = None, validate: bool = True) -> torch.Tensor:
+    """[B] int64 window sides in patches (on the generator's device, CPU by default); see `text_aware_mix`.
+
+    `validate=False` skips the range check of a tensor of sides (a host sync when it is on a GPU)."""
     shortest = min(grid)
     draw_on = generator.device if generator is not None else torch.device("cpu")
     if isinstance(window, (int, torch.Tensor)) and not isinstance(window, bool):
@@ -147,7 +150,8 @@ def draw_window_sides(grid: tuple[int, int], batch_size: int, window: Window = N
             raise InputError(f"window as a tensor must hold {batch_size} integer sides, got {window.dtype} "
                              f"{tuple(window.shape)}")
         sides = torch.as_tensor(window, dtype=torch.int64).expand(batch_size).clone()
-        if batch_size and bool(((sides < 0) | (sides > shortest)).any()):
+        checked = validate or not isinstance(window, torch.Tensor)  # an int is checked on the host, for free
+        if checked and batch_size and bool(((sides < 0) | (sides > shortest)).any()):
             raise InputError(f"window sides must lie in [0, {shortest}] (the shorter side of the {grid[0]} x "
                              f"{grid[1]} patch grid), got {window!r}")
         return sides
@@ -170,9 +174,13 @@ def window_sums(relevance: torch.Tensor, sides: torch.Tensor) -> tuple[torch.Ten
     Returns (sums [B, gh, gw] float64, fits [B, gh, gw] bool: the window lies inside the grid). One
     integral image serves all B and every window size at once.
     """
-    B, gh, gw = relevance.shape
-    integral = _integral_image(relevance)
-    device = relevance.device
+    return _window_sums(_integral_image(relevance), sides)
+
+
+def _window_sums(integral: torch.Tensor, sides: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`window_sums` from the integral image of the relevance."""
+    B, gh, gw = integral.shape[0], integral.shape[1] - 1, integral.shape[2] - 1
+    device = integral.device
     y = torch.arange(gh, device=device).view(1, gh, 1)
     x = torch.arange(gw, device=device).view(1, 1, gw)
     k = sides.to(device).view(B, 1, 1)
@@ -188,8 +196,9 @@ def find_windows(relevance: torch.Tensor, partner: torch.Tensor,
     relevant window of its partner, both sides[i] square; ties go to the top-most, then left-most window.
     """
     B, _, gw = relevance.shape
-    low, fits = window_sums(relevance, sides)
-    high, _ = window_sums(relevance[partner], sides)
+    integral = _integral_image(relevance)
+    low, fits = _window_sums(integral, sides)
+    high, _ = _window_sums(integral[partner], sides)
     target = low.masked_fill(~fits, math.inf).flatten(1).argmin(1)
     source = high.masked_fill(~fits, -math.inf).flatten(1).argmax(1)
     k = sides.to(relevance.device).view(B, 1)
@@ -217,11 +226,12 @@ def mix_lambda(relevance: torch.Tensor, partner: torch.Tensor, target_box: torch
         return (1 - area).float()
     if label_mode != "relevance":
         raise InputError(f"label_mode must be 'area' or 'relevance', got {label_mode!r}")
-    total = relevance.double().sum((1, 2))
-    kept = 1 - torch.where(total > 0, _box_sums(relevance, target_box) / total.clamp(min=1e-300), area)
+    integral = _integral_image(relevance)
+    total = integral[:, -1, -1]
+    kept = 1 - torch.where(total > 0, _box_sums(integral, target_box) / total.clamp(min=1e-300), area)
     partner_total = total[partner]
     pasted = torch.where(partner_total > 0,
-                         _box_sums(relevance[partner], source_box) / partner_total.clamp(min=1e-300), area)
+                         _box_sums(integral[partner], source_box) / partner_total.clamp(min=1e-300), area)
     mass = kept + pasted
     return torch.where(mass > 0, kept / mass.clamp(min=1e-300), 1 - area).clamp(0, 1).float()
 
@@ -272,9 +282,8 @@ def _integral_image(relevance: torch.Tensor) -> torch.Tensor:
     return F.pad(relevance.double().cumsum(1).cumsum(2), (1, 0, 1, 0))
 
 
-def _box_sums(relevance: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """[B] float64 sum of relevance[b] inside boxes[b] = (x0, y0, x1, y1)."""
-    integral = _integral_image(relevance)
+def _box_sums(integral: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """[B] float64 sum of the relevance inside boxes[b] = (x0, y0, x1, y1), from its integral image."""
     b = torch.arange(len(boxes), device=boxes.device)
     x0, y0, x1, y1 = boxes.unbind(1)
     return integral[b, y1, x1] - integral[b, y0, x1] - integral[b, y1, x0] + integral[b, y0, x0]

@@ -35,7 +35,7 @@ import torch
 from . import mlm
 from .align import align_span_arrays, tokenize_with_offsets
 from .errors import InputError
-from .items import IndexedItems, Item, parse_item
+from .items import IndexedItems, Item, item_spans, parse_item
 from .plan import SplicePlan
 
 if TYPE_CHECKING:
@@ -105,6 +105,7 @@ class CMCBatch:
 
     @property
     def num_patches(self) -> int:
+        """M: patch slots in the CMC view, one per replaced word (`patch_embeds` must have M rows)."""
         return int(self.patch_ids.shape[0])
 
     def _map(self, fn: Any) -> CMCBatch:
@@ -199,6 +200,7 @@ class CMCTransform:
     # -- epochs, datasets, stats -------------------------------------------------------------------
     @property
     def epoch(self) -> int:
+        """The epoch the views are drawn for (`set_epoch`)."""
         return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
@@ -236,7 +238,7 @@ class CMCTransform:
         rows = [parse_item(item, i) for i, item in enumerate(items)]
         captions = [r.caption for r in rows]
         keys = self._keys(rows, generator)
-        spans = self._spans(rows)
+        spans = item_spans(rows, self.tagger)
         tokens = tokenize_with_offsets(self.tokenizer, captions, max_length=self.max_length)
         input_ids, offsets = tokens.input_ids, tokens.offsets
         lengths = tokens.attention_mask.sum(axis=1)
@@ -254,14 +256,13 @@ class CMCTransform:
             per_row[b].append((s, e))
         plan = SplicePlan.build(lengths, per_row, patch_tokens=self.patch_tokens, text_length=input_ids.shape[1])
         patch_ids = self.bank.sample(concept, uniforms=mlm.uniform(keys[row], mlm.STREAM_PATCH, ordinal))
-        edges = np.zeros((len(rows), input_ids.shape[1] + 1), np.int64)
-        np.add.at(edges, (row, start), 1)
-        np.add.at(edges, (row, end), -1)
+        attention_mask = torch.from_numpy(tokens.attention_mask)
         return CMCBatch(
             input_ids=torch.from_numpy(input_ids),
-            attention_mask=torch.from_numpy(tokens.attention_mask),
+            attention_mask=attention_mask,
             special_tokens_mask=torch.from_numpy(tokens.special_tokens_mask),
-            replaced_mask=torch.from_numpy(edges.cumsum(axis=1)[:, :-1] > 0),
+            # built without max_length (`_choose` made every patch fit), the plan drops only replaced tokens
+            replaced_mask=attention_mask.bool() & (plan.text_destination < 0),
             plan=plan,
             patch_ids=torch.from_numpy(patch_ids),
             concept_ids=torch.from_numpy(concept),
@@ -315,26 +316,6 @@ class CMCTransform:
             return mlm.sample_keys(mlm.generator_seed(generator), 0, ids, no_index)
         return mlm.sample_keys(self.seed, self.epoch, ids, no_index)
 
-    def _spans(self, rows: list[Item]) -> list[list[tuple[int, int, int]]]:
-        """Each row's grounded character spans, tagging the rows that came without any."""
-        missing = [i for i, r in enumerate(rows) if r.spans is None]
-        spans = [r.spans or [] for r in rows]
-        if missing:
-            if self.tagger is None:
-                raise InputError(
-                    f"{len(missing)} batch items came without spans (e.g. item {missing[0]}) and the transform has "
-                    "no tagger: pass tagger=GroundingTagger(bank.vocab), or give items as tag rows with 'spans'"
-                )
-            for i, tagged in zip(missing, self.tagger.tag([rows[i].caption for i in missing])):
-                spans[i] = [(int(s.start), int(s.end), int(s.concept_id)) for s in tagged]
-        n = len(self._counts)
-        for i, row in enumerate(spans):
-            bad = [c for _, _, c in row if not 0 <= c < n]
-            if bad:
-                raise InputError(f"batch item {i}: concept id {bad[0]} is outside the bank's vocabulary [0, {n}); "
-                                 "tag the text with the bank's vocabulary (cmcaug tag-text --bank BANK)")
-        return spans
-
     def _choose(self, spans: list[list[tuple[int, int, int]]], offsets: np.ndarray, lengths: np.ndarray,
                 keys: np.ndarray, stats: CMCStats) -> tuple[np.ndarray, ...]:
         """(row, token_start, token_end, concept_id, span ordinal) of the spans to replace, in slot order.
@@ -347,6 +328,11 @@ class CMCTransform:
         flat = np.asarray([s for row in spans for s in row], dtype=np.int64).reshape(-1, 3)
         row = np.repeat(np.arange(len(spans)), counts)
         ordinal = np.arange(row.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        outside = (flat[:, 2] < 0) | (flat[:, 2] >= len(self._counts))
+        if outside.any():
+            i = int(outside.argmax())
+            raise InputError(f"batch item {int(row[i])}: concept id {int(flat[i, 2])} is outside the bank's vocabulary "
+                             f"[0, {len(self._counts)}); tag the text with the bank's vocabulary (cmcaug tag-text --bank BANK)")
         start, end, ok = align_span_arrays(row, flat[:, 0], flat[:, 1], offsets)
         overlap = _overlapping(row, start, end, ok)
         absent = ok & ~overlap & (self._counts[flat[:, 2]] == 0)

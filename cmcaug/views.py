@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .align import tokenize_with_offsets, tokenize_words
 from .errors import InputError
-from .items import IndexedItems, parse_item
+from .items import IndexedItems, item_spans, parse_item
 
 if TYPE_CHECKING:
     from .bank import PatchBank
@@ -385,13 +385,12 @@ def preview_captions(
     items = [parse_item(item, i) for i, item in enumerate(_read_items(captions, bank.vocab, rows, field))]
     if not items:
         raise InputError(f"{captions}: holds no captions")
-    untagged = [i for i, item in enumerate(items) if item.spans is None]
-    spans = [item.spans or [] for item in items]
-    if untagged:
+    tagger = None
+    if any(item.spans is None for item in items):  # spaCy loads only when some caption needs it
         from .grounding import GroundingTagger
 
-        for i, found in zip(untagged, GroundingTagger(bank.vocab, mode=mode).tag([items[i].caption for i in untagged])):
-            spans[i] = [(s.start, s.end, s.concept_id) for s in found]
+        tagger = GroundingTagger(bank.vocab, mode=mode)
+    spans = item_spans(items, tagger)
     tok = _resolve_tokenizer(tokenizer)
     cmc = CMCTransform(bank, tok, ratio=ratio, seed=seed)
     batch = cmc.collate([(i if item.index is None else item.index, {"caption": item.caption, "spans": s})

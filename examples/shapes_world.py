@@ -5,9 +5,11 @@
   `cmcaug tag-text` would write (caption + grounded character spans), so no spaCy model runs during
   training. All offline, in a folder of your choice.
 - `PatchEncoder`: a small CNN standing in for your vision tower (bank patches -> one token each).
+- `parse_args`: the command line both examples take.
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -40,3 +42,16 @@ class PatchEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.net(pixels).unsqueeze(1)
+
+
+def parse_args(argv: list[str] | None, description: str, steps: int) -> argparse.Namespace:
+    """The examples' shared options: corpus size, batch, replacement ratio, workers, seed, work folder."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--images", type=int, default=240, help="shapes-world images (= captions)")
+    parser.add_argument("--ratio", type=float, default=0.5, help="probability of replacing a grounded word")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, help="keep the corpus and bank here (default: a temp folder)")
+    return parser.parse_args(argv)

@@ -12,7 +12,6 @@ The lines that use cmcaug in a training loop are marked `# cmcaug`.
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from cmcaug import CMCTransform
 from cmcaug.losses import info_nce
-from shapes_world import PatchEncoder, shapes_world  # next to this file
+from shapes_world import PatchEncoder, parse_args, shapes_world  # next to this file
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 MAX_LENGTH = 64  # the model's position embeddings: tokens per caption, and per CMC view
@@ -68,15 +67,7 @@ def train_step(cmc: CMCTransform, model, patch_encoder, batch, temperature: floa
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--images", type=int, default=240, help="shapes-world images (= captions)")
-    parser.add_argument("--ratio", type=float, default=0.5, help="probability of replacing a grounded word")
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, help="keep the corpus and bank here (default: a temp folder)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv, __doc__.splitlines()[0], steps=60)
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory(prefix="cmcaug-bert-") as tmp:
         bank, rows = shapes_world(args.workdir or Path(tmp), args.images, args.seed)

@@ -13,7 +13,6 @@ cmcaug in the training loop are marked `# cmcaug`.
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from cmcaug import CMCTransform
 from cmcaug.losses import info_nce
-from shapes_world import PatchEncoder, shapes_world  # next to this file
+from shapes_world import PatchEncoder, parse_args, shapes_world  # next to this file
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
 
@@ -58,15 +57,7 @@ def train_step(cmc: CMCTransform, model, patch_encoder, batch, temperature: floa
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--images", type=int, default=240, help="shapes-world images (= captions)")
-    parser.add_argument("--ratio", type=float, default=0.5, help="probability of replacing a grounded word")
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, help="keep the corpus and bank here (default: a temp folder)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv, __doc__.splitlines()[0], steps=40)
     import open_clip
 
     torch.manual_seed(args.seed)

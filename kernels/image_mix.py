@@ -197,6 +197,8 @@ def _check_paste_args(images: torch.Tensor, partner: torch.Tensor, target_box: t
             (target_box[:, 2:] - target_box[:, :2] != source_box[:, 2:] - source_box[:, :2]).any(1),
     }
     failed = torch.stack([bad.any() for bad in checks.values()]).tolist()
-    for message, bad in zip(checks, failed):
-        if bad:
-            raise InputError(f"paste_windows: {message}")
+    for (message, bad), found in zip(checks.items(), failed):
+        if found:
+            i = int(bad.nonzero()[0])
+            raise InputError(f"paste_windows: {message}; sample {i} has partner {int(partner[i])}, target_box "
+                             f"{target_box[i].tolist()} and source_box {source_box[i].tolist()}")

@@ -126,6 +126,13 @@ def test_bad_windows_are_refused(window, ratio, message) -> None:
         draw_window_sides((3, 5), 2, window, ratio)
 
 
+def test_validate_false_skips_only_the_host_sync_of_a_sides_tensor() -> None:
+    """A tensor of sides (on a GPU, a host sync to check) is trusted; an int costs nothing to check, so it is."""
+    assert draw_window_sides((3, 5), 2, torch.tensor([4, 1]), validate=False).tolist() == [4, 1]
+    with pytest.raises(InputError, match="window sides must lie"):
+        draw_window_sides((3, 5), 2, 4, validate=False)
+
+
 def test_partners() -> None:
     assert choose_partners(5, "flip").tolist() == [4, 3, 2, 1, 0]
     assert torch.equal(torch.arange(5)[choose_partners(5, "roll")], torch.arange(5).roll(1, 0))
