@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from png_helpers import read
+from transform_helpers import token_runs
 
 from cmcaug.align import tokenize_words
 from cmcaug.bank import PatchBank
@@ -57,18 +58,7 @@ def text_of(element: ET.Element) -> str:
 
 def replaced_runs(batch, b: int, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Characters under each run of replaced tokens of row b (from replaced_mask and the token offsets)."""
-    mask = batch.replaced_mask[b].tolist()
-    runs, j = [], 0
-    while j < len(mask):
-        if mask[j]:
-            k = j
-            while k < len(mask) and mask[k]:
-                k += 1
-            runs.append((offsets[j][0], offsets[k - 1][1]))
-            j = k
-        else:
-            j += 1
-    return runs
+    return [(offsets[j][0], offsets[k - 1][1]) for j, k in token_runs(batch.replaced_mask[b].tolist())]
 
 
 def marked(section: ET.Element, kind: str) -> list[str]:

@@ -81,19 +81,24 @@ def same_batch(a: CMCBatch, b: CMCBatch) -> None:
     assert torch.equal(a.plan.source_index, b.plan.source_index)
 
 
-def replaced_words(batch: CMCBatch, b: int) -> list[str]:
-    """The caption text under each replaced token run of row b, from the token offsets."""
-    spans, row = [], batch.replaced_mask[b].tolist()
-    j = 0
-    while j < len(row):
-        if row[j]:
+def token_runs(mask: list[bool]) -> list[tuple[int, int]]:
+    """(start, end) of every run of True in `mask`, end exclusive."""
+    runs, j = [], 0
+    while j < len(mask):
+        if mask[j]:
             k = j
-            while k < len(row) and row[k]:
+            while k < len(mask) and mask[k]:
                 k += 1
-            spans.append((j, k))
+            runs.append((j, k))
             j = k
         else:
             j += 1
+    return runs
+
+
+def replaced_words(batch: CMCBatch, b: int) -> list[str]:
+    """The caption text under each replaced token run of row b, from the token offsets."""
+    spans = token_runs(batch.replaced_mask[b].tolist())
     return [batch.captions[b][s:e] for s, e in _char_ranges(batch, b, spans)]
 
 
