@@ -48,12 +48,7 @@ REPEATS = 3  # best of: the machine is shared, so the fastest run is the least d
 
 def best_rate(fn: Callable[[], Any], items: int) -> float:
     """Items/s of the fastest of `REPEATS` calls of `fn`."""
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return items / min(times)
+    return items / min(common.wall_times(fn, REPEATS))
 
 
 def bench_pipeline(root: Path, work: Path, name: str, detector: Detector, n: int, batch_size: int, workers: int, **build_kwargs: Any) -> dict:

@@ -58,12 +58,9 @@ def make_captions(n: int, seed: int = 0) -> list[str]:
 
 
 def _rates(fn: Callable[[], Any], items: int, repeats: int) -> dict[str, float]:
-    fn()  # warm-up: caches, first-call allocations
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    from . import common  # not at the top: torch must load after the thread variables are set
+
+    times = common.wall_times(fn, repeats, warmup=True)  # warm-up: caches, first-call allocations
     return {"best": items / min(times), "median": items / statistics.median(times)}
 
 
@@ -157,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     for var in THREAD_VARS:  # inherited by every spawned process: one BLAS thread each, i.e. one core each
         os.environ[var] = "1"
 
-    from . import common
+    from . import common  # not at the top: torch must load after the thread variables are set
 
     captions = make_captions(args.captions)
     words = sum(len(c.split()) for c in captions) / len(captions)

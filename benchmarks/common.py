@@ -64,6 +64,19 @@ def cpu_time_ms(fn: Callable[[], Any], repeat: int = 7, min_seconds: float = 0.2
     return statistics.median(times)
 
 
+def wall_times(fn: Callable[[], Any], repeats: int, warmup: bool = False) -> list[float]:
+    """Seconds of each of `repeats` whole calls of `fn` (optionally after one warm-up call): for jobs too long
+    to loop, such as a whole build or a corpus pass; report the best (least disturbed) and the median."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def copy_bandwidth_gbs(
     nbytes: int, device: torch.device | str = "cuda", time_ms: Callable[[Callable[[], Any]], float] | None = None,
 ) -> float:
