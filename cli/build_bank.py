@@ -73,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--resume", action="store_true", help="continue an interrupted build in BANK/.build/")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing bank in BANK")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --max-per-concept draw and of yaml models (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     ray = parser.add_argument_group("distributed build (Ray)")
     ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                      help="run the batches on Ray: auto, local, HOST:PORT or ray://HOST:PORT (default: Ray's own choice)")
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         detector=args.detector, annotations=args.annotations, vocab=args.vocab, patch_size=args.patch_size,
         min_box=args.min_box, conf=args.conf, max_per_concept=args.max_per_concept, embedder=args.embedder,
         batch_size=args.batch_size, workers=args.workers, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
-        progress=True,
+        progress=not args.no_progress,
     )
     if args.ray is None:
         if (args.ray_cpus, args.ray_gpus, args.ray_actors) != (1.0, 0.0, None):

@@ -16,6 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files (default 0)")
     parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--overwrite", action="store_true", help="replace a corpus already in OUT")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
 
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .render import summary, table
 
-    info = make_corpus(args.out, args.images, args.seed, args.image_size, overwrite=args.overwrite, progress=True)
+    info = make_corpus(args.out, args.images, args.seed, args.image_size, overwrite=args.overwrite, progress=not args.no_progress)
     print(summary("shapes world", info.stats()))
     print(table(list(info.objects_per_concept.items()), ["concept", "objects"]))
     return 0

@@ -56,7 +56,8 @@ def test_cli_yolo_yaml_with_detector_embedder(corpus: Path, tmp_path: Path) -> N
 
 def test_exit_codes(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["build-bank", str(corpus / "images"), "--annotations", str(corpus / "annotations.json")]
-    assert main([*base, "-o", str(tmp_path / "bank"), "--batch-size", "4"]) == 0
+    assert main([*base, "-o", str(tmp_path / "bank"), "--batch-size", "4", "--no-progress"]) == 0
+    assert "build-bank" not in capsys.readouterr().err  # no progress bar
     assert main([*base, "-o", str(tmp_path / "bank")]) == 3  # exists, no --resume / --overwrite
     assert "already holds a bank" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()

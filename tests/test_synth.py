@@ -192,4 +192,5 @@ def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert corpus_files(tmp_path / "cli") == expected
     assert main(["synth", str(tmp_path / "cli"), *args]) == 3
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["synth", str(tmp_path / "cli"), *args, "--overwrite"]) == 0
+    assert main(["synth", str(tmp_path / "cli"), *args, "--overwrite", "--no-progress"]) == 0
+    assert "shapes world" not in capsys.readouterr().err  # no progress bar
