@@ -100,11 +100,17 @@ class PatchBank:
         that patches.parquet's concept_id column matches the offsets: this reads the whole bank
         (seconds per GB), so long-running jobs that reopen a bank they trust pass `validate=False`.
         """
-        path = Path(path)
+        path = Path(path).absolute()  # pickled banks reopen by path, maybe from another working directory
         manifest_path = path / fmt.MANIFEST
         if not manifest_path.is_file():
-            why = f"the folder {path} does not exist" if not path.exists() else (
-                f"{path} is not a patch bank, or its build did not finish (re-run cmcaug build-bank with --resume)")
+            if not path.exists():
+                why = f"the folder {path} does not exist"
+            elif not path.is_dir():
+                why = f"{path} is a file, not a bank folder"
+            elif (path / ".build").exists():
+                why = f"the build of {path} did not finish (re-run cmcaug build-bank with --resume)"
+            else:
+                why = f"{path} is not a patch bank"
             raise BankFormatError(f"{manifest_path}: missing: {why}")
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))

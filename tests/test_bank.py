@@ -290,9 +290,23 @@ def test_bad_index_is_reported_on_first_search(fresh: Path) -> None:
 def test_missing_folder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BankFormatError, match="does not exist"):
         PatchBank.open(tmp_path / "nowhere")
-    (tmp_path / "half").mkdir()
-    with pytest.raises(BankFormatError, match="not a patch bank.*--resume"):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BankFormatError, match="is not a patch bank"):
+        PatchBank.open(tmp_path / "empty")
+    (tmp_path / "half" / ".build").mkdir(parents=True)
+    with pytest.raises(BankFormatError, match="did not finish.*--resume"):
         PatchBank.open(tmp_path / "half")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(BankFormatError, match="is a file, not a bank folder"):
+        PatchBank.open(tmp_path / "afile")
+
+
+def test_pickled_bank_reopens_from_another_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_random_bank(tmp_path / "bank")
+    monkeypatch.chdir(tmp_path)
+    blob = pickle.dumps(PatchBank.open("bank"))
+    monkeypatch.chdir("/")
+    assert len(pickle.loads(blob)) == len(PatchBank.open(tmp_path / "bank"))
 
 
 def test_inputs_fixture_is_unsorted() -> None:
