@@ -219,7 +219,10 @@ def tokenize_with_offsets(tokenizer: Any, texts: Sequence[str], *, max_length: i
     if callable(tokenizer):
         result = tokenizer(texts)
         if not (isinstance(result, tuple) and len(result) == 2):
-            raise InputError(f"a tokenizer callable must return (ids, offsets) per text, got {type(result).__name__}")
+            hint = ""
+            if _is_hf_fast(getattr(tokenizer, "tokenizer", None)):  # e.g. open_clip's HFTokenizer wrapper
+                hint = f"; {type(tokenizer).__name__} wraps an HF fast tokenizer: pass its .tokenizer instead"
+            raise InputError(f"a tokenizer callable must return (ids, offsets) per text, got {type(result).__name__}{hint}")
         ids, offsets = result
         return _batch(tokenizer, *_pad([list(map(int, r)) for r in ids], [_pairs(o) for o in offsets], None,
                                        max_length=max_length))

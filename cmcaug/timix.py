@@ -74,6 +74,12 @@ class MixResult:
     gathered_lam: torch.Tensor
     gathered_partner: torch.Tensor
 
+    def __repr__(self) -> str:
+        b, c, h, w = self.images.shape
+        return (f"MixResult(images=[{b}, {c}, {h}, {w}] {self.images.dtype}, patch_size={self.patch_size}, "
+                f"lam={[round(v, 3) for v in self.lam.tolist()[:8]]}{'...' if b > 8 else ''}, "
+                f"partner={self.partner.tolist()[:8]}{'...' if b > 8 else ''})")
+
 
 def text_aware_mix(
     images: torch.Tensor, relevance: torch.Tensor, *, patch_size: int, window: Window = None,

@@ -371,3 +371,14 @@ def test_unusable_tokenizers_are_refused(open_clip_tokenizer):
     masked.reduction_fn = lambda texts, **kwargs: None  # what SimpleTokenizer(reduction_mask=...) sets
     with pytest.raises(InputError, match="reduction_mask"):
         OpenClipOffsets(masked)
+
+
+def test_a_wrapper_of_an_hf_tokenizer_is_pointed_at_its_inner_tokenizer(bert):
+    class Wrapper:  # like open_clip's HFTokenizer: returns a tensor of ids, holds the HF tokenizer
+        tokenizer = bert
+
+        def __call__(self, texts):
+            return torch.zeros(len(texts), 4)
+
+    with pytest.raises(InputError, match="wraps an HF fast tokenizer: pass its .tokenizer instead"):
+        tokenize_with_offsets(Wrapper(), ["a dog"])

@@ -372,3 +372,8 @@ def test_patch_labels_from_boxes_on_cuda() -> None:
     boxes = [torch.tensor([[0.0, 0.0, 20.0, 10.0]]), torch.tensor([[31.0, 31.0, 33.0, 33.0]])]
     on_gpu = patch_labels_from_boxes([b.cuda() for b in boxes], (4, 4), image_size=(40, 40))
     assert torch.equal(on_gpu, patch_labels_from_boxes(boxes, (4, 4), image_size=(40, 40)))
+
+
+def test_mix_result_repr_is_compact() -> None:
+    res = text_aware_mix(torch.rand(3, 3, 32, 32), torch.rand(3, 2, 2), patch_size=16, window=1, partner="flip")
+    assert repr(res) == f"MixResult(images=[3, 3, 32, 32] torch.float32, patch_size=16, lam={[0.75, 1.0, 0.75]}, partner=[2, 1, 0])"
