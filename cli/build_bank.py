@@ -63,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--vocab", metavar="FILE", help='concept vocabulary JSON {"name": [synonyms...]} (default: the class names)')
     parser.add_argument("--patch-size", type=int, default=64, metavar="P", help="patch side in pixels (default 64)")
     parser.add_argument("--min-box", type=float, default=16, metavar="PX", help="drop boxes whose longer side is shorter (default 16)")
-    parser.add_argument("--conf", type=float, default=0.25, help="drop boxes scoring below this (default 0.25)")
+    parser.add_argument("--conf", type=float, help="drop boxes scoring below this (default 0.25)")
     parser.add_argument("--max-per-concept", type=int, metavar="N", help="keep at most N patches per concept, drawn with --seed")
     parser.add_argument("--embedder", choices=("pixels", "detector"), default="pixels",
                         help="pixels: model-free colour/layout descriptor (default); detector: pooled YOLO backbone features")
@@ -84,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cmcaug.build import build_bank
+    from cmcaug.build import build_bank, empty_bank_warning
 
     from .render import summary, table
 
@@ -117,4 +117,6 @@ def run(args: argparse.Namespace) -> int:
     rows += [(f"  dropped: {reason}", n) for reason, n in boxes["dropped"].items()]
     print(table(rows, ["stage", "count"]))
     print(table(list(result.stats["patches_per_concept"].items()), ["concept", "patches"]))
+    if boxes["kept"] == 0:
+        print(f"cmcaug build-bank: warning: {empty_bank_warning(result.stats)}", file=sys.stderr)
     return 0

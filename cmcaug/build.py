@@ -253,6 +253,27 @@ def run_local(job: BuildJob, batches: Sequence[int]) -> Generator[tuple[int, byt
 
 
 # -- the pipeline ----------------------------------------------------------------------------------
+DEFAULT_CONF = 0.25
+
+
+def resolve_conf(conf: float | None, detector: Any) -> float:
+    """The score threshold a build uses: `conf`, else the threshold of a given Detector object (so a
+    detector made with conf=0.01 is not silently re-filtered at 0.25), else `DEFAULT_CONF`."""
+    if conf is not None:
+        return float(conf)
+    own = getattr(detector, "conf", None) if isinstance(detector, Detector) else None
+    return DEFAULT_CONF if own is None else float(own)
+
+
+def empty_bank_warning(stats: dict[str, Any]) -> str:
+    """One line saying a build kept no patches and why (its largest drop and failure counts)."""
+    images, boxes = stats["images"], stats["boxes"]
+    counts = {f"dropped {r}": n for r, n in boxes["dropped"].items()} | {f"images {r}": n for r, n in images["failed"].items()}
+    reasons = ", ".join(f"{n} {what}" for what, n in sorted(counts.items(), key=lambda kv: -kv[1]) if n > 0)
+    return (f"the bank holds 0 patches ({images['read']} images read, {images['decoded']} decoded, {boxes['found']} boxes found"
+            f"{'; ' + reasons if reasons else ''}); check conf, min_box, the vocabulary and the box source")
+
+
 def _check_options(patch_size: int, min_box: float, conf: float, max_per_concept: int | None, batch_size: int,
                    workers: int | None, resume: bool, overwrite: bool) -> None:
     problems = [
@@ -278,7 +299,7 @@ def build_bank(
     vocab: ConceptVocab | str | Path | None = None,
     patch_size: int = 64,
     min_box: float = 16,
-    conf: float = 0.25,
+    conf: float | None = None,
     max_per_concept: int | None = None,
     embedder: str = "pixels",
     batch_size: int = 16,
@@ -295,7 +316,8 @@ def build_bank(
     Boxes come from `detector` (YOLO weights / yaml, any `Detector`, or a zero-argument function making
     one) or `annotations` (COCO JSON).
     Boxes are dropped when their class is not in `vocab` (default: the detector's class names), their
-    score is below `conf`, or their longer side is below `min_box` pixels; at most `max_per_concept`
+    score is below `conf` (default: the detector's own `conf` when `detector` is a Detector that has one,
+    else 0.25), or their longer side is below `min_box` pixels; at most `max_per_concept`
     patches per concept are kept (a draw seeded by `seed`, which also seeds a yaml model's random
     weights). `workers` decode threads (default: min(8, CPUs)) never change the result. Images over
     `max_pixels` pixels are skipped as decompression bombs. `runner` runs the batches (default
@@ -303,6 +325,7 @@ def build_bank(
     result either, so a build can be resumed with another runner. Same as `cmcaug build-bank`.
     """
     started = time.perf_counter()
+    conf = resolve_conf(conf, detector)
     _check_options(patch_size, min_box, conf, max_per_concept, batch_size, workers, resume, overwrite)
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     refs: list[ImageRef] = list_images(inputs)
@@ -355,4 +378,6 @@ def build_bank(
     provenance = {**description, "fingerprint": state["fingerprint"]}
     manifest = _finalize(out, build, n_batches, keys, vocab, opts, emb.dim, provenance, progress)
     seconds = time.perf_counter() - started
+    if manifest["stats"]["boxes"]["kept"] == 0:
+        log.warning("%s", empty_bank_warning(manifest["stats"]))
     return BuildStats(out, manifest["stats"], seconds, todo_images / max(processing, 1e-9), n_batches - len(todo), manifest=manifest)

@@ -23,6 +23,7 @@ paths (a shared file system); only the driver writes, so BANK need not be shared
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -166,7 +167,7 @@ class RayRunner:
         for bad, message in problems:
             if bad:
                 raise InputError(message)
-        self.address, self.actors = address, actors
+        self.address, self.actors, self._in_session = address, actors, False
         self.num_cpus_per_task, self.num_gpus_per_task = float(num_cpus_per_task), float(num_gpus_per_task)
 
     def _connect(self, ray: Any) -> bool:
@@ -176,8 +177,31 @@ class RayRunner:
                 raise InputError(f"Ray is already initialized in this process, so address={self.address!r} cannot be honoured; "
                                  "pass address=None to use that Ray, or call ray.shutdown() first")
             return False
-        ray.init(address=self.address)
+        try:
+            ray.init(address=self.address)
+        except (ConnectionError, RuntimeError, TimeoutError) as exc:
+            raise InputError(f"could not connect to Ray at address={self.address or '(Ray default)'}: {exc}; start a cluster "
+                             "with `ray start --head` (or point RAY_ADDRESS / the address at a running one), or use "
+                             "address='local' (--ray local) for a private Ray on this machine") from exc
         return True
+
+    @contextlib.contextmanager
+    def session(self) -> Generator[Any, None, None]:
+        """Ray, joined for the duration (disconnected after if this joined it); nested sessions share one
+        connection, so `build_bank_distributed` can connect before writing anything and the batches reuse it."""
+        ray = require("ray", _PURPOSE)
+        require("ray.data", _PURPOSE)
+        if self._in_session:
+            yield ray
+            return
+        connected_here = self._connect(ray)
+        self._in_session = True
+        try:
+            yield ray
+        finally:
+            self._in_session = False
+            if connected_here:
+                ray.shutdown()
 
     def _actor_pool(self, ray: Any, batches: int) -> Any:
         if self.actors is not None:
@@ -210,22 +234,18 @@ class RayRunner:
     def __call__(self, job: BuildJob, batches: Sequence[int]) -> Generator[tuple[int, bytes], None, None]:
         if not batches:
             return
-        ray = require("ray", _PURPOSE)
-        require("ray.data", _PURPOSE)
-        connected_here = self._connect(ray)
-        log.info("running %d batches on Ray (%s): %g CPUs per task, %g GPUs per actor", len(batches),
-                 self.address or "this process's Ray", self.num_cpus_per_task, self.num_gpus_per_task)
-        context = ray.data.DataContext.get_current()
-        bars, context.enable_progress_bars = context.enable_progress_bars, False  # build_bank draws its own
-        try:
-            for row in self._dataset(ray, job, batches).iter_rows():
-                if row["error"] is not None:
-                    _raise_shipped(row["error"], row["message"])
-                yield int(row["batch"]), row["shard"]
-        finally:
-            context.enable_progress_bars = bars
-            if connected_here:
-                ray.shutdown()
+        with self.session() as ray:
+            log.info("running %d batches on Ray (%s): %g CPUs per task, %g GPUs per actor", len(batches),
+                     self.address or "this process's Ray", self.num_cpus_per_task, self.num_gpus_per_task)
+            context = ray.data.DataContext.get_current()
+            bars, context.enable_progress_bars = context.enable_progress_bars, False  # build_bank draws its own
+            try:
+                for row in self._dataset(ray, job, batches).iter_rows():
+                    if row["error"] is not None:
+                        _raise_shipped(row["error"], row["message"])
+                    yield int(row["batch"]), row["shard"]
+            finally:
+                context.enable_progress_bars = bars
 
 
 def build_bank_distributed(
@@ -247,7 +267,8 @@ def build_bank_distributed(
     `address`: None uses the Ray this process is connected to, else Ray's default (`RAY_ADDRESS` or a
     cluster running on this machine, else a new private one); "auto" joins a running cluster (error if
     none); "local" starts a private one-machine Ray; "HOST:PORT" or "ray://HOST:PORT" joins that cluster.
-    When this call connects, it disconnects at the end. Each decode task and each detector actor asks
+    It connects before writing anything (an unreachable cluster is an `InputError`) and, when it
+    connected, disconnects at the end. Each decode task and each detector actor asks
     for `num_cpus_per_task` CPUs; actors also ask for `num_gpus_per_task` GPUs. `actors` fixes the size
     of the actor pool (default: autoscale from 1 to what the cluster fits).
     """
@@ -257,5 +278,5 @@ def build_bank_distributed(
         raise InputError(f"unknown option(s) {', '.join(unknown)} for build_bank_distributed; expected address, num_cpus_per_task, "
                          f"num_gpus_per_task, actors or build_bank's options: {', '.join(sorted(allowed))}")
     runner = RayRunner(address, num_cpus_per_task=num_cpus_per_task, num_gpus_per_task=num_gpus_per_task, actors=actors)
-    require("ray.data", _PURPOSE)  # fail before touching the output folder
-    return build_bank(inputs, out, runner=runner, **options)
+    with runner.session():  # connect (or fail) before touching the output folder
+        return build_bank(inputs, out, runner=runner, **options)

@@ -17,7 +17,7 @@ from image_zoo import write_shard, write_zoo
 from PIL import Image
 
 from cmcaug.bank import PatchBank
-from cmcaug.build import build_bank, crop_patch, select_per_concept
+from cmcaug.build import DEFAULT_CONF, build_bank, crop_patch, resolve_conf, select_per_concept
 from cmcaug.concepts import ConceptVocab
 from cmcaug.detect import UltralyticsDetector
 from cmcaug.errors import InputError
@@ -129,9 +129,10 @@ def test_img2dataset_shards_give_the_same_patches(corpus: Path, tmp_path: Path) 
 
 def test_yolo_build_with_detector_features(corpus: Path, tmp_path: Path) -> None:
     detector = UltralyticsDetector("yolov8n.yaml", conf=0.0, imgsz=160, max_det=3, batch_size=8)
-    result = build_bank(corpus / "images", tmp_path / "bank", detector=detector, embedder="detector", conf=0.0,
+    result = build_bank(corpus / "images", tmp_path / "bank", detector=detector, embedder="detector",  # conf: the detector's
                         max_per_concept=4, batch_size=8, progress=False)
     bank = PatchBank.open(tmp_path / "bank")
+    assert bank.manifest["provenance"]["options"]["conf"] == 0.0
     assert len(bank) == result.stats["boxes"]["kept"] > 0 and bank.vocab.names[:2] == ["0", "1"]
     assert bank.manifest["provenance"]["embedder"]["type"] == "detector" and bank.embedding_dim == 256
     assert result.stats["boxes"]["found"] <= 16 * 3
@@ -197,3 +198,16 @@ def test_heavy_dependencies_load_lazily() -> None:
             "sys.exit(' '.join(m for m in ('spacy', 'ultralytics', 'faiss', 'ray') if m in sys.modules) or None)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_conf_defaults_to_the_detectors_own() -> None:
+    detector = UltralyticsDetector("yolov8n.yaml", conf=0.0001)
+    assert resolve_conf(None, detector) == 0.0001 and resolve_conf(0.5, detector) == 0.5
+    assert resolve_conf(None, "yolov8n.yaml") == resolve_conf(None, lambda: detector) == DEFAULT_CONF == 0.25
+
+
+def test_empty_bank_is_built_with_a_warning(corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="cmcaug.build"):
+        result = build(corpus, tmp_path / "bank", min_box=10_000)
+    assert result.stats["boxes"]["kept"] == 0 and len(PatchBank.open(tmp_path / "bank")) == 0
+    assert "holds 0 patches" in caplog.text and f"{result.stats['boxes']['found']} dropped small" in caplog.text

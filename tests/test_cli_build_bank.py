@@ -99,3 +99,26 @@ def test_bad_annotations_exit_3_with_a_message(corpus: Path, tmp_path: Path, cap
         code, err = with_coco(change)
         assert code == 3 and err.startswith("cmcaug build-bank: error: ") and message in err, err
     assert not (tmp_path / "bank").exists()  # refused before anything was written
+
+
+def test_empty_bank_warns_after_the_summary(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["build-bank", str(corpus / "images"), "-o", str(tmp_path / "bank"), "--annotations", str(corpus / "annotations.json"),
+            "--min-box", "10000", "--no-progress"]
+    assert main(args) == 0  # an empty bank is still a valid bank
+    out, err = capsys.readouterr()
+    assert "status: built" in out and "patches: 0" in out
+    assert "cmcaug build-bank: warning: the bank holds 0 patches" in err and "dropped small" in err
+
+
+@pytest.mark.xdist_group("ray")  # never beside test_distributed's cluster, which 'auto' would join
+def test_ray_auto_without_a_cluster_exits_3_before_writing(corpus: Path, tmp_path: Path) -> None:
+    """--ray auto with no cluster: exit 3 with a hint and no BANK/.build left behind."""
+    services = pytest.importorskip("ray._private.services", reason="Ray is the 'distributed' extra")
+    if services.find_gcs_addresses():
+        pytest.skip("a Ray cluster runs on this machine, so --ray auto would join it")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(tmp_path)}
+    args = [str(corpus / "images"), "-o", str(tmp_path / "rayb"), "--annotations", str(corpus / "annotations.json"), "--ray", "auto"]
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "could not connect to Ray at address=auto" in done.stderr and "ray start --head" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "rayb").exists()
