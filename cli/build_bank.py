@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--detector", metavar="WEIGHTS_OR_YAML", help="ultralytics YOLO .pt file or model yaml (e.g. yolov8n.yaml)")
     source.add_argument("--annotations", metavar="COCO.json", help="COCO-format boxes instead of a detector")
-    parser.add_argument("--vocab", metavar="FILE", help='concept vocabulary JSON {"name": [synonyms...]} (default: the class names)')
+    parser.add_argument("--vocab", metavar="FILE", help='concept vocabulary JSON {"name": [synonyms...]}, or "default" for the built-in COCO-80 (default: the class names)')
     parser.add_argument("--patch-size", type=int, default=64, metavar="P", help="patch side in pixels (default 64)")
     parser.add_argument("--min-box", type=float, default=16, metavar="PX", help="drop boxes whose longer side is shorter (default 16)")
     parser.add_argument("--conf", type=float, help="drop boxes scoring below this (default 0.25)")

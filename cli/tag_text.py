@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
         vocab = PatchBank.open(args.bank, validate=False).vocab
     else:
-        vocab = ConceptVocab.default() if args.vocab == "default" else ConceptVocab.from_json(args.vocab)
+        vocab = ConceptVocab.load(args.vocab)
     with GroundingTagger(vocab, model=args.model, mode=args.mode, batch_size=args.batch_size, n_process=args.n_process) as tagger:
         stats = tag_corpus(args.corpus, args.output, tagger, field=args.field, progress=not args.no_progress)
     per_concept = stats.pop("spans_per_concept")

@@ -335,7 +335,7 @@ def build_bank(
     if isinstance(det, AnnotationDetector):
         det.match(keys)
     if not isinstance(vocab, ConceptVocab):
-        vocab = ConceptVocab.from_names(det.names) if vocab is None else ConceptVocab.from_json(vocab)
+        vocab = ConceptVocab.from_names(det.names) if vocab is None else ConceptVocab.load(vocab)
     concept_of = _concept_map(det.names, vocab)
     opts = {"patch_size": int(patch_size), "min_box": float(min_box), "conf": float(conf), "max_per_concept": max_per_concept,
             "batch_size": int(batch_size), "seed": int(seed), "max_pixels": int(max_pixels)}

@@ -120,6 +120,13 @@ class ConceptVocab:
             raise InputError(f'{path}: expected a JSON object {{"name": ["synonym", ...]}}, got {type(data).__name__}')
         return cls(data)
 
+    @classmethod
+    def load(cls, source: ConceptVocab | str | Path) -> ConceptVocab:
+        """A vocabulary as users name one: an instance, "default" (COCO-80), or a JSON file's path."""
+        if isinstance(source, ConceptVocab):
+            return source
+        return cls.default() if str(source) == "default" else cls.from_json(source)
+
     def to_dict(self) -> dict[str, list[str]]:
         return {n: list(s) for n, s in zip(self._names, self._synonyms)}
 

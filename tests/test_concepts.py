@@ -77,3 +77,10 @@ def test_resolve_takes_names_or_ids():
     assert vocab.resolve("HOT DOG") == 1 and vocab.resolve(0) == 0
     with pytest.raises(InputError, match="out of range"):
         vocab.resolve(5)
+
+
+def test_load_takes_an_instance_default_or_a_path(tmp_path):
+    vocab = ConceptVocab({"circle": []})
+    assert ConceptVocab.load(vocab) is vocab
+    assert ConceptVocab.load("default") == ConceptVocab.default()
+    assert ConceptVocab.load(vocab.to_json(tmp_path / "v.json")) == vocab
