@@ -78,7 +78,7 @@ def open_build(out: Path, state: dict[str, Any], resume: bool, overwrite: bool) 
         if old is None:
             shutil.rmtree(build)  # killed before its state was written: nothing to keep
         elif old["fingerprint"] != state["fingerprint"]:
-            changed = sorted(k for k in state["description"] if old["description"].get(k) != state["description"][k])
+            changed = _differences(old["description"], state["description"])
             raise InputError(f"the unfinished build in {build} was started with other inputs or options (differs in: "
                              f"{', '.join(changed)}); rerun with the same ones to resume, or pass --overwrite to start over")
     elif resume and manifest.is_file():
@@ -93,8 +93,8 @@ def open_build(out: Path, state: dict[str, Any], resume: bool, overwrite: bool) 
         _clear(out)  # leftovers of a bank being deleted: start over
     elif entries:
         what = ("an unfinished build: pass --resume to continue it or --overwrite to start over" if build.is_dir()
-                else "a bank: pass --overwrite to replace it")
-        raise InputError(f"output {out} already holds {what}")
+                else "a bank: pass --overwrite to replace it, or --resume to keep it if it was built from the same inputs and options")
+        raise InputError(f"output '{out}' already holds {what}")
     (build / "shards").mkdir(parents=True, exist_ok=True)
     for stale in (build / "shards").glob("*.tmp"):
         stale.unlink()
@@ -155,3 +155,19 @@ def load_shard(build: Path, batch: int, names: Sequence[str]) -> dict[str, Any]:
             return out
     except (OSError, ValueError, KeyError) as exc:
         raise BankFormatError(f"{path}: unreadable build shard ({exc}); pass --overwrite to start the build over") from exc
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of what differs between two build descriptions, with both values where they are plain."""
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
+            found.append(f"{prefix}{key}")
+        else:
+            found.append(f"{prefix}{key} ({a!r} before, {b!r} now)")
+    return found

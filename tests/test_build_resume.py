@@ -117,7 +117,7 @@ def test_resume_refuses_other_options_and_bad_shards(corpus: Path, tmp_path: Pat
     out = tmp_path / "bank"
     killed = subprocess.run(cli_args(corpus, out), env={**os.environ, CRASH_ENV: "finalize:before"}, capture_output=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL
-    with pytest.raises(InputError, match=r"differs in: options"):
+    with pytest.raises(InputError, match=r"differs in: options\.patch_size \(64 before, 32 now\)"):
         build(corpus, out, resume=True, patch_size=32)
     (out / BUILD_DIR / "shards" / "00000003.npz").write_bytes(b"garbage")
     with pytest.raises(BankFormatError, match="00000003.npz: unreadable build shard"):
