@@ -1,7 +1,8 @@
 """Benchmark the fused CMC splice against eager PyTorch, torch.compile and a per-sample Python loop.
 
-    python -m benchmarks.bench_splice              # needs a CUDA GPU; writes results/splice-<gpu>.json + .png
-    python -m benchmarks.bench_splice --smoke      # one small size on the CPU: checks the code path only
+    cmcaug bench splice [--out DIR] [-- --sizes B,L,D ...]   # needs a CUDA GPU; writes splice-<gpu>.json + .png
+    cmcaug bench splice --smoke                             # one small size on the CPU: checks the code path only
+    python -m benchmarks.bench_splice [--smoke] [--out DIR]  # the same from a source checkout
 
 Providers: "triton" (`splice`, the fused kernels), "eager" (`splice(backend="reference")`: one gather
 from stacked rows, gather-based backward), "compile" (`torch.compile` of the reference forward; autograd
@@ -90,7 +91,7 @@ def providers(plan: SplicePlan, segments, names: Sequence[str]) -> dict[str, Cal
     if "compile" in names:
         torch._dynamo.reset()  # a fresh compile per size and dtype (static shapes, no recompile limit)
         compiled = torch.compile(reference.splice_forward, dynamic=False)
-        table["compile"] = lambda t, p: compiled(t, p, plan)
+        table["compile"] = lambda t, p: compiled(t, p, plan.source_index)
     return {name: table[name] for name in names}
 
 
@@ -147,7 +148,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.argument_parser("bench_splice", __doc__)
     parser.add_argument("--smoke", action="store_true", help="one small size on the CPU (checks the code path)")
     parser.add_argument("--sizes", nargs="+", type=_size, metavar="B,L,D", help="sizes (default: the issue's sweep)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
@@ -182,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     peak_copy = max(r["copy_gbs"] for r in rows)
     payload = {"device": device_label, "copy_gbs": peak_copy, "torch": torch.__version__,
                "triton": _triton_version(), "rows": rows, "summary": summary}
-    path = common.write_results(name, payload, device=device_label)
+    path = common.write_results(name, payload, out=args.out, device=device_label)
     plotted = [dict(r, MB=r["bytes"] / 1e6, series=f"{r['provider']} {r['dtype']}")
                for r in rows if r["pass"] == "fwd+bwd"]
     common.plot_rows(plotted, x="MB", y="gbs", series=["series"], path=path.with_suffix(".png"),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -33,13 +33,14 @@ PAD_SOURCE = -(2**31)
 """The `source_index` sentinel for padding positions (int32 minimum, never a valid patch row)."""
 
 _INT32_MAX = 2**31 - 1
+_TOKEN_MAPS = ("attention_mask", "modality_ids", "position_ids")
 
 
 @dataclass(frozen=True, repr=False, eq=False)
 class SplicePlan:
     """Where every row of a spliced batch comes from; build it with `SplicePlan.build`.
 
-    The three index maps are tensors that follow the plan to a device (`to`, `pin_memory`); the per-row
+    The index maps are tensors that follow the plan to a device (`to`, `pin_memory`); the per-row
     counts are NumPy arrays for the CPU side (choosing which bank patches fill the slots).
     """
 
@@ -49,6 +50,12 @@ class SplicePlan:
     text_lengths: np.ndarray         # int64 [B]: tokens of each text row
     output_lengths: np.ndarray       # int64 [B]: tokens of each spliced row
     slots_per_row: np.ndarray        # int64 [B]: the first slots_per_row[b] spans of row b were replaced
+    # Per-token maps a transformer takes beside the embeddings, derived from `source_index` when the plan is
+    # made (in the DataLoader workers) and moved with it: a splice then launches nothing but its gather, and
+    # `torch.compile` sees plain tensor attributes. Treat them as read-only.
+    attention_mask: torch.Tensor = field(default=None)  # int64 [B, L_out]: 1 text and patch tokens, 0 padding
+    modality_ids: torch.Tensor = field(default=None)    # int64 [B, L_out]: 0 text tokens and padding, 1 patches
+    position_ids: torch.Tensor = field(default=None)    # int64 [B, L_out]: 0, 1, 2, ... per row, 0 on padding
 
     def __post_init__(self) -> None:
         """Kernels size their outputs from these maps, so a hand-made plan whose maps disagree would make them
@@ -63,7 +70,12 @@ class SplicePlan:
         if rows[0] != rows[1]:
             raise InputError(f"SplicePlan maps disagree on the batch size: source_index has {rows[0]} rows, "
                              f"text_destination {rows[1]}; use SplicePlan.build")
-        if len({index.device for index in maps.values()}) != 1:
+        missing = [name for name in _TOKEN_MAPS if getattr(self, name) is None]
+        if missing:
+            derived = _token_maps(self.source_index)
+            for name in missing:
+                object.__setattr__(self, name, derived[name])
+        if len({t.device for t in (*maps.values(), *(getattr(self, name) for name in _TOKEN_MAPS))}) != 1:
             raise InputError("SplicePlan maps must share one device; move plans with plan.to(device)")
 
     @classmethod
@@ -188,25 +200,6 @@ class SplicePlan:
         first_slot = np.cumsum(self.slots_per_row) - self.slots_per_row
         return np.arange(self.slot_rows.size) - first_slot[self.slot_rows]
 
-    # -- maps derived from the source map: computed once per plan, on its device, then shared ---------------
-    # A splice's cost is one pass over the embeddings; recomputing these (about ten tiny kernels) on every
-    # call would add a fixed cost as large as the pass itself for a small batch. Treat them as read-only.
-    @functools.cached_property
-    def attention_mask(self) -> torch.Tensor:
-        """int64 [B, L_out]: 1 for text and patch tokens, 0 for padding."""
-        return (self.source_index != PAD_SOURCE).long()
-
-    @functools.cached_property
-    def modality_ids(self) -> torch.Tensor:
-        """int64 [B, L_out]: 0 for text tokens and padding, 1 for patch tokens."""
-        return ((self.source_index < 0) & (self.source_index != PAD_SOURCE)).long()
-
-    @functools.cached_property
-    def position_ids(self) -> torch.Tensor:
-        """int64 [B, L_out]: 0, 1, 2, ... along each spliced row (patch tokens count), 0 on padding."""
-        positions = torch.arange(self.output_length, device=self.device)
-        return positions * self.attention_mask
-
     def remap_labels(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Per-token values of the text ([B, L], e.g. MLM labels or token ids) laid out like the output.
 
@@ -243,6 +236,7 @@ class SplicePlan:
             source_index=fn(self.source_index),
             text_destination=fn(self.text_destination),
             patch_destination=fn(self.patch_destination),
+            **{name: fn(getattr(self, name)) for name in _TOKEN_MAPS},
         )
 
     def __repr__(self) -> str:
@@ -251,6 +245,16 @@ class SplicePlan:
             f"output_length={self.output_length}, num_slots={self.num_slots}, "
             f"patch_tokens={self.patch_tokens}, device={self.device})"
         )
+
+
+def _token_maps(source_index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """attention_mask, modality_ids and position_ids of a signed source map (see the fields' comments)."""
+    attention_mask = (source_index != PAD_SOURCE).long()
+    return {
+        "attention_mask": attention_mask,
+        "modality_ids": ((source_index < 0) & attention_mask.bool()).long(),
+        "position_ids": torch.arange(source_index.shape[1], device=source_index.device) * attention_mask,
+    }
 
 
 def _int_array(values, name: str) -> np.ndarray:

@@ -38,6 +38,7 @@ def triton_can_run(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available()
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: decided once, while tracing
 def resolve_backend(backend: str, device: torch.device) -> Literal["triton", "reference"]:
     """Turn a user's `backend` choice into the implementation that runs on `device`."""
     if backend == "reference":

@@ -97,6 +97,24 @@ def patch_gather(
 _IMPLEMENTATIONS = {"triton": patch_gather, "reference": reference.patch_gather}
 
 
+# A registered operator, so `torch.compile` keeps it as one opaque node (no graph break, the same kernel in
+# and out of compiled code); the CPU range check of `index` runs inside it, on real values.
+@torch.library.custom_op("cmcaug::normalize_patches", mutates_args=())
+def _normalize_op(pixels: torch.Tensor, index: torch.Tensor | None, affine: torch.Tensor, dtype: torch.dtype,
+                  implementation: str) -> torch.Tensor:
+    if index is not None and index.device.type == "cpu" and index.numel():
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= pixels.shape[0]:
+            raise InputError(f"index values must lie in [0, {pixels.shape[0]}) (rows of pixels), got [{low}, {high}]")
+    return _IMPLEMENTATIONS[implementation](pixels, index, affine, dtype)
+
+
+@_normalize_op.register_fake
+def _(pixels, index, affine, dtype, implementation):
+    _, h, w, c = pixels.shape
+    return pixels.new_empty(pixels.shape[0] if index is None else index.numel(), c, h, w, dtype=dtype)
+
+
 def normalize_patches(
     pixels: torch.Tensor,
     mean: Sequence[float] | torch.Tensor,
@@ -120,7 +138,7 @@ def normalize_patches(
     if index is not None:
         _check_index(index, pixels)
     affine = reference.patch_affine(mean, std, pixels.shape[-1], pixels.device)
-    return _IMPLEMENTATIONS[resolve_backend(backend, pixels.device)](pixels, index, affine, dtype)
+    return _normalize_op(pixels, index, affine, dtype, resolve_backend(backend, pixels.device))
 
 
 def _check_index(index: torch.Tensor, pixels: torch.Tensor) -> None:
@@ -129,10 +147,6 @@ def _check_index(index: torch.Tensor, pixels: torch.Tensor) -> None:
         raise InputError(f"index must be a 1-D integer tensor of rows of pixels, got {_describe(index)}")
     if index.device != pixels.device:
         raise InputError(f"index is on {index.device} but pixels are on {pixels.device}; move one of them")
-    if index.device.type == "cpu" and index.numel():
-        low, high = int(index.min()), int(index.max())
-        if low < 0 or high >= pixels.shape[0]:
-            raise InputError(f"index values must lie in [0, {pixels.shape[0]}) (rows of pixels), got [{low}, {high}]")
 
 
 def _describe(x) -> str:

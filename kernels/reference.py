@@ -5,46 +5,47 @@ match it exactly where they only move values, and within a per-dtype tolerance w
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from cmcaug.errors import InputError
-from cmcaug.plan import PAD_SOURCE, SplicePlan
+from cmcaug.plan import PAD_SOURCE
 
 # ------------------------------------------------------------------------------------------------------
 # Splice: the twin of kernels/splice.py
 # ------------------------------------------------------------------------------------------------------
 
 
-def splice_forward(text: torch.Tensor, patches: torch.Tensor, plan: SplicePlan) -> torch.Tensor:
+def splice_forward(text: torch.Tensor, patches: torch.Tensor, source_index: torch.Tensor) -> torch.Tensor:
     """Reference of `splice.splice_forward`: stack text rows, patch rows and one zero row, gather once."""
     d = text.shape[-1]
     n_text = text.shape[0] * text.shape[1]
     zero_row = n_text + patches.shape[0] * patches.shape[1]
     table = torch.cat([text.reshape(-1, d), patches.reshape(-1, d), text.new_zeros(1, d)])
-    source = plan.source_index.long()
+    source = source_index.long()
     row = torch.where(source >= 0, source, n_text - 1 - source)
     return table[torch.where(source == PAD_SOURCE, zero_row, row)]
 
 
 def splice_backward(
-    grad: torch.Tensor, plan: SplicePlan, *, text_grad: bool = True, patch_grad: bool = True,
+    grad: torch.Tensor, text_destination: torch.Tensor | None, patch_destination: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Reference of `splice.splice_backward`: gather each source row's gradient through the inverse maps.
-
-    Rows with no destination (replaced, truncated, padding) get zeros.
+    """Reference of `splice.splice_backward`: gather each source row's gradient through the inverse maps
+    (None where that gradient is not wanted). Rows with no destination (replaced, truncated, padding) get zeros.
     """
     d = grad.shape[-1]
     table = torch.cat([grad.reshape(-1, d), grad.new_zeros(1, d)])
     zero_row = table.shape[0] - 1
 
-    def gather(destination: torch.Tensor) -> torch.Tensor:
+    def gather(destination: torch.Tensor | None) -> torch.Tensor | None:
+        if destination is None:
+            return None
         destination = destination.long()
         return table[torch.where(destination >= 0, destination, zero_row)]
 
-    return (gather(plan.text_destination) if text_grad else None,
-            gather(plan.patch_destination) if patch_grad else None)
+    return gather(text_destination), gather(patch_destination)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -61,15 +62,16 @@ def patch_affine(
     """
     stats = []
     for name, values in (("mean", mean), ("std", std)):
-        values = torch.as_tensor(values, dtype=torch.float64).cpu()
-        if values.shape != (channels,) or not torch.isfinite(values).all():
+        values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+        if len(values) != channels or not all(math.isfinite(v) for v in values):
             raise InputError(f"{name} must hold {channels} finite numbers (one per channel, in [0, 1] units), "
-                             f"got {values.tolist()}")
-        stats.append(values)
-    mean64, std64 = stats
-    if (std64 <= 0).any():
-        raise InputError(f"std must be positive, got {std64.tolist()}")
-    return torch.stack([1.0 / (255.0 * std64), -mean64 / std64]).to(device=device, dtype=torch.float32)
+                             f"got {values}")
+        stats.append([float(v) for v in values])
+    mean64, std64 = stats  # Python floats: fp64 math, and constants under torch.compile
+    if min(std64) <= 0:
+        raise InputError(f"std must be positive, got {std64}")
+    scale, shift = [1.0 / (255.0 * v) for v in std64], [-m / v for m, v in zip(mean64, std64)]
+    return torch.tensor([scale, shift], dtype=torch.float32, device=device)
 
 
 def patch_gather(

@@ -131,30 +131,30 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
 
 
 def splice_forward(
-    text: torch.Tensor, patches: torch.Tensor, plan: SplicePlan, *,
+    text: torch.Tensor, patches: torch.Tensor, source_index: torch.Tensor, *,
     block_rows: int | None = None, block_d: int | None = None,
 ) -> torch.Tensor:
-    """Triton forward: embeds [B, L_out, D] gathered from text and patches through `plan.source_index`."""
+    """Triton forward: embeds [B, L_out, D] gathered from text and patches through the signed `source_index`."""
     text, patches = _unit_stride(text), _unit_stride(patches)
-    out = text.new_empty(plan.batch_size, plan.output_length, text.shape[-1])
-    return _gather_rows(out, plan.source_index, text, patches, block_rows, block_d)
+    out = text.new_empty(*source_index.shape, text.shape[-1])
+    return _gather_rows(out, source_index, text, patches, block_rows, block_d)
 
 
 def splice_backward(
-    grad: torch.Tensor, plan: SplicePlan, *, text_grad: bool = True, patch_grad: bool = True,
+    grad: torch.Tensor, text_destination: torch.Tensor | None, patch_destination: torch.Tensor | None, *,
     block_rows: int | None = None, block_d: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Triton backward: (grad_text [B, L, D], grad_patches [M, K, D]), each gathered through its inverse map."""
+    """Triton backward: (grad_text [B, L, D], grad_patches [M, K, D]), each gathered through its inverse map
+    (None for a map passed as None: that gradient is not wanted)."""
     grad = _unit_stride(grad)
-    d = grad.shape[-1]
-    grad_text = grad_patches = None
-    if text_grad:
-        grad_text = grad.new_empty(plan.batch_size, plan.text_length, d)
-        _gather_rows(grad_text, plan.text_destination, grad, None, block_rows, block_d)
-    if patch_grad:
-        grad_patches = grad.new_empty(plan.num_slots, plan.patch_tokens, d)
-        _gather_rows(grad_patches, plan.patch_destination, grad, None, block_rows, block_d)
-    return grad_text, grad_patches
+
+    def gather(destination: torch.Tensor | None) -> torch.Tensor | None:
+        if destination is None:
+            return None
+        return _gather_rows(grad.new_empty(*destination.shape, grad.shape[-1]), destination, grad, None,
+                            block_rows, block_d)
+
+    return gather(text_destination), gather(patch_destination)
 
 
 _IMPLEMENTATIONS: dict[str, tuple[Callable, Callable]] = {
@@ -162,38 +162,70 @@ _IMPLEMENTATIONS: dict[str, tuple[Callable, Callable]] = {
     "reference": (reference.splice_forward, reference.splice_backward),
 }
 
-
-class _SpliceFunction(torch.autograd.Function):
-    """The splice for autograd. It is linear, so its backward is its transpose (`_SpliceTranspose`, the
-    gather through the inverse maps), whose backward is the splice again: gradients of any order work."""
-
-    @staticmethod
-    def forward(ctx, text: torch.Tensor, patches: torch.Tensor, plan: SplicePlan, implementation: str):
-        ctx.plan, ctx.implementation = plan, implementation
-        return _IMPLEMENTATIONS[implementation][0](text, patches, plan)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad_text, grad_patches = _SpliceTranspose.apply(grad, ctx.plan, ctx.implementation, *ctx.needs_input_grad[:2])
-        return grad_text, grad_patches, None, None
+# The splice and its transpose are registered operators (torch.library), so `torch.compile` treats each as
+# one opaque node with a known output shape: a compiled model that splices has no graph break, and the same
+# Triton launch (or reference) runs inside and outside compiled code. The splice is linear, so its backward
+# is its transpose (the gather through the inverse maps), whose backward is the splice again: gradients of
+# any order work. Each op takes all three maps so that its backward has them.
 
 
-class _SpliceTranspose(torch.autograd.Function):
-    """(grad_text, grad_patches) from the output's gradient; None where that input needs no gradient."""
+@torch.library.custom_op("cmcaug::splice", mutates_args=())
+def _splice_op(text: torch.Tensor, patches: torch.Tensor, source_index: torch.Tensor, text_destination: torch.Tensor,
+               patch_destination: torch.Tensor, implementation: str) -> torch.Tensor:
+    return _IMPLEMENTATIONS[implementation][0](text, patches, source_index)
 
-    @staticmethod
-    def forward(ctx, grad: torch.Tensor, plan: SplicePlan, implementation: str, text_grad: bool, patch_grad: bool):
-        ctx.plan, ctx.implementation, ctx.width = plan, implementation, grad.shape[-1]
-        return _IMPLEMENTATIONS[implementation][1](grad, plan, text_grad=text_grad, patch_grad=patch_grad)
 
-    @staticmethod
-    def backward(ctx, grad_text: torch.Tensor | None, grad_patches: torch.Tensor | None):
-        plan, like = ctx.plan, grad_text if grad_text is not None else grad_patches
-        if grad_text is None:
-            grad_text = like.new_zeros(plan.batch_size, plan.text_length, ctx.width)
-        if grad_patches is None:
-            grad_patches = like.new_zeros(plan.num_slots, plan.patch_tokens, ctx.width)
-        return _SpliceFunction.apply(grad_text, grad_patches, plan, ctx.implementation), None, None, None, None
+@_splice_op.register_fake
+def _(text, patches, source_index, text_destination, patch_destination, implementation):
+    return text.new_empty(*source_index.shape, text.shape[-1])
+
+
+@torch.library.custom_op("cmcaug::splice_transpose", mutates_args=())
+def _transpose_op(grad: torch.Tensor, source_index: torch.Tensor, text_destination: torch.Tensor,
+                  patch_destination: torch.Tensor, implementation: str, text_grad: bool,
+                  patch_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_text, grad_patches); an unwanted one is an empty tensor (an operator returns tensors, not None)."""
+    grads = _IMPLEMENTATIONS[implementation][1](grad, text_destination if text_grad else None,
+                                                patch_destination if patch_grad else None)
+    return tuple(g if g is not None else grad.new_empty(0) for g in grads)
+
+
+@_transpose_op.register_fake
+def _(grad, source_index, text_destination, patch_destination, implementation, text_grad, patch_grad):
+    return tuple(grad.new_empty(*m.shape, grad.shape[-1]) if wanted else grad.new_empty(0)
+                 for m, wanted in ((text_destination, text_grad), (patch_destination, patch_grad)))
+
+
+def _setup_splice(ctx, inputs, output) -> None:
+    _, _, source_index, text_destination, patch_destination, ctx.implementation = inputs
+    ctx.save_for_backward(source_index, text_destination, patch_destination)
+
+
+def _setup_transpose(ctx, inputs, output) -> None:
+    grad, source_index, text_destination, patch_destination, ctx.implementation, *ctx.wanted = inputs
+    ctx.save_for_backward(source_index, text_destination, patch_destination)
+    ctx.width = grad.shape[-1]
+
+
+def _splice_backward(ctx, grad: torch.Tensor):
+    text_grad, patch_grad = ctx.needs_input_grad[:2]
+    grad_text, grad_patches = _transpose_op(grad, *ctx.saved_tensors, ctx.implementation, text_grad, patch_grad)
+    return grad_text if text_grad else None, grad_patches if patch_grad else None, None, None, None, None
+
+
+def _transpose_backward(ctx, grad_text: torch.Tensor, grad_patches: torch.Tensor):
+    source_index, text_destination, patch_destination = ctx.saved_tensors
+    text_grad, patch_grad = ctx.wanted
+    if not text_grad:
+        grad_text = grad_text.new_zeros(*text_destination.shape, ctx.width)
+    if not patch_grad:
+        grad_patches = grad_patches.new_zeros(*patch_destination.shape, ctx.width)
+    spliced = _splice_op(grad_text, grad_patches, *ctx.saved_tensors, ctx.implementation)
+    return spliced, None, None, None, None, None, None
+
+
+_splice_op.register_autograd(_splice_backward, setup_context=_setup_splice)
+_transpose_op.register_autograd(_transpose_backward, setup_context=_setup_transpose)
 
 
 class SpliceOutput(NamedTuple):
@@ -218,7 +250,7 @@ def splice(text: torch.Tensor, patches: torch.Tensor, plan: SplicePlan, backend:
     """
     _check_inputs(text, patches, plan)
     implementation = resolve_backend(backend, text.device)
-    embeds = _SpliceFunction.apply(text, patches, plan, implementation)
+    embeds = _splice_op(text, patches, plan.source_index, plan.text_destination, plan.patch_destination, implementation)
     return SpliceOutput(embeds, plan.attention_mask, plan.modality_ids, plan.position_ids, plan.source_index)
 
 

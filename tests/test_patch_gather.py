@@ -103,3 +103,20 @@ def test_errors(kwargs: dict, message: str) -> None:
     args = {"pixels": torch.zeros(2, 4, 4, 3, dtype=torch.uint8), "mean": CLIP_MEAN, "std": CLIP_STD} | kwargs
     with pytest.raises(InputError, match=message):
         normalize_patches(**args)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compiles_as_one_graph(triton_device, backend: str) -> None:
+    """`torch.compile(fullgraph=True)` traces a patch encoder's input step (a registered operator: no graph
+    break) and returns eager's values; a bad index is still refused, by the operator itself."""
+    pixels = make_pixels(6, 5, 3, 3, "contiguous", 3, triton_device)
+    index = torch.tensor([4, 0, 4, 2], device=triton_device)
+
+    def step(rows: torch.Tensor) -> torch.Tensor:
+        return normalize_patches(pixels, CLIP_MEAN, CLIP_STD, torch.float32, index=rows, backend=backend).relu()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(index), step(index))
+    if triton_device == "cpu":
+        with pytest.raises(InputError, match=r"index values must lie in \[0, 6\)"):
+            compiled(index + 3)

@@ -140,7 +140,7 @@ def test_plans_cross_dataloader_workers() -> None:
 @pytest.mark.gpu
 def test_pin_memory_and_to_cuda() -> None:
     plan = SplicePlan.build([4, 2], [[(1, 3)], [(0, 2)]], patch_tokens=3).pin_memory()
-    assert plan.source_index.is_pinned()
+    assert plan.source_index.is_pinned() and plan.position_ids.is_pinned()
     moved = plan.to("cuda", non_blocking=True)
     assert moved.device.type == "cuda"
     assert torch.equal(moved.attention_mask.cpu(), plan.attention_mask)

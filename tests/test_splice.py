@@ -2,9 +2,6 @@
 and backward, and the reference equals a per-row construction, on random ragged plans of every shape."""
 from __future__ import annotations
 
-import importlib.util
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -35,6 +32,11 @@ def assert_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
     bits = _BITS[actual.element_size()]
     a, e = actual.detach().cpu().contiguous(), expected.detach().cpu().contiguous()
     assert torch.equal(a.view(bits), e.view(bits)), f"{(a != e).sum().item()} of {a.numel()} elements differ"
+
+
+def inverse_maps(plan: SplicePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The maps the backward launchers take: (text_destination, patch_destination)."""
+    return plan.text_destination, plan.patch_destination
 
 
 def make_tensor(shape: tuple[int, int, int], dtype: torch.dtype, layout: str, seed: int, device: str) -> torch.Tensor:
@@ -90,7 +92,7 @@ def test_reference_matches_per_row_construction(spec: PlanSpec, d: int, dtype, l
 def test_reference_on_large_random_plans(seed: int) -> None:
     spec = random_spec(np.random.default_rng(1000 + seed), batch=64)
     plan, text, patches = case(spec, 4, torch.float32, "contiguous", seed, "cpu")
-    assert_exact(reference.splice_forward(text, patches, plan), naive_splice(text, patches, spec))
+    assert_exact(reference.splice_forward(text, patches, plan.source_index), naive_splice(text, patches, spec))
 
 
 # -- Triton against the reference ----------------------------------------------------------------------
@@ -101,11 +103,11 @@ def test_reference_on_large_random_plans(seed: int) -> None:
 def test_triton_matches_reference(triton_device, spec, d, dtype, layout, seed, blocks) -> None:
     block_rows, block_d = blocks
     plan, text, patches = case(spec, d, dtype, layout, seed, triton_device)
-    out = splice_forward(text, patches, plan, block_rows=block_rows, block_d=block_d)
-    assert_exact(out, reference.splice_forward(text, patches, plan))
+    out = splice_forward(text, patches, plan.source_index, block_rows=block_rows, block_d=block_d)
+    assert_exact(out, reference.splice_forward(text, patches, plan.source_index))
     g = make_tensor(tuple(out.shape), dtype, layout, seed + 2, triton_device)
-    got = splice_backward(g, plan, block_rows=block_rows, block_d=block_d)
-    for actual, expected in zip(got, reference.splice_backward(g, plan)):
+    got = splice_backward(g, *inverse_maps(plan), block_rows=block_rows, block_d=block_d)
+    for actual, expected in zip(got, reference.splice_backward(g, *inverse_maps(plan))):
         assert_exact(actual, expected)
 
 
@@ -135,10 +137,12 @@ def test_triton_on_large_random_plans(triton_device, seed: int) -> None:
     spec = random_spec(np.random.default_rng(2000 + seed), batch=64)
     dtype = DTYPES[seed % len(DTYPES)]
     plan, text, patches = case(spec, 7, dtype, LAYOUTS[seed % len(LAYOUTS)], seed, triton_device)
-    assert_exact(splice_forward(text, patches, plan), reference.splice_forward(text, patches, plan))
+    source = plan.source_index
+    assert_exact(splice_forward(text, patches, source), reference.splice_forward(text, patches, source))
     g = make_tensor((plan.batch_size, plan.output_length, 7), dtype, "contiguous", seed + 1, triton_device)
-    for actual, expected in zip(splice_backward(g, plan), reference.splice_backward(g, plan)):
-        assert_exact(actual, expected)
+    got, expected = splice_backward(g, *inverse_maps(plan)), reference.splice_backward(g, *inverse_maps(plan))
+    for actual, wanted in zip(got, expected):
+        assert_exact(actual, wanted)
 
 
 EDGE_CASES = {
@@ -172,10 +176,10 @@ def test_special_values_keep_their_bits(triton_device, dtype) -> None:
     plan = spec.build().to(triton_device)
     text = specials[torch.arange(2 * 4 * 5) % 7].reshape(2, 4, 5).to(device=triton_device, dtype=dtype)
     patches = specials[torch.arange(2 * 2 * 5) % 5 + 1].reshape(2, 2, 5).to(device=triton_device, dtype=dtype)
-    out = splice_forward(text, patches, plan)
-    assert_exact(out, reference.splice_forward(text, patches, plan))
-    got = splice_backward(-out, plan)  # gradients with -0.0 and NaN
-    for actual, expected in zip(got, reference.splice_backward(-out, plan)):
+    out = splice_forward(text, patches, plan.source_index)
+    assert_exact(out, reference.splice_forward(text, patches, plan.source_index))
+    got = splice_backward(-out, *inverse_maps(plan))  # gradients with -0.0 and NaN
+    for actual, expected in zip(got, reference.splice_backward(-out, *inverse_maps(plan))):
         assert_exact(actual, expected)
 
 
@@ -216,6 +220,37 @@ def test_output_maps_come_from_the_plan() -> None:
     assert out.position_ids.tolist() == [[0, 1, 2, 3], [0, 0, 0, 0]]
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compiles_as_one_graph(triton_device, backend: str) -> None:
+    """`torch.compile(fullgraph=True)` traces a model step that splices (no graph break) and gives eager's
+    output and gradients bit for bit; the splice is a registered operator, so the same kernel runs."""
+    plan, text, patches = case(EDGE_CASES["truncated by max_length"], 5, torch.float32, "contiguous", 4,
+                               triton_device)
+
+    def step(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        out = splice(t, p, plan, backend=backend)
+        return (out.embeds.tanh() * out.attention_mask[..., None] + out.modality_ids[..., None]).sum()
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        t, p = text.detach().requires_grad_(), patches.detach().requires_grad_()
+        loss = fn(t, p)
+        loss.backward()
+        results.append((loss, t.grad, p.grad))
+    for eager, compiled in zip(*results):
+        assert_exact(compiled, eager)
+
+
+def test_operators_pass_opcheck() -> None:
+    """The registrations torch.compile relies on (schema, fake tensors, autograd) agree with the kernels."""
+    plan, text, patches = case(EDGE_CASES["truncated by max_length"], 3, torch.float64, "contiguous", 5, "cpu")
+    maps = (plan.source_index, plan.text_destination, plan.patch_destination)
+    grad = torch.randn(plan.batch_size, plan.output_length, 3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.cmcaug.splice, (text.requires_grad_(), patches, *maps, "reference"))
+    for wanted in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(torch.ops.cmcaug.splice_transpose, (grad.requires_grad_(), *maps, "reference", *wanted))
+
+
 @triton.jit
 def _row_offsets_probe(out_ptr, rows_ptr, inner, stride_outer, stride_inner, FLAT: tl.constexpr):
     rows = tl.load(rows_ptr + tl.arange(0, 2))
@@ -245,9 +280,9 @@ def test_more_than_2_31_elements_on_cuda() -> None:
     patches = torch.randn(2, 3, d, device="cuda", dtype=torch.bfloat16)
     out = splice(text, patches, plan).embeds
     assert text.numel() > 2**31 and out.numel() > 2**31
-    assert_exact(out[0, -12:], reference.splice_forward(text, patches, plan)[0, -12:])
-    grad_text, grad_patches = splice_backward(out, plan)
-    assert_exact(grad_text[0, -12:], reference.splice_backward(out, plan)[0][0, -12:])
+    assert_exact(out[0, -12:], reference.splice_forward(text, patches, plan.source_index)[0, -12:])
+    grad_text, grad_patches = splice_backward(out, *inverse_maps(plan))
+    assert_exact(grad_text[0, -12:], reference.splice_backward(out, *inverse_maps(plan))[0][0, -12:])
     assert_exact(grad_patches, patches)
 
 
@@ -261,8 +296,8 @@ def test_tensors_on_a_gpu_that_is_not_current() -> None:
     with torch.cuda.device(0):
         out = splice(text, patches, plan).embeds
         grads = torch.autograd.grad(out, (text, patches), torch.ones_like(out))
-    assert_exact(out, reference.splice_forward(text, patches, plan))
-    for actual, expected in zip(grads, reference.splice_backward(torch.ones_like(out), plan)):
+    assert_exact(out, reference.splice_forward(text, patches, plan.source_index))
+    for actual, expected in zip(grads, reference.splice_backward(torch.ones_like(out), *inverse_maps(plan))):
         assert_exact(actual, expected)
 
 
@@ -332,17 +367,3 @@ def test_errors() -> None:
     with pytest.raises(InputError, match="backend must be"):
         splice(text, patches, plan, backend="cuda")
 
-
-# -- the benchmark's code path ---------------------------------------------------------------------------
-def test_benchmark_smoke_mode(tmp_path, monkeypatch) -> None:
-    from benchmarks import bench_splice, common
-
-    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
-    assert bench_splice.main(["--smoke"]) == 0
-    (result,) = tmp_path.glob("splice-smoke-*.json")
-    payload = json.loads(result.read_text())
-    assert {"device", "copy_gbs", "rows"} <= payload.keys()
-    keys = {"provider", "pass", "dtype", "B", "L", "D", "K", "bytes", "ms", "gbs"}
-    assert payload["rows"] and all(keys <= row.keys() for row in payload["rows"])
-    assert {row["pass"] for row in payload["rows"]} == {"fwd", "bwd", "fwd+bwd"}
-    assert bool(list(tmp_path.glob("splice-smoke-*.png"))) == (importlib.util.find_spec("matplotlib") is not None)
