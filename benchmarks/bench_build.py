@@ -1,7 +1,8 @@
 """Benchmark the bank build pipeline and bank reads.
 
-    python -m benchmarks.bench_build            # writes results/build-<cpu>.json
-    python -m benchmarks.bench_build --smoke    # tiny sizes: checks the code path only
+    cmcaug bench build [--out DIR] [-- --workers N]    # writes build-<cpu>.json
+    cmcaug bench build --smoke                        # tiny sizes: checks the code path (build-smoke-<cpu>.json)
+    python -m benchmarks.bench_build [--smoke] [--out DIR]   # the same from a source checkout
 
 1. Build throughput on a shapes-world corpus, for COCO annotations and for a YOLO yaml model (random
    weights, conf 0 and a `max_det` cap so every image yields boxes to crop and embed): images/s of the
@@ -19,7 +20,6 @@ Rates are the best of 3 runs (after a warm-up), as the build machines are shared
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -118,11 +118,11 @@ def bench_reads(bank: PatchBank, sample_sizes: list[int], pixel_sizes: list[int]
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, no results file")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    parser = common.argument_parser("bench_build", __doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the code path only")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decode threads")
+    args = parser.parse_args(argv)
     n_ann, n_yolo, n_bank = (16, 8, 2_000) if args.smoke else (400, 96, 120_000)
     cpu = common.device_name("cpu")
     with tempfile.TemporaryDirectory(prefix="cmcaug-bench-build-") as tmp:
@@ -142,13 +142,13 @@ def main() -> None:
         reads = bench_reads(bank, [256, 4096, 65536], [64, 256, 1024, 4096])
         common.print_table(reads, ["op", "batch", "ms", "per_s", "mb_s"],
                            title=f"bank reads: {len(bank):,} patches of 64x64 (write_bank took {write_s:.1f} s)")
-    if not args.smoke:
-        common.write_results("build", {
-            "device": cpu, "cpu_count": os.cpu_count(), "workers": args.workers, "pipeline": pipeline,
-            "bank": {"patches": n_bank, "patch_size": 64, "embedding_dim": 256, "concepts": 80, "write_s": write_s},
-            "reads": reads,
-        }, device=cpu)
+    common.write_results("build-smoke" if args.smoke else "build", {
+        "device": cpu, "cpu_count": os.cpu_count(), "workers": args.workers, "pipeline": pipeline,
+        "bank": {"patches": n_bank, "patch_size": 64, "embedding_dim": 256, "concepts": 80, "write_s": write_s},
+        "reads": reads,
+    }, out=args.out, device=cpu)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

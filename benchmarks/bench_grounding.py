@@ -1,8 +1,9 @@
 """Benchmark caption grounding: captions/s per process in both modes, with 1 and 2 processes, and the
-precision/recall of both modes on the labelled evaluation set (tests/data/grounding_eval.jsonl).
+precision/recall of both modes on the labelled evaluation set (cmcaug/data/grounding_eval.jsonl).
 
-    python -m benchmarks.bench_grounding            # writes results/grounding-<cpu>.json
-    python -m benchmarks.bench_grounding --smoke    # tiny sizes: checks the code path only
+    cmcaug bench grounding [--out DIR] [-- --captions N]   # writes grounding-<cpu>.json
+    cmcaug bench grounding --smoke                        # tiny sizes: checks the code path (grounding-smoke-<cpu>.json)
+    python -m benchmarks.bench_grounding [--smoke] [--out DIR]   # the same from a source checkout
 
 Captions are short COCO-style sentences drawn from a seeded grammar (about 11 words; most name one to
 three COCO objects). Every single-process measurement runs in a fresh spawned process with one BLAS
@@ -15,8 +16,6 @@ products and with numpy's BLAS, the choice `GroundingTagger` makes; `tag_corpus`
 """
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing
 import os
 import statistics
@@ -29,7 +28,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-EVAL_SET = Path(__file__).resolve().parent.parent / "tests" / "data" / "grounding_eval.jsonl"
+from . import common  # imports torch only inside its functions: main sets the thread variables first
+
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 _SUBJECTS = ("man", "woman", "young boy", "little girl", "group of people", "dog", "cat", "brown horse", "giraffe",
@@ -58,8 +58,6 @@ def make_captions(n: int, seed: int = 0) -> list[str]:
 
 
 def _rates(fn: Callable[[], Any], items: int, repeats: int) -> dict[str, float]:
-    from . import common  # not at the top: torch must load after the thread variables are set
-
     times = common.wall_times(fn, repeats, warmup=True)  # warm-up: caches, first-call allocations
     return {"best": items / min(times), "median": items / statistics.median(times)}
 
@@ -126,7 +124,7 @@ def evaluate(mode: str) -> dict[str, Any]:
     """Micro precision/recall (exact offsets and concept) overall, per split and per category."""
     from cmcaug.grounding import GroundingTagger
 
-    rows = [json.loads(line) for line in EVAL_SET.read_text(encoding="utf-8").splitlines()]
+    rows = common.grounding_eval_set()
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for row, found in zip(rows, GroundingTagger(mode=mode).tag([r["caption"] for r in rows])):
         gold = {(s["start"], s["end"], s["concept"]) for s in row["spans"]}
@@ -143,7 +141,7 @@ def evaluate(mode: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser("bench_grounding", __doc__)
     parser.add_argument("--captions", type=int, default=20_000, help="captions per timed run (default 20000)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best is reported")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -153,8 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         args.captions, args.repeats = 300, 1
     for var in THREAD_VARS:  # inherited by every spawned process: one BLAS thread each, i.e. one core each
         os.environ[var] = "1"
-
-    from . import common  # not at the top: torch must load after the thread variables are set
 
     captions = make_captions(args.captions)
     words = sum(len(c.split()) for c in captions) / len(captions)
@@ -188,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats, "targets_per_core": {"tagger": 3000, "lookup": 20000},
         "throughput": rows, "evaluation": quality, "smoke": args.smoke,
     }
-    if not args.smoke:
-        common.write_results("grounding", payload, device=cpu)
+    common.write_results("grounding-smoke" if args.smoke else "grounding", payload, out=args.out, device=cpu)
     return 0
 
 

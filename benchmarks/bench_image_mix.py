@@ -15,12 +15,12 @@ Bytes per call are 2 * B * 3 * S * S * itemsize for all (what an out-of-place pa
 so GB/s compare directly and % copy = GB/s / measured device copy GB/s. Targets on a GPU: triton >= 80 %
 of copy bandwidth and >= 10x unfold_fold.
 
-    .venv/bin/python -m benchmarks.bench_image_mix            # GPU sweep: B 128..512, 224/384 px, bf16/uint8
-    .venv/bin/python -m benchmarks.bench_image_mix --smoke    # one tiny CPU size (no GPU needed)
+    cmcaug bench image_mix [--out DIR]    # GPU sweep: B 128..512, 224/384 px, bf16/uint8
+    cmcaug bench image_mix --smoke        # one tiny CPU size (no GPU needed)
+    python -m benchmarks.bench_image_mix [--smoke] [--out DIR]   # the same from a source checkout
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 from collections.abc import Callable
@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
-from benchmarks import common
 from cmcaug.kernels import paste_windows, reference
 from cmcaug.kernels.backend import interpreter_enabled
 from cmcaug.timix import find_windows, text_aware_mix
+
+from . import common
 
 PATCH = 16
 
@@ -150,7 +151,7 @@ def run(sizes: list[tuple[int, int]], dtypes: list[torch.dtype], device: str, sm
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.argument_parser("bench_image_mix", __doc__)
     parser.add_argument("--smoke", action="store_true", help="one tiny size on the CPU (checks, not numbers)")
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 384], help="image side in pixels")
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["provider", "dtype", "batch", "px", "ms", "gbs", "pct_copy", "speedup_vs_unfold_fold", "skipped"]
     common.print_table(rows, columns, title=f"TiMix window paste on {name}")
     result_name = "image_mix-smoke" if args.smoke else "image_mix"
-    path = common.write_results(result_name, {"device": name, "patch_size": PATCH, "rows": rows}, device=name)
+    path = common.write_results(result_name, {"device": name, "patch_size": PATCH, "rows": rows}, out=args.out,
+                                device=name)
     timed = [r for r in rows if "ms" in r]
     for px in sorted({r["px"] for r in timed}):
         common.plot_rows([r for r in timed if r["px"] == px], x="batch", y="pct_copy",

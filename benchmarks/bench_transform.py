@@ -1,10 +1,12 @@
 """CMCTransform: collate throughput per DataLoader worker against the tokenizer alone; on a GPU, the CMC
 path of a training step against a BERT-base forward + backward.
 
-    .venv/bin/python -m benchmarks.bench_transform [--batch-sizes 32 256] [--quick] [--step-device cuda]
+    cmcaug bench transform [--out DIR] [-- --batch-sizes 32 256 --step-device cuda]   # transform-<cpu>.json
+    cmcaug bench transform --smoke          # B=8, fewer repeats: checks the code path (transform-smoke-<cpu>.json)
+    python -m benchmarks.bench_transform [--smoke] [--out DIR]   # the same from a source checkout
 
 CPU section (one process = one worker), on everyday COCO-style captions (the grounding evaluation set,
-`tests/data/grounding_eval.jsonl`) against a bank over `ConceptVocab.default()` (COCO-80, 64x64 patches):
+`cmcaug/data/grounding_eval.jsonl`) against a bank over `ConceptVocab.default()` (COCO-80, 64x64 patches):
 
 - `tokenizer`: what a text-only collate pays: `tok(texts, padding=True, truncation=True, return_tensors="pt")`;
 - `tokenizer+offsets`: the same call with the character offsets CMC needs (lists -> NumPy, as collate does);
@@ -31,7 +33,6 @@ same batch. The user's patch encoder is not counted (it is their vision tower).
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import math
@@ -45,11 +46,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from benchmarks.common import cpu_time_ms, device_name, gpu_time_ms, print_table, write_results
 from cmcaug import CMCTransform, ConceptVocab, GroundingTagger, PatchBank
 from cmcaug.bank_writer import write_bank
 
-EVAL_SET = Path(__file__).resolve().parents[1] / "tests" / "data" / "grounding_eval.jsonl"
+from .common import (argument_parser, cpu_time_ms, device_name, gpu_time_ms, grounding_eval_set, print_table,
+                     write_results)
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -97,7 +99,7 @@ def coco_bank(path: Path, per_concept: int = 100, patch_size: int = 64, seed: in
 
 def eval_rows(batch_size: int, tagger: GroundingTagger) -> tuple[list[dict], list[tuple[int, str]]]:
     """`batch_size` captions of the evaluation set as tag rows (spans from the tagger) and as bare captions."""
-    captions = [json.loads(line)["caption"] for line in EVAL_SET.read_text(encoding="utf-8").splitlines() if line.strip()]
+    captions = [row["caption"] for row in grounding_eval_set()]
     captions = [captions[i % len(captions)] for i in range(batch_size)]
     spans = tagger.tag(captions)
     rows = [{"caption": c, "spans": [s._asdict() for s in found], "index": i}
@@ -204,13 +206,15 @@ def step_rows(bank: PatchBank, tokenizer: Any, device: torch.device, batch_size:
              "patches": batch.num_patches, "ms": ms, "fraction_of_bert_step": ms / base} for name, ms in measured.items()]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argument_parser("bench_transform", __doc__)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 256])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    parser.add_argument("--smoke", action="store_true", help="B=8 and fewer repeats: checks the code path only")
     parser.add_argument("--step-device", default="cuda", help="device of the training-step section (skipped if unavailable)")
     parser.add_argument("--step-batch-size", type=int, default=256)
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch_sizes, args.step_batch_size = [8], 8
     import open_clip
 
     torch.set_num_threads(1)  # one DataLoader worker = one core: no intra-op or Rust tokenizer threads
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="cmcaug-bench-") as tmp:
         bank = coco_bank(Path(tmp) / "bank")
         taggers = {mode: GroundingTagger(bank.vocab, mode=mode) for mode in ("lookup", "tagger")}
-        repeat, min_seconds = (3, 0.05) if args.quick else (15, 0.1)
+        repeat, min_seconds = (3, 0.05) if args.smoke else (15, 0.1)
         rows = cpu_rows(bank, tokenizer, clip_tokenizer, taggers, args.batch_sizes, repeat, min_seconds)
         columns = ["tokenizer", "provider", "B", "ms", "median_ms", "captions_per_s", "added_ms", "added_vs_tokenizer",
                    "planning_ms"]
@@ -235,10 +239,13 @@ def main(argv: list[str] | None = None) -> None:
                         "CMC path per training step")
     payload = {"device": device_name("cpu"), "torch": torch.__version__, "threads": 1, "collate": rows, "step": steps,
                "tokenizer": "BERT-base-sized WordPiece (30522) trained offline on spaCy en_lexeme_prob; open_clip ViT-B-32 BPE"}
-    write_results("transform", payload, device=device_name("cpu"))
+    suffix = "-smoke" if args.smoke else ""
+    write_results(f"transform{suffix}", payload, out=args.out, device=device_name("cpu"))
     if steps:
-        write_results("transform-step", {"device": steps[0]["device"], "rows": steps}, device=steps[0]["device"])
+        write_results(f"transform-step{suffix}", {"device": steps[0]["device"], "rows": steps}, out=args.out,
+                      device=steps[0]["device"])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -4,9 +4,15 @@ GPU timings use `triton.testing.do_bench` (median); CPU timings use `cpu_time_ms
 Bandwidth convention: an op's `bytes` counts every byte it reads plus every byte it writes, and
 `copy_bandwidth_gbs(nbytes)` times a device-to-device copy that also reads + writes `nbytes` in all,
 so `gbs / copy_gbs` is the fraction of the device's achievable bandwidth.
+
+Results go to the folder given by `--out` (every benchmark's parser comes from `argument_parser`): by
+default benchmarks/results in a source checkout, else ./cmcaug-bench-results, since an installed copy of
+this package lives in site-packages. torch is imported inside the functions that use it, so that
+bench_grounding can set its thread variables before torch loads.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import re
@@ -14,16 +20,46 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+def default_results_dir() -> Path:
+    """benchmarks/results when this package runs from a source checkout, else ./cmcaug-bench-results."""
+    checkout = Path(__file__).resolve().parent.parent  # in an installed copy: site-packages/cmcaug
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / "benchmarks" / "results"
+    return Path.cwd() / "cmcaug-bench-results"
+
+
+def summary(doc: str) -> str:
+    """The first paragraph of a benchmark's docstring, on one line: what it measures."""
+    return " ".join(doc.strip().split("\n\n", 1)[0].split())
+
+
+def argument_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring as the description, and the `--out` option every benchmark shares."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=default_results_dir(), metavar="DIR",
+                        help="folder for the JSON results and plots (default: benchmarks/results in a source checkout, "
+                        "else ./cmcaug-bench-results; here %(default)s)")
+    return parser
+
+
+def grounding_eval_set() -> list[dict[str, Any]]:
+    """The labelled caption set shipped in cmcaug/data/grounding_eval.jsonl (see tests/test_grounding.py)."""
+    text = resources.files("cmcaug").joinpath("data/grounding_eval.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def device_name(device: torch.device | str = "cuda") -> str:
     """The GPU's name for CUDA devices, else the CPU model."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -85,6 +121,8 @@ def copy_bandwidth_gbs(
     Timed with `time_ms` (default: `gpu_time_ms` on CUDA, `cpu_time_ms` elsewhere), so pass the timer the
     providers use and the ratio compares like with like.
     """
+    import torch
+
     device = torch.device(device)
     time_ms = time_ms or (gpu_time_ms if device.type == "cuda" else cpu_time_ms)
     n = max(nbytes // 2, 1)
@@ -115,10 +153,10 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], title
         print("  ".join(v.rjust(w) for v, w in zip(b, widths)))
 
 
-def write_results(name: str, payload: Mapping[str, Any], device: str | None = None) -> Path:
-    """Write `payload` to benchmarks/results/<name>-<device slug>.json (or <name>.json) and return the path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / (f"{name}-{slug(device)}.json" if device else f"{name}.json")
+def write_results(name: str, payload: Mapping[str, Any], *, out: Path, device: str | None = None) -> Path:
+    """Write `payload` to <out>/<name>-<device slug>.json (or <name>.json) and return the path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / (f"{name}-{slug(device)}.json" if device else f"{name}.json")
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     print(f"\nwrote {path}")
     return path

@@ -16,7 +16,7 @@ from cmcaug import __version__
 from cmcaug.errors import BankFormatError, CMCAugError, InputError, MissingDependencyError
 
 # Each module defines register(subparsers) -> None and run(args) -> int.
-COMMANDS = ("synth", "build_bank", "inspect_bank", "tag_text", "preview")
+COMMANDS = ("synth", "build_bank", "inspect_bank", "tag_text", "preview", "bench")
 
 EXIT_CODES = {InputError: 3, BankFormatError: 4, MissingDependencyError: 5}
 

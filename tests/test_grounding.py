@@ -1,6 +1,6 @@
 """`GroundingTagger`: which words of a caption name a concept, where, in both modes.
 
-The labelled evaluation set `tests/data/grounding_eval.jsonl` (one JSON object a line) was written for
+The labelled evaluation set `cmcaug/data/grounding_eval.jsonl` (one JSON object a line) was written for
 this project: `caption`, `spans` (`start`, `end` character offsets, the `text` they cover, the
 `concept` name in the default vocabulary), a `category` (scene, plural, synonym, multiword, trap,
 compound, none, noisy) and a `split`: "dev" captions were used while designing the matching rules,
@@ -17,7 +17,7 @@ import json
 import pickle
 import subprocess
 import sys
-from pathlib import Path
+from importlib import resources
 
 import pytest
 from hypothesis import given, settings
@@ -28,7 +28,7 @@ from cmcaug.concepts import ConceptVocab
 from cmcaug.errors import InputError, MissingDependencyError
 from cmcaug.grounding import GroundedSpan, GroundingTagger
 
-EVAL_SET = Path(__file__).parent / "data" / "grounding_eval.jsonl"
+EVAL_SET = resources.files("cmcaug").joinpath("data/grounding_eval.jsonl")  # shipped: `cmcaug bench grounding` reads it
 
 
 def load_eval_set() -> list[dict]:
