@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from collections.abc import Callable
 
 EPILOG = """\
 inputs:
@@ -26,24 +28,61 @@ ray:
   fails if there is none; 'local' starts a private Ray on this machine; HOST:PORT or ray://HOST:PORT
   joins that cluster; no ADDRESS: Ray's default (RAY_ADDRESS or a cluster running here, else a private
   one). Every node must read IMAGES (and --annotations / --detector files) at the same absolute paths;
-  only this machine writes BANK. Needs pip install "cmcaug[distributed]".
+  only this machine writes BANK. With --ray-gpus, leave --device out: each actor then runs YOLO on the
+  GPU Ray gives it (a --device must also exist on this machine). Needs pip install "cmcaug[distributed]".
+
+subset of an annotation file:
+  --annotations refuses a file that annotates images not among IMAGES (it usually means the wrong
+  folder). To build from part of a large file (5k of COCO's images, one shard), pass
+  --ignore-unmatched-annotations: those images' annotations are skipped and counted in the summary
+  ("annotated images not among the inputs"). The flag never changes a bank, so it is not part of what
+  --resume compares; resuming such a build without it is refused with the same error.
+
+device:
+  --device runs YOLO on cpu, 0, cuda:0 (or 0,1: ultralytics uses the first). Like --workers it is not
+  part of what --resume compares, so a build may continue on another device; CPU and GPU boxes differ
+  only by float rounding, and a byte-identical bank needs the same kind of device.
 
 exit codes:
   0    the bank was built (or, with --resume, was already complete)
   1    unexpected internal error (a bug; please report it)
   2    bad usage: unknown flag, no -o, neither or both of --detector and --annotations,
-       both --resume and --overwrite, --ray-cpus / --ray-gpus / --ray-actors without --ray
+       both --resume and --overwrite, --ray-cpus / --ray-gpus / --ray-actors without --ray,
+       --device without --detector, --ignore-unmatched-annotations without --annotations; a number
+       out of range, e.g. --patch-size below 8 or --conf outside [0, 1] (the message names the rule)
   3    bad input: an input path does not exist; no images found; BANK exists without --resume or
        --overwrite, or holds files that are not a bank's; --resume with other inputs or options than
-       the unfinished build; annotations for an image not among the inputs, an unknown category, a
-       box outside its image; a detector class list that shares no name with --vocab; YOLO weights
-       not found; --embedder detector without --detector; an option out of range; a Ray worker whose
-       detector or embedder differs from this machine's; --ray-gpus on a cluster without GPUs
+       the unfinished build; annotations for an image not among the inputs (without
+       --ignore-unmatched-annotations), an unknown category, a box outside its image; a detector
+       class list that shares no name with --vocab; YOLO weights not found; a --device this machine
+       lacks; --embedder detector without --detector; a Ray worker whose detector or embedder
+       differs from this machine's; --ray-gpus on a cluster without GPUs
   4    malformed bank or build state: an unreadable BANK/manifest.json or BANK/.build shard
        (rerun with --overwrite)
   5    a missing dependency: ultralytics (for --detector), ray (for --ray) or faiss
   130  interrupted (Ctrl-C): rerun with --resume to continue
 """
+
+
+def _ranged(option: str) -> Callable[[str], int | float]:
+    """An argparse type for the library option `option`, parsed and checked by its one range definition
+    (`cmcaug.build.OPTION_RANGES`, `cmcaug.distributed.RAY_OPTION_RANGES`), so `--patch-size 4` is a usage
+    error naming the flag. The library is imported only when such a flag is given."""
+    def parse(text: str) -> int | float:
+        from cmcaug.build import OPTION_RANGES
+        from cmcaug.distributed import RAY_OPTION_RANGES
+
+        rule = {**OPTION_RANGES, **RAY_OPTION_RANGES}[option]
+        try:
+            value = rule.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if rule.kind is int else 'a number'}, got {text!r}") from None
+        problem = rule.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,15 +99,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--detector", metavar="WEIGHTS_OR_YAML", help="ultralytics YOLO .pt file or model yaml (e.g. yolov8n.yaml)")
     source.add_argument("--annotations", metavar="COCO.json", help="COCO-format boxes instead of a detector")
+    parser.add_argument("--ignore-unmatched-annotations", action="store_true",
+                        help="skip and count the annotations of images not among IMAGES (a build from part of a COCO file)")
+    parser.add_argument("--device", metavar="DEVICE",
+                        help="where YOLO runs: cpu, 0, cuda:0, ... (default: ultralytics' choice, a GPU if there is one)")
     parser.add_argument("--vocab", metavar="FILE", help='concept vocabulary JSON {"name": [synonyms...]}, or "default" for the built-in COCO-80 (default: the class names)')
-    parser.add_argument("--patch-size", type=int, default=64, metavar="P", help="patch side in pixels (default 64)")
-    parser.add_argument("--min-box", type=float, default=16, metavar="PX", help="drop boxes whose longer side is shorter (default 16)")
-    parser.add_argument("--conf", type=float, help="drop boxes scoring below this (default 0.25)")
-    parser.add_argument("--max-per-concept", type=int, metavar="N", help="keep at most N patches per concept, drawn with --seed")
+    parser.add_argument("--patch-size", type=_ranged("patch_size"), default=64, metavar="P", help="patch side in pixels (default 64)")
+    parser.add_argument("--min-box", type=_ranged("min_box"), default=16, metavar="PX",
+                        help="drop boxes whose longer side is shorter (default 16)")
+    parser.add_argument("--conf", type=_ranged("conf"), help="drop boxes scoring below this (default 0.25)")
+    parser.add_argument("--max-per-concept", type=_ranged("max_per_concept"), metavar="N",
+                        help="keep at most N patches per concept, drawn with --seed")
     parser.add_argument("--embedder", choices=("pixels", "detector"), default="pixels",
                         help="pixels: model-free colour/layout descriptor (default); detector: pooled YOLO backbone features")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per detector batch and build shard (default 16)")
-    parser.add_argument("--workers", type=int, metavar="N", help="decode threads (default min(8, CPUs)); never changes the bank")
+    parser.add_argument("--batch-size", type=_ranged("batch_size"), default=16,
+                        help="images per detector batch and build shard (default 16)")
+    parser.add_argument("--workers", type=_ranged("workers"), metavar="N",
+                        help="decode threads (default min(8, CPUs)); never changes the bank")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted build in BANK/.build/")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing bank in BANK")
@@ -77,13 +124,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ray = parser.add_argument_group("distributed build (Ray)")
     ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                      help="run the batches on Ray: auto, local, HOST:PORT or ray://HOST:PORT (default: Ray's own choice)")
-    ray.add_argument("--ray-cpus", type=float, default=1.0, metavar="C", help="CPUs per decode task and per detector actor (default 1)")
-    ray.add_argument("--ray-gpus", type=float, default=0.0, metavar="G", help="GPUs per detector actor (default 0)")
-    ray.add_argument("--ray-actors", type=int, metavar="N", help="detector actors (default: autoscale up to what the cluster fits)")
+    ray.add_argument("--ray-cpus", type=_ranged("num_cpus_per_task"), default=1.0, metavar="C",
+                     help="CPUs per decode task and per detector actor (default 1)")
+    ray.add_argument("--ray-gpus", type=_ranged("num_gpus_per_task"), default=0.0, metavar="G", help="GPUs per detector actor (default 0)")
+    ray.add_argument("--ray-actors", type=_ranged("actors"), metavar="N",
+                     help="detector actors (default: autoscale up to what the cluster fits)")
     parser.set_defaults(run=run)
 
 
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """Flags that only mean something beside another flag, given without it."""
+    if args.ray is None and (args.ray_cpus, args.ray_gpus, args.ray_actors) != (1.0, 0.0, None):
+        return "--ray-cpus, --ray-gpus and --ray-actors need --ray"
+    if args.device is not None and args.detector is None:
+        return "--device is where YOLO runs, so it needs --detector (--annotations runs no model)"
+    if args.ignore_unmatched_annotations and args.annotations is None:
+        return "--ignore-unmatched-annotations needs --annotations"
+    return None
+
+
+def _held_back(record: logging.LogRecord) -> bool:
+    """A logging filter dropping the library's empty-bank warning: `run` prints it once, after the tables."""
+    return not getattr(record, "empty_bank", False)
+
+
 def run(args: argparse.Namespace) -> int:
+    problem = _usage_problem(args)
+    if problem:
+        print(f"cmcaug build-bank: error: {problem}", file=sys.stderr)
+        return 2
     from cmcaug.build import build_bank, empty_bank_warning
 
     from .render import summary, table
@@ -92,18 +161,20 @@ def run(args: argparse.Namespace) -> int:
         detector=args.detector, annotations=args.annotations, vocab=args.vocab, patch_size=args.patch_size,
         min_box=args.min_box, conf=args.conf, max_per_concept=args.max_per_concept, embedder=args.embedder,
         batch_size=args.batch_size, workers=args.workers, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
-        progress=not args.no_progress,
+        progress=not args.no_progress, ignore_unmatched_annotations=args.ignore_unmatched_annotations, device=args.device,
     )
-    if args.ray is None:
-        if (args.ray_cpus, args.ray_gpus, args.ray_actors) != (1.0, 0.0, None):
-            print("cmcaug build-bank: error: --ray-cpus, --ray-gpus and --ray-actors need --ray", file=sys.stderr)
-            return 2
-        result = build_bank(args.images, args.output, **options)
-    else:
-        from cmcaug.distributed import build_bank_distributed
+    logger = logging.getLogger("cmcaug.build")
+    logger.addFilter(_held_back)
+    try:
+        if args.ray is None:
+            result = build_bank(args.images, args.output, **options)
+        else:
+            from cmcaug.distributed import build_bank_distributed
 
-        result = build_bank_distributed(args.images, args.output, address=args.ray or None, num_cpus_per_task=args.ray_cpus,
-                                        num_gpus_per_task=args.ray_gpus, actors=args.ray_actors, **options)
+            result = build_bank_distributed(args.images, args.output, address=args.ray or None, num_cpus_per_task=args.ray_cpus,
+                                            num_gpus_per_task=args.ray_gpus, actors=args.ray_actors, **options)
+    finally:
+        logger.removeFilter(_held_back)
     images, boxes = result.stats["images"], result.stats["boxes"]
     print(summary("patch bank", {
         "path": str(result.bank), "runner": "local" if args.ray is None else f"ray {args.ray or '(default)'}",
@@ -113,10 +184,13 @@ def run(args: argparse.Namespace) -> int:
     }))
     rows = [("images read", images["read"]), ("images decoded", images["decoded"])]
     rows += [(f"  failed: {reason}", n) for reason, n in images["failed"].items()]
+    if args.ignore_unmatched_annotations or "annotated_not_among_inputs" in images:
+        rows.append(("annotated images not among the inputs", images.get("annotated_not_among_inputs", 0)))
     rows += [("boxes found", boxes["found"]), ("boxes kept", boxes["kept"])]
     rows += [(f"  dropped: {reason}", n) for reason, n in boxes["dropped"].items()]
     print(table(rows, ["stage", "count"]))
     print(table(list(result.stats["patches_per_concept"].items()), ["concept", "patches"]))
     if boxes["kept"] == 0:
+        sys.stdout.flush()  # after the tables also when both streams go to one file (2>&1) and stdout is buffered
         print(f"cmcaug build-bank: warning: {empty_bank_warning(result.stats)}", file=sys.stderr)
     return 0

@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,7 +139,7 @@ def select_per_concept(concept: np.ndarray, image: np.ndarray, box: np.ndarray, 
 
 
 def _finalize(out: Path, build: Path, n_batches: int, keys: Sequence[str], vocab: ConceptVocab, opts: dict[str, Any],
-              dim: int, provenance: dict[str, Any], progress: bool) -> dict[str, Any]:
+              dim: int, provenance: dict[str, Any], unmatched: int, progress: bool) -> dict[str, Any]:
     meta = [load_shard(build, b, ("concept_id", "image", "box", "score")) for b in range(n_batches)]
     concept = np.concatenate([m["concept_id"] for m in meta])
     image = np.concatenate([m["image"] for m in meta])
@@ -166,8 +166,11 @@ def _finalize(out: Path, build: Path, n_batches: int, keys: Sequence[str], vocab
         failed.update(m["stats"]["failed"])
         dropped.update(m["stats"]["dropped"])
     dropped["max_per_concept"] = int((~keep).sum())
+    images: dict[str, Any] = {"read": total["read"], "decoded": total["decoded"], "failed": dict(failed)}
+    if unmatched:  # only then: a bank with no annotated image outside its inputs keeps the stats it always had
+        images["annotated_not_among_inputs"] = unmatched
     stats = {
-        "images": {"read": total["read"], "decoded": total["decoded"], "failed": dict(failed)},
+        "images": images,
         "boxes": {"found": total["found"], "kept": n, "dropped": dict(dropped)},
         "patches_per_concept": {name: int(c) for name, c in zip(vocab.names, counts)},
     }
@@ -197,14 +200,18 @@ class ModelSpec:
     conf: float
     batch_size: int
     seed: int
+    device: str | None = None  # a YOLO detector's ultralytics device, when `detector` is weights or a yaml
 
     def make(self) -> tuple[Detector, Embedder]:
         if (self.detector is None) == (self.annotations is None):
             raise InputError("pass exactly one box source: a YOLO detector (--detector WEIGHTS_OR_YAML) or COCO annotations (--annotations FILE)")
+        if self.device is not None and not isinstance(self.detector, (str, Path)):
+            raise InputError(f"device={self.device!r} is for a YOLO detector given as weights or a yaml (--detector); annotations "
+                             "run no model, and a Detector object runs where it was made (UltralyticsDetector(..., device=...))")
         if self.annotations is not None:
             det: Detector = AnnotationDetector(self.annotations)
         elif isinstance(self.detector, (str, Path)):
-            det = UltralyticsDetector(self.detector, conf=self.conf, batch_size=self.batch_size, seed=self.seed)
+            det = UltralyticsDetector(self.detector, conf=self.conf, device=self.device, batch_size=self.batch_size, seed=self.seed)
         else:
             det = self.detector() if callable(self.detector) and not isinstance(self.detector, Detector) else self.detector
             if not isinstance(det, Detector):
@@ -269,25 +276,43 @@ def empty_bank_warning(stats: dict[str, Any]) -> str:
     """One line saying a build kept no patches and why (its largest drop and failure counts)."""
     images, boxes = stats["images"], stats["boxes"]
     counts = {f"dropped {r}": n for r, n in boxes["dropped"].items()} | {f"images {r}": n for r, n in images["failed"].items()}
+    counts["annotated images not among the inputs"] = images.get("annotated_not_among_inputs", 0)
     reasons = ", ".join(f"{n} {what}" for what, n in sorted(counts.items(), key=lambda kv: -kv[1]) if n > 0)
     return (f"the bank holds 0 patches ({images['read']} images read, {images['decoded']} decoded, {boxes['found']} boxes found"
             f"{'; ' + reasons if reasons else ''}); check conf, min_box, the vocabulary and the box source")
 
 
-def _check_options(patch_size: int, min_box: float, conf: float, max_per_concept: int | None, batch_size: int,
-                   workers: int | None, resume: bool, overwrite: bool) -> None:
-    problems = [
-        (patch_size < 8, f"patch_size must be at least 8, got {patch_size}"),
-        (min_box < 0, f"min_box must be >= 0, got {min_box}"),
-        (not 0.0 <= conf <= 1.0, f"conf must lie in [0, 1], got {conf}"),
-        (max_per_concept is not None and max_per_concept < 1, f"max_per_concept must be >= 1, got {max_per_concept}"),
-        (batch_size < 1, f"batch_size must be >= 1, got {batch_size}"),
-        (workers is not None and workers < 0, f"workers must be >= 0, got {workers}"),
-        (resume and overwrite, "resume and overwrite exclude each other: pass one"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise InputError(message)
+@dataclass(frozen=True)
+class OptionRange:
+    """The values a numeric option accepts, defined once: the Python API checks its arguments with it
+    (`check_ranges`) and the CLI makes its argparse types from it, so each names the option the way its
+    user wrote it (`patch_size must be >= 8` in Python, `argument --patch-size: must be >= 8` in a shell)."""
+
+    kind: type[int] | type[float]
+    low: float
+    high: float | None = None
+    above: bool = False  # `low` itself is excluded
+
+    def problem(self, value: float) -> str | None:
+        """What is wrong with `value` ("must be >= 8, got 4"), or None when it is in range (NaN never is)."""
+        if (value > self.low if self.above else value >= self.low) and (self.high is None or value <= self.high):
+            return None
+        rule = f"lie in [{self.low:g}, {self.high:g}]" if self.high is not None else f"be {'>' if self.above else '>='} {self.low:g}"
+        return f"must {rule}, got {value}"
+
+
+OPTION_RANGES = {
+    "patch_size": OptionRange(int, 8), "min_box": OptionRange(float, 0), "conf": OptionRange(float, 0, 1),
+    "max_per_concept": OptionRange(int, 1), "batch_size": OptionRange(int, 1), "workers": OptionRange(int, 0),
+}
+
+
+def check_ranges(ranges: Mapping[str, OptionRange], **values: float | None) -> None:
+    """`InputError` naming the first of `values` (None: not set) that lies outside its range in `ranges`."""
+    for name, value in values.items():
+        problem = None if value is None else ranges[name].problem(value)
+        if problem:
+            raise InputError(f"{name} {problem}")
 
 
 def build_bank(
@@ -310,6 +335,8 @@ def build_bank(
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     runner: BatchRunner | None = None,
+    ignore_unmatched_annotations: bool = False,
+    device: str | None = None,
 ) -> BuildStats:
     """Build a patch bank at `out` from images (folders, image files, path lists, img2dataset .tar shards).
 
@@ -323,17 +350,37 @@ def build_bank(
     `max_pixels` pixels are skipped as decompression bombs. `runner` runs the batches (default
     `run_local`; `cmcaug.distributed.build_bank_distributed` passes a Ray one) and never changes the
     result either, so a build can be resumed with another runner. Same as `cmcaug build-bank`.
+
+    With `ignore_unmatched_annotations`, annotations of images that are not among the inputs are left
+    out and counted (`stats["images"]["annotated_not_among_inputs"]`, present when not 0) instead of
+    refused: a build from part of a large COCO file. `device` is the YOLO detector's ultralytics device
+    ("cpu", "0", "cuda:0"; None: ultralytics' choice). Like `workers`, neither is part of what `resume`
+    compares: the flag only lets a build run that would fail without it (a subset build resumed without it
+    fails, naming it), and `device` says where YOLO runs; CPU and GPU boxes differ only by float rounding,
+    so a build may resume on another device, and a byte-identical bank needs the same kind of device. A
+    build that keeps no patch logs a warning whose record has `empty_bank=True`, for callers that report
+    it themselves (the CLI prints it once, after its tables).
     """
     started = time.perf_counter()
     conf = resolve_conf(conf, detector)
-    _check_options(patch_size, min_box, conf, max_per_concept, batch_size, workers, resume, overwrite)
+    check_ranges(OPTION_RANGES, patch_size=patch_size, min_box=min_box, conf=conf, max_per_concept=max_per_concept,
+                 batch_size=batch_size, workers=workers)
+    if resume and overwrite:
+        raise InputError("resume and overwrite exclude each other: pass one")
+    if ignore_unmatched_annotations and annotations is None:
+        raise InputError("ignore_unmatched_annotations (--ignore-unmatched-annotations) is for annotations (--annotations), "
+                         "not a detector")
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     refs: list[ImageRef] = list_images(inputs)
     keys = [r.key for r in refs]
-    spec = ModelSpec(detector, annotations, embedder, float(conf), int(batch_size), int(seed))
+    spec = ModelSpec(detector, annotations, embedder, float(conf), int(batch_size), int(seed), device)
     det, emb = spec.make()
+    unmatched = 0
     if isinstance(det, AnnotationDetector):
-        det.match(keys)
+        unmatched = len(det.annotated - set(det.match(keys, ignore_unmatched=ignore_unmatched_annotations).values()))
+        if unmatched:
+            log.info("%s annotates %d image(s) that are not among the inputs: their annotations are left out "
+                     "(ignore_unmatched_annotations)", det.path, unmatched)
     if not isinstance(vocab, ConceptVocab):
         vocab = ConceptVocab.from_names(det.names) if vocab is None else ConceptVocab.load(vocab)
     concept_of = _concept_map(det.names, vocab)
@@ -376,8 +423,8 @@ def build_bank(
         raise RuntimeError(f"the batch runner stopped without {len(pending)} batches, e.g. {sorted(pending)[:5]}")
     processing = time.perf_counter() - loop_started
     provenance = {**description, "fingerprint": state["fingerprint"]}
-    manifest = _finalize(out, build, n_batches, keys, vocab, opts, emb.dim, provenance, progress)
+    manifest = _finalize(out, build, n_batches, keys, vocab, opts, emb.dim, provenance, unmatched, progress)
     seconds = time.perf_counter() - started
     if manifest["stats"]["boxes"]["kept"] == 0:
-        log.warning("%s", empty_bank_warning(manifest["stats"]))
+        log.warning("%s", empty_bank_warning(manifest["stats"]), extra={"empty_bank": True})
     return BuildStats(out, manifest["stats"], seconds, todo_images / max(processing, 1e-9), n_batches - len(todo), manifest=manifest)

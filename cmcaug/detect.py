@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -142,8 +143,17 @@ class AnnotationDetector:
             raise InputError(f"image {key!r} matches several images of {self.path}: {found[:4]}; pass inputs whose keys are unambiguous")
         return found[0] if found else None
 
-    def match(self, keys: Sequence[str]) -> dict[str, str]:
-        """Image key -> COCO file name, checking that every annotated image is among `keys`."""
+    @property
+    def annotated(self) -> frozenset[str]:
+        """The COCO file names that hold at least one (non-crowd) box."""
+        return frozenset(self._boxes)
+
+    def match(self, keys: Sequence[str], *, ignore_unmatched: bool = False) -> dict[str, str]:
+        """Image key -> COCO file name, checking that every annotated image is among `keys`.
+
+        `ignore_unmatched` lifts that check, for a build from part of a larger annotation file (5k of
+        COCO's images, one shard): the boxes of the other images are simply never asked for.
+        """
         matched: dict[str, str] = {}
         owner: dict[str, str] = {}
         for key in keys:
@@ -154,11 +164,12 @@ class AnnotationDetector:
                 raise InputError(f"images {owner[name]!r} and {key!r} both match {name!r} in {self.path}; keys must be unambiguous")
             owner[name] = key
             matched[key] = name
-        missing = sorted(set(self._boxes) - set(owner))
-        if missing:
+        missing = sorted(self.annotated - set(owner))
+        if missing and not ignore_unmatched:
             raise InputError(
                 f"{self.path} annotates {len(missing)} image(s) that are not among the inputs, e.g. {missing[:3]}; "
-                "pass the folder that holds them or remove their annotations"
+                "pass the folder that holds them, remove their annotations, or pass --ignore-unmatched-annotations "
+                "(Python: ignore_unmatched_annotations=True) to build from the inputs' images only"
             )
         return matched
 
@@ -180,12 +191,35 @@ class AnnotationDetector:
 
 
 # -- ultralytics YOLO ------------------------------------------------------------------------------
+def _usable_device(device: str) -> str:
+    """`device` when ultralytics can run on it here; else an `InputError` now, not a traceback mid-build."""
+    import torch
+    from ultralytics.utils import LOGGER
+    from ultralytics.utils.torch_utils import select_device
+
+    level = LOGGER.level
+    LOGGER.setLevel(logging.WARNING)  # it prints its version banner before refusing a device
+    try:
+        select_device(device, verbose=False)
+    except ValueError as exc:
+        found = str(exc).split(". ")[0]
+        raise InputError(f"device {device!r} is not usable on this machine ({found}; torch sees {torch.cuda.device_count()} "
+                         "CUDA device(s)); pass 'cpu', a CUDA index such as '0' or 'cuda:0', or no device to let ultralytics "
+                         "choose") from exc
+    finally:
+        LOGGER.setLevel(level)
+    return device
+
+
 class UltralyticsDetector:
     """Batched YOLO inference with ultralytics on decoded RGB arrays.
 
     `weights` is a local `.pt` file or a model yaml (`yolov8n.yaml`: random weights, no download, drawn
     from `seed` so two builds get the same model). `classes` restricts detection to class indices or
-    names. `imgsz` and `max_det` are passed to ultralytics' predict.
+    names. `imgsz` and `max_det` are passed to ultralytics' predict. `device` is an ultralytics device
+    string ("cpu", "0", "cuda:0"; of several GPUs, "0,1", ultralytics predicts on the first); None leaves
+    the choice to ultralytics (its current GPU, else the CPU). A device this machine lacks is refused here.
+    `device` says where the model runs, not which model: it is left out of `describe` (see there).
     """
 
     def __init__(self, weights: str | Path, conf: float = 0.25, iou: float = 0.7, device: str | None = None,
@@ -204,6 +238,7 @@ class UltralyticsDetector:
         if batch_size < 1 or imgsz < 32 or max_det < 1 or not 0.0 <= conf <= 1.0 or not 0.0 <= iou <= 1.0:
             raise InputError(f"UltralyticsDetector: need batch_size >= 1, imgsz >= 32, max_det >= 1, conf and iou in [0, 1]; "
                              f"got batch_size={batch_size}, imgsz={imgsz}, max_det={max_det}, conf={conf}, iou={iou}")
+        self.device = None if device is None else _usable_device(str(device))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             try:
@@ -212,7 +247,7 @@ class UltralyticsDetector:
                 raise InputError(f"cannot load YOLO model {self.weights!r}: {exc}") from exc
         names = self.model.names
         self.names = [str(names[k]) for k in sorted(names)] if isinstance(names, Mapping) else [str(n) for n in names]
-        self.conf, self.iou, self.device, self.batch_size = float(conf), float(iou), device, int(batch_size)
+        self.conf, self.iou, self.batch_size = float(conf), float(iou), int(batch_size)
         self.imgsz, self.max_det, self.seed = int(imgsz), int(max_det), int(seed)
         self.classes = None if classes is None else sorted({self._class_index(c) for c in classes})
         self._sha256 = sha256_file(local) if local.is_file() else None
@@ -243,6 +278,9 @@ class UltralyticsDetector:
         return out
 
     def describe(self) -> dict[str, Any]:
+        """The model and its options, not `device`: where a model runs is machine-specific, and CPU and GPU
+        inference differ only by float rounding, so a build may resume on another device. A bank byte-identical
+        to another's needs the same kind of device, as it needs the same torch."""
         return {
             "type": "ultralytics", "weights": self.weights, "sha256": self._sha256, "ultralytics": self._version,
             "conf": self.conf, "iou": self.iou, "imgsz": self.imgsz, "max_det": self.max_det, "classes": self.classes,

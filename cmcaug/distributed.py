@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import errors
-from .build import BuildJob, BuildStats, ModelSpec, build_bank, process_batch
+from .build import BuildJob, BuildStats, ModelSpec, OptionRange, build_bank, check_ranges, process_batch
 from .deps import require
 from .detect import UltralyticsDetector
 from .errors import CMCAugError, InputError
@@ -153,20 +153,19 @@ def _portable(job: BuildJob) -> tuple[ModelSpec, str]:
     return portable, json.dumps(expected, sort_keys=True)
 
 
+RAY_OPTION_RANGES = {  # actors=None: as many as the cluster fits
+    "num_cpus_per_task": OptionRange(float, 0, above=True), "num_gpus_per_task": OptionRange(float, 0), "actors": OptionRange(int, 1),
+}
+
+
 class RayRunner:
     """A `build_bank` batch runner on Ray Data; see the module docstring and `build_bank_distributed`."""
 
     def __init__(self, address: str | None = None, *, num_cpus_per_task: float = 1.0, num_gpus_per_task: float = 0.0,
                  actors: int | None = None):
-        problems = [
-            (not num_cpus_per_task > 0, f"num_cpus_per_task must be > 0, got {num_cpus_per_task}"),
-            (not num_gpus_per_task >= 0, f"num_gpus_per_task must be >= 0, got {num_gpus_per_task}"),
-            (actors is not None and actors < 1, f"actors must be >= 1 (or None: as many as the cluster fits), got {actors}"),
-            (address is not None and not str(address).strip(), f"address must be None, 'auto', 'local', HOST:PORT or ray://HOST:PORT, got {address!r}"),
-        ]
-        for bad, message in problems:
-            if bad:
-                raise InputError(message)
+        check_ranges(RAY_OPTION_RANGES, num_cpus_per_task=num_cpus_per_task, num_gpus_per_task=num_gpus_per_task, actors=actors)
+        if address is not None and not str(address).strip():
+            raise InputError(f"address must be None, 'auto', 'local', HOST:PORT or ray://HOST:PORT, got {address!r}")
         self.address, self.actors, self._in_session = address, actors, False
         self.num_cpus_per_task, self.num_gpus_per_task = float(num_cpus_per_task), float(num_gpus_per_task)
 
@@ -260,9 +259,12 @@ def build_bank_distributed(
 ) -> BuildStats:
     """`build_bank` with its read -> decode -> detect -> crop -> embed batches run on Ray Data.
 
-    `options` are `build_bank`'s (detector, annotations, vocab, patch_size, ..., resume, overwrite, seed)
-    and mean the same; the bank is byte-identical to `build_bank`'s, and either can resume the other's
-    unfinished build. `workers` becomes the decode threads per Ray task (default `num_cpus_per_task`).
+    `options` are `build_bank`'s (detector, annotations, vocab, patch_size, ..., resume, overwrite, seed,
+    ignore_unmatched_annotations, device) and mean the same; the bank is byte-identical to `build_bank`'s,
+    and either can resume the other's unfinished build. `workers` becomes the decode threads per Ray task
+    (default `num_cpus_per_task`). Every actor runs YOLO on `device` as given, and this machine must have
+    it too (it makes the driver's copy); with `num_gpus_per_task` > 0 leave it None: each actor then runs
+    on the GPU Ray gives it.
 
     `address`: None uses the Ray this process is connected to, else Ray's default (`RAY_ADDRESS` or a
     cluster running on this machine, else a new private one); "auto" joins a running cluster (error if

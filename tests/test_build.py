@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from bank_helpers import file_hashes
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,7 +18,7 @@ from image_zoo import write_shard, write_zoo
 from PIL import Image
 
 from cmcaug.bank import PatchBank
-from cmcaug.build import DEFAULT_CONF, build_bank, crop_patch, resolve_conf, select_per_concept
+from cmcaug.build import DEFAULT_CONF, build_bank, crop_patch, resolve_conf, run_local, select_per_concept
 from cmcaug.concepts import ConceptVocab
 from cmcaug.detect import UltralyticsDetector
 from cmcaug.errors import InputError
@@ -30,10 +31,32 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("build") / "corpus", 16, seed=1, image_size=128).root
 
 
-def build(corpus: Path, out: Path, **kwargs):
+def build(corpus: Path, out: Path, inputs: Path | None = None, **kwargs):
     kwargs.setdefault("annotations", corpus / "annotations.json")
     kwargs.setdefault("vocab", corpus / "vocab.json")
-    return build_bank(corpus / "images", out, batch_size=5, progress=False, **{"min_box": 4, **kwargs})
+    return build_bank(inputs or corpus / "images", out, batch_size=5, progress=False, **{"min_box": 4, **kwargs})
+
+
+def first_images(corpus: Path, folder: Path, n: int) -> Path:
+    """A folder with the corpus's first `n` images: inputs that the corpus's annotation file over-covers."""
+    folder.mkdir()
+    for image in sorted((corpus / "images").iterdir())[:n]:
+        shutil.copy(image, folder / image.name)
+    return folder
+
+
+def interrupted(after: int):
+    """A batch runner that hands over `after` shards of `run_local`, then stops like a killed build."""
+    def run(job, batches):
+        results = run_local(job, batches)
+        try:
+            for _ in range(after):
+                yield next(results)
+        finally:
+            results.close()
+        raise KeyboardInterrupt
+
+    return run
 
 
 def test_annotation_bank_holds_every_box(corpus: Path, tmp_path: Path) -> None:
@@ -162,6 +185,70 @@ def test_output_and_option_errors(corpus: Path, tmp_path: Path) -> None:
         build(corpus, tmp_path / "b6", vocab=ConceptVocab({"giraffe": []}))
     with pytest.raises(InputError, match="needs a YOLO detector"):
         build(corpus, tmp_path / "b7", embedder="detector")
+    for bad, message in [({"patch_size": 4}, "patch_size must be >= 8, got 4"), ({"workers": -1}, "workers must be >= 0, got -1"),
+                         ({"conf": float("nan")}, r"conf must lie in \[0, 1\], got nan"), ({"max_per_concept": 0}, "max_per_concept must be >= 1")]:
+        with pytest.raises(InputError, match=message):
+            build(corpus, tmp_path / "b8", **bad)
+    with pytest.raises(InputError, match="device='cpu' is for a YOLO detector given as weights or a yaml"):
+        build(corpus, tmp_path / "b9", device="cpu")
+    with pytest.raises(InputError, match="ignore_unmatched_annotations .* is for annotations"):
+        build_bank(corpus / "images", tmp_path / "b10", detector="yolov8n.yaml", ignore_unmatched_annotations=True, progress=False)
+    assert not any((tmp_path / f"b{n}").exists() for n in range(2, 11))
+
+
+def test_a_subset_of_an_annotation_file(corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Inputs that are part of what an annotation file covers: refused (naming the flag) unless
+    ignore_unmatched_annotations, which builds the bank of a file cut down to the inputs and counts the rest."""
+    images = first_images(corpus, tmp_path / "images", 6)
+    coco = json.loads((corpus / "annotations.json").read_text())
+    inside = {im["id"] for im in coco["images"] if (images / im["file_name"]).exists()}
+    outside = {a["image_id"] for a in coco["annotations"]} - inside
+    refused = rf"annotates {len(outside)} image\(s\) that are not among the inputs.*--ignore-unmatched-annotations"
+    with pytest.raises(InputError, match=refused):
+        build(corpus, tmp_path / "refused", inputs=images)
+    assert not (tmp_path / "refused").exists()
+    with caplog.at_level(logging.INFO, logger="cmcaug.build"):
+        subset = build(corpus, tmp_path / "bank", inputs=images, ignore_unmatched_annotations=True)
+    assert subset.stats["images"]["annotated_not_among_inputs"] == len(outside) > 0
+    assert f"annotates {len(outside)} image(s) that are not among the inputs" in caplog.text
+    cut = {**coco, "images": [im for im in coco["images"] if im["id"] in inside],
+           "annotations": [a for a in coco["annotations"] if a["image_id"] in inside]}
+    (tmp_path / "cut.json").write_text(json.dumps(cut))
+    reference = build(corpus, tmp_path / "cut", inputs=images, annotations=tmp_path / "cut.json")
+    for name in ("patches.parquet", "pixels.npy", "embeddings.npy", "concepts.parquet"):
+        assert subset.manifest["files"][name] == reference.manifest["files"][name]
+    assert subset.stats["boxes"] == reference.stats["boxes"] and "annotated_not_among_inputs" not in reference.stats["images"]
+
+    with pytest.raises(KeyboardInterrupt):  # a subset build resumes only with the flag, into the same bank
+        build(corpus, tmp_path / "resumed", inputs=images, ignore_unmatched_annotations=True, runner=interrupted(1))
+    with pytest.raises(InputError, match="--ignore-unmatched-annotations"):
+        build(corpus, tmp_path / "resumed", inputs=images, resume=True)
+    resumed = build(corpus, tmp_path / "resumed", inputs=images, resume=True, ignore_unmatched_annotations=True)
+    assert resumed.resumed_batches == 1 and file_hashes(tmp_path / "resumed") == file_hashes(tmp_path / "bank")
+
+
+def test_the_flag_changes_no_bank(corpus: Path, tmp_path: Path) -> None:
+    """Where every annotated image is an input, ignore_unmatched_annotations has nothing to skip: the same
+    bytes, and either build resumes the other's."""
+    build(corpus, tmp_path / "plain")
+    with pytest.raises(KeyboardInterrupt):
+        build(corpus, tmp_path / "flag", ignore_unmatched_annotations=True, runner=interrupted(2))
+    assert build(corpus, tmp_path / "flag", resume=True).resumed_batches == 2
+    assert file_hashes(tmp_path / "flag") == file_hashes(tmp_path / "plain")
+    assert build(corpus, tmp_path / "flag", resume=True, ignore_unmatched_annotations=True).already_built
+
+
+def test_device_runs_yolo_without_entering_the_fingerprint(corpus: Path, tmp_path: Path) -> None:
+    images = first_images(corpus, tmp_path / "images", 3)
+    yolo = {"detector": "yolov8n.yaml", "conf": 0.0, "min_box": 4, "batch_size": 2, "progress": False}
+    reference = build_bank(images, tmp_path / "reference", device="cpu", **yolo)
+    provenance = reference.manifest["provenance"]
+    assert reference.stats["boxes"]["kept"] > 0 and "device" not in provenance["detector"] and "device" not in provenance["options"]
+    with pytest.raises(KeyboardInterrupt):
+        build_bank(images, tmp_path / "bank", runner=interrupted(1), **yolo)  # device None: ultralytics' choice
+    assert build_bank(images, tmp_path / "bank", resume=True, device="cpu", **yolo).resumed_batches == 1
+    if not torch.cuda.is_available():  # with a GPU, None ran batch 0 there: boxes equal up to float rounding only
+        assert file_hashes(tmp_path / "bank") == file_hashes(tmp_path / "reference")
 
 
 def test_crop_centres_a_square_of_the_longer_side_and_antialiases() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,20 +95,79 @@ def test_bad_annotations_exit_3_with_a_message(corpus: Path, tmp_path: Path, cap
     def unknown_category(coco: dict) -> None:
         coco["annotations"][0]["category_id"] = 999
 
-    for change, message in [(outside, "lies outside its 128x128 image"), (missing_image, "not among the inputs, e.g. ['gone.png']"),
+    for change, message in [(outside, "lies outside its 128x128 image"),
+                            (missing_image, "not among the inputs, e.g. ['gone.png']; pass the folder that holds them, remove their "
+                                            "annotations, or pass --ignore-unmatched-annotations"),
                             (unknown_category, "category_id 999, which is not among the file's categories")]:
         code, err = with_coco(change)
         assert code == 3 and err.startswith("cmcaug build-bank: error: ") and message in err, err
     assert not (tmp_path / "bank").exists()  # refused before anything was written
 
 
-def test_empty_bank_warns_after_the_summary(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["build-bank", str(corpus / "images"), "-o", str(tmp_path / "bank"), "--annotations", str(corpus / "annotations.json"),
+def test_empty_bank_warns_once_after_the_summary(corpus: Path, tmp_path: Path) -> None:
+    """The library logs the warning; the CLI holds that record back and prints the warning once, last."""
+    args = [str(corpus / "images"), "-o", str(tmp_path / "bank"), "--annotations", str(corpus / "annotations.json"),
             "--min-box", "10000", "--no-progress"]
-    assert main(args) == 0  # an empty bank is still a valid bank
-    out, err = capsys.readouterr()
-    assert "status: built" in out and "patches: 0" in out
-    assert "cmcaug build-bank: warning: the bank holds 0 patches" in err and "dropped small" in err
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as in `... 2>&1 | tee`
+    done = subprocess.run([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120, env=buffered)
+    assert done.returncode == 0, done.stdout[-2000:]  # an empty bank is still a valid bank
+    assert "status: built" in done.stdout and "patches: 0" in done.stdout
+    assert done.stdout.count("the bank holds 0 patches") == 1 and "dropped small" in done.stdout
+    last_table = done.stdout.rindex("concept")
+    assert done.stdout.index("cmcaug build-bank: warning: the bank holds 0 patches") > last_table
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--patch-size", "4"], "argument --patch-size: must be >= 8, got 4"),
+    (["--conf", "1.5"], "argument --conf: must lie in [0, 1], got 1.5"),
+    (["--min-box", "nan"], "argument --min-box: must be >= 0, got nan"),
+    (["--batch-size", "two"], "argument --batch-size: expected an integer, got 'two'"),
+    (["--ray", "--ray-cpus", "0"], "argument --ray-cpus: must be > 0, got 0.0"),
+    (["--ray", "--ray-actors", "0"], "argument --ray-actors: must be >= 1, got 0"),
+])
+def test_numbers_out_of_range_are_usage_errors_naming_the_flag(flags: list[str], message: str, corpus: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["build-bank", str(corpus / "images"), "-o", str(tmp_path / "bank"), "--annotations", str(corpus / "annotations.json"),
+              *flags])
+    assert exc.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "bank").exists()
+
+
+def test_flags_that_need_another_flag(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    misplaced = [(["--annotations", str(corpus / "annotations.json"), "--device", "cpu"], "--device is where YOLO runs"),
+                 (["--detector", "yolov8n.yaml", "--ignore-unmatched-annotations"], "--ignore-unmatched-annotations needs --annotations")]
+    for flags, message in misplaced:
+        assert main(["build-bank", str(corpus / "images"), "-o", str(tmp_path / "bank"), *flags]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "bank").exists()
+
+
+def test_ignore_unmatched_annotations(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("000001.png", "000002.png", "000003.png"):
+        (images / name).write_bytes((corpus / "images" / name).read_bytes())
+    args = ["build-bank", str(images), "-o", str(tmp_path / "bank"), "--annotations", str(corpus / "annotations.json"), "--no-progress"]
+    assert main(args) == 3
+    assert "annotates 9 image(s) that are not among the inputs" in capsys.readouterr().err
+    assert main([*args, "--ignore-unmatched-annotations"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"annotated images not among the inputs +9\n", out) and "images read" in out
+    assert PatchBank.open(tmp_path / "bank").manifest["stats"]["images"]["annotated_not_among_inputs"] == 9
+
+
+def test_device_cpu_and_a_device_this_machine_lacks(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    images = tmp_path / "few"
+    images.mkdir()
+    for name in ("000001.png", "000002.png"):
+        (images / name).write_bytes((corpus / "images" / name).read_bytes())
+    yolo = ["build-bank", str(images), "--detector", "yolov8n.yaml", "--conf", "0", "--min-box", "32", "--batch-size", "2",
+            "--no-progress"]
+    assert main([*yolo, "-o", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
+    assert "status: built" in capsys.readouterr().out and len(PatchBank.open(tmp_path / "cpu")) > 0
+    assert main([*yolo, "-o", str(tmp_path / "gpu"), "--device", "cuda:99"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("cmcaug build-bank: error: device 'cuda:99' is not usable on this machine") and "pass 'cpu'" in err
+    assert not (tmp_path / "gpu").exists()
 
 
 @pytest.mark.xdist_group("ray")  # never beside test_distributed's cluster, which 'auto' would join

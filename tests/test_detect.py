@@ -81,8 +81,9 @@ def test_annotation_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="expected COCO JSON"):
         AnnotationDetector(tmp_path / "broken.json")
     det = AnnotationDetector(coco(tmp_path, [ann([1, 1, 5, 5])]))
-    with pytest.raises(InputError, match="not among the inputs"):
+    with pytest.raises(InputError, match="not among the inputs.*--ignore-unmatched-annotations"):
         det.match(["b.png", "other/c.png"])
+    assert det.annotated == {"a.png"} and det.match(["b.png", "other/c.png"], ignore_unmatched=True) == {}
     with pytest.raises(InputError, match="both match"):
         det.match(["x/a.png", "y/a.png"])
     assert det.match(["x/a.png", "b.png"]) == {"x/a.png": "a.png"}
@@ -125,6 +126,16 @@ def test_yolo_class_filter_and_errors(tmp_path: Path, images: list[np.ndarray]) 
         UltralyticsDetector(tmp_path / "missing.pt")
     with pytest.raises(InputError, match="conf"):
         UltralyticsDetector("yolov8n.yaml", conf=2.0)
+
+
+def test_yolo_device_is_checked_and_not_described(yolo: UltralyticsDetector, images: list[np.ndarray]) -> None:
+    """A device runs the model, it does not change which model: `describe` (the build's fingerprint) leaves it out."""
+    on_cpu = UltralyticsDetector("yolov8n.yaml", conf=0.0, imgsz=160, max_det=3, batch_size=4, device="cpu")
+    assert on_cpu.device == "cpu" and on_cpu.describe() == yolo.describe()
+    assert [0 < len(d) <= 3 for d in on_cpu.detect(images[:2])] == [True, True]
+    for bad in ("cuda:99", "gpu"):
+        with pytest.raises(InputError, match=rf"device '{bad}' is not usable on this machine .*torch sees \d+ CUDA device"):
+            UltralyticsDetector("yolov8n.yaml", device=bad)
 
 
 def test_local_pt_weights_load_offline(yolo: UltralyticsDetector, images: list[np.ndarray], tmp_path: Path) -> None:
