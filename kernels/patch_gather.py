@@ -97,16 +97,19 @@ def patch_gather(
 _IMPLEMENTATIONS = {"triton": patch_gather, "reference": reference.patch_gather}
 
 
-# A registered operator, so `torch.compile` keeps it as one opaque node (no graph break, the same kernel in
-# and out of compiled code); the CPU range check of `index` runs inside it, on real values.
-@torch.library.custom_op("cmcaug::normalize_patches", mutates_args=())
-def _normalize_op(pixels: torch.Tensor, index: torch.Tensor | None, affine: torch.Tensor, dtype: torch.dtype,
-                  implementation: str) -> torch.Tensor:
+def _normalize(pixels: torch.Tensor, index: torch.Tensor | None, affine: torch.Tensor, dtype: torch.dtype,
+               implementation: str) -> torch.Tensor:
+    """The op itself, with the range check of CPU indices (it needs their values, so it runs here)."""
     if index is not None and index.device.type == "cpu" and index.numel():
         low, high = int(index.min()), int(index.max())
         if low < 0 or high >= pixels.shape[0]:
             raise InputError(f"index values must lie in [0, {pixels.shape[0]}) (rows of pixels), got [{low}, {high}]")
     return _IMPLEMENTATIONS[implementation](pixels, index, affine, dtype)
+
+
+# Also a registered operator, which `torch.compile` keeps as one opaque node (no graph break, the same
+# kernel inside and outside compiled code); eager calls skip the operator dispatcher (see kernels/splice.py).
+_normalize_op = torch.library.custom_op("cmcaug::normalize_patches", _normalize, mutates_args=())
 
 
 @_normalize_op.register_fake
@@ -138,7 +141,8 @@ def normalize_patches(
     if index is not None:
         _check_index(index, pixels)
     affine = reference.patch_affine(mean, std, pixels.shape[-1], pixels.device)
-    return _normalize_op(pixels, index, affine, dtype, resolve_backend(backend, pixels.device))
+    run = _normalize_op if torch.compiler.is_compiling() else _normalize
+    return run(pixels, index, affine, dtype, resolve_backend(backend, pixels.device))
 
 
 def _check_index(index: torch.Tensor, pixels: torch.Tensor) -> None:

@@ -162,38 +162,26 @@ _IMPLEMENTATIONS: dict[str, tuple[Callable, Callable]] = {
     "reference": (reference.splice_forward, reference.splice_backward),
 }
 
-# The splice and its transpose are registered operators (torch.library), so `torch.compile` treats each as
-# one opaque node with a known output shape: a compiled model that splices has no graph break, and the same
-# Triton launch (or reference) runs inside and outside compiled code. The splice is linear, so its backward
-# is its transpose (the gather through the inverse maps), whose backward is the splice again: gradients of
-# any order work. Each op takes all three maps so that its backward has them.
+# The splice is linear, so its backward is its transpose (the gather through the inverse maps), whose
+# backward is the splice again: gradients of any order work. Each takes all three maps so that its backward
+# has them. Both are wired into autograd twice over one set of functions: as registered operators
+# (torch.library), which `torch.compile` keeps as opaque nodes of known shape (no graph break, the same
+# launch inside and outside compiled code), and as `autograd.Function`s for eager calls, which skip the
+# operator dispatcher (about 9 us less per call, measured on the CPU build machine).
 
 
-@torch.library.custom_op("cmcaug::splice", mutates_args=())
-def _splice_op(text: torch.Tensor, patches: torch.Tensor, source_index: torch.Tensor, text_destination: torch.Tensor,
-               patch_destination: torch.Tensor, implementation: str) -> torch.Tensor:
+def _splice_impl(text: torch.Tensor, patches: torch.Tensor, source_index: torch.Tensor,
+                 text_destination: torch.Tensor, patch_destination: torch.Tensor, implementation: str) -> torch.Tensor:
     return _IMPLEMENTATIONS[implementation][0](text, patches, source_index)
 
 
-@_splice_op.register_fake
-def _(text, patches, source_index, text_destination, patch_destination, implementation):
-    return text.new_empty(*source_index.shape, text.shape[-1])
-
-
-@torch.library.custom_op("cmcaug::splice_transpose", mutates_args=())
-def _transpose_op(grad: torch.Tensor, source_index: torch.Tensor, text_destination: torch.Tensor,
-                  patch_destination: torch.Tensor, implementation: str, text_grad: bool,
-                  patch_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _transpose_impl(grad: torch.Tensor, source_index: torch.Tensor, text_destination: torch.Tensor,
+                    patch_destination: torch.Tensor, implementation: str, text_grad: bool,
+                    patch_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_text, grad_patches); an unwanted one is an empty tensor (an operator returns tensors, not None)."""
     grads = _IMPLEMENTATIONS[implementation][1](grad, text_destination if text_grad else None,
                                                 patch_destination if patch_grad else None)
     return tuple(g if g is not None else grad.new_empty(0) for g in grads)
-
-
-@_transpose_op.register_fake
-def _(grad, source_index, text_destination, patch_destination, implementation, text_grad, patch_grad):
-    return tuple(grad.new_empty(*m.shape, grad.shape[-1]) if wanted else grad.new_empty(0)
-                 for m, wanted in ((text_destination, text_grad), (patch_destination, patch_grad)))
 
 
 def _setup_splice(ctx, inputs, output) -> None:
@@ -209,23 +197,55 @@ def _setup_transpose(ctx, inputs, output) -> None:
 
 def _splice_backward(ctx, grad: torch.Tensor):
     text_grad, patch_grad = ctx.needs_input_grad[:2]
-    grad_text, grad_patches = _transpose_op(grad, *ctx.saved_tensors, ctx.implementation, text_grad, patch_grad)
+    grad_text, grad_patches = _transpose(grad, *ctx.saved_tensors, ctx.implementation, text_grad, patch_grad)
     return grad_text if text_grad else None, grad_patches if patch_grad else None, None, None, None, None
 
 
 def _transpose_backward(ctx, grad_text: torch.Tensor, grad_patches: torch.Tensor):
-    source_index, text_destination, patch_destination = ctx.saved_tensors
+    _, text_destination, patch_destination = ctx.saved_tensors
     text_grad, patch_grad = ctx.wanted
     if not text_grad:
         grad_text = grad_text.new_zeros(*text_destination.shape, ctx.width)
     if not patch_grad:
         grad_patches = grad_patches.new_zeros(*patch_destination.shape, ctx.width)
-    spliced = _splice_op(grad_text, grad_patches, *ctx.saved_tensors, ctx.implementation)
-    return spliced, None, None, None, None, None, None
+    return _splice(grad_text, grad_patches, *ctx.saved_tensors, ctx.implementation), None, None, None, None, None, None
 
 
+_splice_op = torch.library.custom_op("cmcaug::splice", _splice_impl, mutates_args=())
+_transpose_op = torch.library.custom_op("cmcaug::splice_transpose", _transpose_impl, mutates_args=())
 _splice_op.register_autograd(_splice_backward, setup_context=_setup_splice)
 _transpose_op.register_autograd(_transpose_backward, setup_context=_setup_transpose)
+
+
+@_splice_op.register_fake
+def _(text, patches, source_index, text_destination, patch_destination, implementation):
+    return text.new_empty(*source_index.shape, text.shape[-1])
+
+
+@_transpose_op.register_fake
+def _(grad, source_index, text_destination, patch_destination, implementation, text_grad, patch_grad):
+    return tuple(grad.new_empty(*m.shape, grad.shape[-1]) if wanted else grad.new_empty(0)
+                 for m, wanted in ((text_destination, text_grad), (patch_destination, patch_grad)))
+
+
+class _SpliceFunction(torch.autograd.Function):
+    forward = staticmethod(_splice_impl)
+    setup_context = staticmethod(_setup_splice)
+    backward = staticmethod(_splice_backward)
+
+
+class _TransposeFunction(torch.autograd.Function):
+    forward = staticmethod(_transpose_impl)
+    setup_context = staticmethod(_setup_transpose)
+    backward = staticmethod(_transpose_backward)
+
+
+def _splice(*args) -> torch.Tensor:
+    return _splice_op(*args) if torch.compiler.is_compiling() else _SpliceFunction.apply(*args)
+
+
+def _transpose(*args) -> tuple[torch.Tensor, torch.Tensor]:
+    return _transpose_op(*args) if torch.compiler.is_compiling() else _TransposeFunction.apply(*args)
 
 
 class SpliceOutput(NamedTuple):
@@ -250,7 +270,7 @@ def splice(text: torch.Tensor, patches: torch.Tensor, plan: SplicePlan, backend:
     """
     _check_inputs(text, patches, plan)
     implementation = resolve_backend(backend, text.device)
-    embeds = _splice_op(text, patches, plan.source_index, plan.text_destination, plan.patch_destination, implementation)
+    embeds = _splice(text, patches, plan.source_index, plan.text_destination, plan.patch_destination, implementation)
     return SpliceOutput(embeds, plan.attention_mask, plan.modality_ids, plan.position_ids, plan.source_index)
 
 
