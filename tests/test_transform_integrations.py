@@ -142,3 +142,18 @@ def test_examples_run_end_to_end(example, tmp_path, capsys):
     assert len(result["history"]) == 2 and result["stats"]["captions"] == 16
     assert (tmp_path / "bank" / "manifest.json").is_file()
     assert "replaced" in capsys.readouterr().out
+
+
+def test_unpaired_zero_shot_ablation_runs_and_reproduces(tmp_path, capsys):
+    from cmcaug.benchmarks.common import device_name, slug
+
+    ablation = _example("unpaired_zero_shot")
+    result = ablation.main(["--arms", "cmc-coded", "labelled", "--seeds", "0", "0", "--steps", "2", "--images", "16",
+                            "--eval-images", "8", "--batch-size", "4", "--jobs", "1", "--out", str(tmp_path)])
+    rows = [{k: v for k, v in r.items() if k != "seconds"} for r in result["rows"]]
+    assert [r["arm"] for r in rows] == ["cmc-coded", "labelled"] * 2
+    assert all({"accuracy", "chance", "majority", "per_concept", "predicted"} <= r.keys() for r in rows)
+    assert rows[:2] == rows[2:]  # the same seed twice: the same runs
+    assert [s["arm"] for s in result["summary"]] == ["cmc-coded", "labelled"]
+    assert (tmp_path / f"unpaired-zero-shot-{slug(device_name('cpu'))}.json").is_file()
+    assert "per arm" in capsys.readouterr().out
