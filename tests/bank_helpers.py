@@ -1,5 +1,5 @@
 """Small random patch banks for the bank, writer, index and inspect tests (real files, real FAISS), and
-the bank-folder digest that the build tests compare."""
+the bank-folder digest that the build tests compare, and a batch runner that dies like a killed build."""
 from __future__ import annotations
 
 import json
@@ -68,3 +68,17 @@ def rehash(bank: Path) -> None:
 def file_hashes(bank: Path) -> dict[str, str]:
     """sha256 of every entry of a bank folder, hidden ones included; a folder (a leftover .build/) shows as "dir"."""
     return {p.name: fmt.sha256_file(p) if p.is_file() else "dir" for p in sorted(bank.iterdir())}
+
+
+def stop_after(n: int, runner):
+    """A build batch runner that hands over `n` shards of `runner`, then dies like a killed build."""
+    def run(job, batches):
+        results = runner(job, batches)
+        try:
+            for _ in range(n):
+                yield next(results)
+        finally:
+            results.close()
+        raise KeyboardInterrupt
+
+    return run

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bank_helpers import file_hashes
+from bank_helpers import file_hashes, stop_after
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from image_zoo import write_shard, write_zoo
@@ -43,20 +43,6 @@ def first_images(corpus: Path, folder: Path, n: int) -> Path:
     for image in sorted((corpus / "images").iterdir())[:n]:
         shutil.copy(image, folder / image.name)
     return folder
-
-
-def interrupted(after: int):
-    """A batch runner that hands over `after` shards of `run_local`, then stops like a killed build."""
-    def run(job, batches):
-        results = run_local(job, batches)
-        try:
-            for _ in range(after):
-                yield next(results)
-        finally:
-            results.close()
-        raise KeyboardInterrupt
-
-    return run
 
 
 def test_annotation_bank_holds_every_box(corpus: Path, tmp_path: Path) -> None:
@@ -220,7 +206,7 @@ def test_a_subset_of_an_annotation_file(corpus: Path, tmp_path: Path, caplog: py
     assert subset.stats["boxes"] == reference.stats["boxes"] and "annotated_not_among_inputs" not in reference.stats["images"]
 
     with pytest.raises(KeyboardInterrupt):  # a subset build resumes only with the flag, into the same bank
-        build(corpus, tmp_path / "resumed", inputs=images, ignore_unmatched_annotations=True, runner=interrupted(1))
+        build(corpus, tmp_path / "resumed", inputs=images, ignore_unmatched_annotations=True, runner=stop_after(1, run_local))
     with pytest.raises(InputError, match="--ignore-unmatched-annotations"):
         build(corpus, tmp_path / "resumed", inputs=images, resume=True)
     resumed = build(corpus, tmp_path / "resumed", inputs=images, resume=True, ignore_unmatched_annotations=True)
@@ -232,7 +218,7 @@ def test_the_flag_changes_no_bank(corpus: Path, tmp_path: Path) -> None:
     bytes, and either build resumes the other's."""
     build(corpus, tmp_path / "plain")
     with pytest.raises(KeyboardInterrupt):
-        build(corpus, tmp_path / "flag", ignore_unmatched_annotations=True, runner=interrupted(2))
+        build(corpus, tmp_path / "flag", ignore_unmatched_annotations=True, runner=stop_after(2, run_local))
     assert build(corpus, tmp_path / "flag", resume=True).resumed_batches == 2
     assert file_hashes(tmp_path / "flag") == file_hashes(tmp_path / "plain")
     assert build(corpus, tmp_path / "flag", resume=True, ignore_unmatched_annotations=True).already_built
@@ -245,7 +231,7 @@ def test_device_runs_yolo_without_entering_the_fingerprint(corpus: Path, tmp_pat
     provenance = reference.manifest["provenance"]
     assert reference.stats["boxes"]["kept"] > 0 and "device" not in provenance["detector"] and "device" not in provenance["options"]
     with pytest.raises(KeyboardInterrupt):
-        build_bank(images, tmp_path / "bank", runner=interrupted(1), **yolo)  # device None: ultralytics' choice
+        build_bank(images, tmp_path / "bank", runner=stop_after(1, run_local), **yolo)  # device None: ultralytics' choice
     assert build_bank(images, tmp_path / "bank", resume=True, device="cpu", **yolo).resumed_batches == 1
     if not torch.cuda.is_available():  # with a GPU, None ran batch 0 there: boxes equal up to float rounding only
         assert file_hashes(tmp_path / "bank") == file_hashes(tmp_path / "reference")

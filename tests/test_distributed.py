@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bank_helpers import file_hashes
+from bank_helpers import file_hashes, stop_after
 
-from cmcaug.build import BuildJob, build_bank, run_local
+from cmcaug.build import build_bank, run_local
 from cmcaug.build_state import BUILD_DIR
 from cmcaug.cli.main import main
 from cmcaug.detect import UltralyticsDetector
@@ -73,20 +73,6 @@ def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[d
     out = tmp_path_factory.mktemp("reference") / "bank"
     result = build_bank(corpus / "images", out, **options(corpus))
     return file_hashes(out), result.stats
-
-
-def stop_after(n: int, runner):
-    """A runner that hands over `n` shards of `runner`, then dies like a killed build."""
-    def run(job: BuildJob, batches):
-        results = runner(job, batches)
-        try:
-            for _ in range(n):
-                yield next(results)
-        finally:
-            results.close()
-        raise KeyboardInterrupt
-
-    return run
 
 
 def test_ray_bank_is_the_local_bank(cluster, corpus: Path, reference, tmp_path: Path) -> None:
