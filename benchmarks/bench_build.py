@@ -2,7 +2,7 @@
 
     cmcaug bench build [--out DIR] [-- --workers N]    # writes build-<cpu>.json
     cmcaug bench build --smoke                        # tiny sizes: checks the code path (build-smoke-<cpu>.json)
-    python -m benchmarks.bench_build [--smoke] [--out DIR]   # the same from a source checkout
+    python -m cmcaug.benchmarks.bench_build [--smoke] [--out DIR]   # the same as a module
 
 1. Build throughput on a shapes-world corpus, for COCO annotations and for a YOLO yaml model (random
    weights, conf 0 and a `max_det` cap so every image yields boxes to crop and embed): images/s of the

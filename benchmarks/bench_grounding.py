@@ -3,7 +3,7 @@ precision/recall of both modes on the labelled evaluation set (cmcaug/data/groun
 
     cmcaug bench grounding [--out DIR] [-- --captions N]   # writes grounding-<cpu>.json
     cmcaug bench grounding --smoke                        # tiny sizes: checks the code path (grounding-smoke-<cpu>.json)
-    python -m benchmarks.bench_grounding [--smoke] [--out DIR]   # the same from a source checkout
+    python -m cmcaug.benchmarks.bench_grounding [--smoke] [--out DIR]   # the same as a module
 
 Captions are short COCO-style sentences drawn from a seeded grammar (about 11 words; most name one to
 three COCO objects). Every single-process measurement runs in a fresh spawned process with one BLAS

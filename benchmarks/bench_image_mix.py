@@ -17,7 +17,7 @@ of copy bandwidth and >= 10x unfold_fold.
 
     cmcaug bench image_mix [--out DIR]    # GPU sweep: B 128..512, 224/384 px, bf16/uint8
     cmcaug bench image_mix --smoke        # one tiny CPU size (no GPU needed)
-    python -m benchmarks.bench_image_mix [--smoke] [--out DIR]   # the same from a source checkout
+    python -m cmcaug.benchmarks.bench_image_mix [--smoke] [--out DIR]   # the same as a module
 """
 from __future__ import annotations
 

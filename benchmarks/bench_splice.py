@@ -2,7 +2,7 @@
 
     cmcaug bench splice [--out DIR] [-- --sizes B,L,D ...]   # needs a CUDA GPU; writes splice-<gpu>.json + .png
     cmcaug bench splice --smoke                             # one small size on the CPU: checks the code path only
-    python -m benchmarks.bench_splice [--smoke] [--out DIR]  # the same from a source checkout
+    python -m cmcaug.benchmarks.bench_splice [--smoke] [--out DIR]  # the same as a module
 
 Providers: "triton" (`splice`, the fused kernels), "eager" (`splice(backend="reference")`: one gather
 from stacked rows, gather-based backward), "compile" (`torch.compile` of the reference forward; autograd

@@ -3,7 +3,7 @@ path of a training step against a BERT-base forward + backward.
 
     cmcaug bench transform [--out DIR] [-- --batch-sizes 32 256 --step-device cuda]   # transform-<cpu>.json
     cmcaug bench transform --smoke          # B=8, fewer repeats: checks the code path (transform-smoke-<cpu>.json)
-    python -m benchmarks.bench_transform [--smoke] [--out DIR]   # the same from a source checkout
+    python -m cmcaug.benchmarks.bench_transform [--smoke] [--out DIR]   # the same as a module
 
 CPU section (one process = one worker), on everyday COCO-style captions (the grounding evaluation set,
 `cmcaug/data/grounding_eval.jsonl`) against a bank over `ConceptVocab.default()` (COCO-80, 64x64 patches):

@@ -5,9 +5,9 @@ Bandwidth convention: an op's `bytes` counts every byte it reads plus every byte
 `copy_bandwidth_gbs(nbytes)` times a device-to-device copy that also reads + writes `nbytes` in all,
 so `gbs / copy_gbs` is the fraction of the device's achievable bandwidth.
 
-Results go to the folder given by `--out` (every benchmark's parser comes from `argument_parser`): by
-default benchmarks/results in a source checkout, else ./cmcaug-bench-results, since an installed copy of
-this package lives in site-packages. torch is imported inside the functions that use it, so that
+Results go to the folder given by `--out` (every benchmark's parser comes from `argument_parser`), by
+default ./cmcaug-bench-results under the working directory, wherever the package is installed: the
+committed results in a checkout's benchmarks/results are written only when `--out` names that folder. torch is imported inside the functions that use it, so that
 bench_grounding can set its thread variables before torch loads.
 """
 from __future__ import annotations
@@ -29,10 +29,7 @@ if TYPE_CHECKING:
 
 
 def default_results_dir() -> Path:
-    """benchmarks/results when this package runs from a source checkout, else ./cmcaug-bench-results."""
-    checkout = Path(__file__).resolve().parent.parent  # in an installed copy: site-packages/cmcaug
-    if (checkout / "pyproject.toml").is_file():
-        return checkout / "benchmarks" / "results"
+    """./cmcaug-bench-results: where the user is, never the installed package's or checkout's own folders."""
     return Path.cwd() / "cmcaug-bench-results"
 
 
@@ -45,8 +42,8 @@ def argument_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """A benchmark's parser: its docstring as the description, and the `--out` option every benchmark shares."""
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=default_results_dir(), metavar="DIR",
-                        help="folder for the JSON results and plots (default: benchmarks/results in a source checkout, "
-                        "else ./cmcaug-bench-results; here %(default)s)")
+                        help="folder for the JSON results and plots (default: ./cmcaug-bench-results; "
+                        "here %(default)s)")
     return parser
 
 

@@ -1,7 +1,7 @@
 """Run benchmarks by name (`make bench`, `cmcaug bench`): all of them by default, where the GPU kernel
 benchmarks are skipped with a note when there is no CUDA device (their --smoke runs need none).
 
-    python -m benchmarks.run_all [NAME ...] [--smoke] [--out DIR]
+    python -m cmcaug.benchmarks.run_all [NAME ...] [--smoke] [--out DIR]
 """
 from __future__ import annotations
 

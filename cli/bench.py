@@ -21,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks every code path, not numbers")
-    parser.add_argument("--out", type=Path, metavar="DIR", help="folder for the results (default: benchmarks/results in a "
-                        "source checkout, else ./cmcaug-bench-results)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="folder for the results (default: ./cmcaug-bench-results; "
+                        "the committed results of a checkout: --out benchmarks/results)")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and what each measures, run nothing")
     parser.set_defaults(run=run)
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._checkout import find_subpackages_beside
 from .errors import BankFormatError, CMCAugError, InputError, MissingDependencyError
+
+find_subpackages_beside(__path__[0])  # a source checkout: kernels/, cli/, benchmarks/ from this same tree
 
 __version__ = "0.1.0"
 

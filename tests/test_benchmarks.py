@@ -54,6 +54,14 @@ def test_splice_smoke_writes_into_out(tmp_path, results_dir_untouched) -> None:
     assert bool(list(tmp_path.glob("splice-smoke-*.png"))) == HAS_MATPLOTLIB
 
 
+def test_results_go_under_the_working_directory_by_default(tmp_path, monkeypatch, results_dir_untouched) -> None:
+    """Without --out: ./cmcaug-bench-results where the user is, never the installed or checked-out package."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "splice", "--smoke"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["cmcaug-bench-results"]
+    assert list((tmp_path / "cmcaug-bench-results").glob("splice-smoke-*.json"))
+
+
 def test_image_mix_smoke_writes_into_out(tmp_path, results_dir_untouched) -> None:
     """Providers agree (the benchmark checks them against the reference), JSON and plots are written."""
     assert main(["bench", "--smoke", "--out", str(tmp_path), "image_mix"]) == 0
@@ -105,7 +113,8 @@ def test_run_all_runs_the_named_benchmarks_and_reports_failures(tmp_path, monkey
         run_all.run(["nope"])
 
 
-def test_results_go_to_the_checkout_unless_out_says_otherwise(tmp_path) -> None:
+def test_results_go_under_the_working_directory_unless_out_says_otherwise(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     parser = common.argument_parser("bench_x", "Measures x.")
-    assert parser.parse_args([]).out == Path(common.__file__).resolve().parent / "results"
+    assert parser.parse_args([]).out == tmp_path / "cmcaug-bench-results"
     assert parser.parse_args(["--out", str(tmp_path)]).out == tmp_path

@@ -217,8 +217,8 @@ def test_kernel_compiles_for_hopper_with_16_byte_accesses() -> None:
 
 
 def test_unfold_fold_baseline_pastes_the_same_windows() -> None:
-    from benchmarks.bench_image_mix import make_case as bench_case
-    from benchmarks.bench_image_mix import unfold_fold_paste
+    from cmcaug.benchmarks.bench_image_mix import make_case as bench_case
+    from cmcaug.benchmarks.bench_image_mix import unfold_fold_paste
 
     case = bench_case(5, 48, torch.bfloat16, "cpu", seed=2)
     args = (case["images"], case["partner"], case["target_box"], case["source_box"])
