@@ -33,10 +33,11 @@ import numpy as np
 import torch
 
 from . import mlm
-from .align import align_span_arrays, tokenize_with_offsets
+from .align import align_span_arrays
 from .errors import InputError
 from .items import IndexedItems, Item, item_spans, parse_item
 from .plan import SplicePlan
+from .tokenize import tokenize_with_offsets
 
 if TYPE_CHECKING:
     from .kernels import SpliceOutput
@@ -146,7 +147,7 @@ class CMCTransform:
     """Cross-modal CutMix views of captions against a `PatchBank`; see the module docstring for the loop.
 
     `tokenizer`: an HF fast tokenizer, open_clip's tokenizer, or a callable `texts -> (ids, offsets)`
-    (`cmcaug.align.tokenize_with_offsets`). `tagger`: a `GroundingTagger` over the bank's vocabulary, used
+    (`cmcaug.tokenize.tokenize_with_offsets`). `tagger`: a `GroundingTagger` over the bank's vocabulary, used
     for items that arrive without spans. `ratio`: probability that each grounded word (whose concept has
     patches) is replaced; `max_replacements`: cap per caption. `max_length`: tokens per caption and per
     spliced row (default: the tokenizer's limit); a patch that would push a row past it is not spliced in.

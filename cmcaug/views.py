@@ -5,7 +5,7 @@ data URIs, no external assets) or a PNG: per caption, the caption with the repla
 the grounded words that stayed text underlined, given their spans), then the view as the model reads
 it, token by token, with each bank patch inline where it replaced its word, labelled with its concept.
 `preview_captions` does the whole trip for the CLI (`cmcaug preview BANK --captions FILE`): read and tag
-captions, collate them with `CMCTransform`, render; its default tokenizer, `cmcaug.align.tokenize_words`,
+captions, collate them with `CMCTransform`, render; its default tokenizer, `cmcaug.tokenize.tokenize_words`,
 needs no vocabulary file, so that trip needs no model download.
 
 Where the plan puts two patches side by side, it does not say which of the replaced tokens each one
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .align import tokenize_with_offsets, tokenize_words
+from .tokenize import tokenize_with_offsets, tokenize_words
 from .errors import InputError
 from .items import IndexedItems, item_spans, parse_item
 

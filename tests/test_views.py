@@ -15,7 +15,7 @@ from PIL import Image
 from png_helpers import read
 from transform_helpers import token_runs
 
-from cmcaug.align import tokenize_words
+from cmcaug.tokenize import tokenize_words
 from cmcaug.bank import PatchBank
 from cmcaug.cli.main import main
 from cmcaug.errors import InputError
@@ -132,7 +132,7 @@ def test_cmc_view_without_tokenizer_shows_ids_and_the_png_variant(world, tmp_pat
 
 def test_cmc_view_with_open_clip_tokens(world, tmp_path: Path) -> None:
     open_clip = pytest.importorskip("open_clip")
-    from cmcaug.align import tokenize_with_offsets
+    from cmcaug.tokenize import tokenize_with_offsets
     from cmcaug.transform import CMCTransform
     from cmcaug.views import render_cmc_views
 
