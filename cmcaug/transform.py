@@ -15,7 +15,7 @@ bytes (`cmc.splice`). VLMixer published no code: choosing each grounded word ind
 probability `ratio`, capping a caption at `max_replacements` (a uniformly random subset of the chosen),
 and one bank patch of `patch_tokens` tokens per replaced word are this project's reading of the paper.
 
-Reproducibility: every draw for sample i is a pure function of (seed, epoch, i) (`cmcaug.mlm`), so views
+Reproducibility: every draw for sample i is a pure function of (seed, epoch, i) (`cmcaug.draws`), so views
 do not depend on `num_workers`, on batch composition, or on the run, and `set_epoch` works with
 `persistent_workers=True` (the epoch lives in shared memory). Items carry their dataset index through
 `cmc.dataset(items)`, as `{"index": i, ...}` dicts or tag-text rows (`row_id`), or as `(i, item)` pairs
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from . import mlm
+from . import draws, mlm
 from .align import align_span_arrays
 from .errors import InputError
 from .items import IndexedItems, Item, item_spans, parse_item
@@ -92,7 +92,7 @@ class CMCBatch:
     pixels: torch.Tensor  # [M, P, P, 3] uint8
     indices: torch.Tensor  # [B] int64 dataset index of each caption, -1 where the item carried none
     captions: list[str]
-    sample_keys: np.ndarray  # [B] uint64 per-sample random keys (see cmcaug.mlm)
+    sample_keys: np.ndarray  # [B] uint64 per-sample random keys (see cmcaug.draws)
     stats: CMCStats
     labels: torch.Tensor | None = None
 
@@ -187,7 +187,7 @@ class CMCTransform:
         self.patch_tokens = int(patch_tokens)
         self._mask_token_id, self._vocab_size, limit = _tokenizer_facts(tokenizer)
         self.max_length = int(max_length) if max_length is not None else limit
-        self.seed = mlm.generator_seed(seed) if isinstance(seed, torch.Generator) else int(seed)
+        self.seed = draws.generator_seed(seed) if isinstance(seed, torch.Generator) else int(seed)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # shared with (persistent) workers
         self._counts = np.asarray(bank.counts, np.int64)
         self.stats = CMCStats()
@@ -256,7 +256,7 @@ class CMCTransform:
         for b, s, e in zip(row.tolist(), start.tolist(), end.tolist()):
             per_row[b].append((s, e))
         plan = SplicePlan.build(lengths, per_row, patch_tokens=self.patch_tokens, text_length=input_ids.shape[1])
-        patch_ids = self.bank.sample(concept, uniforms=mlm.uniform(keys[row], mlm.STREAM_PATCH, ordinal))
+        patch_ids = self.bank.sample(concept, uniforms=draws.uniform(keys[row], draws.STREAM_PATCH, ordinal))
         attention_mask = torch.from_numpy(tokens.attention_mask)
         return CMCBatch(
             input_ids=torch.from_numpy(input_ids),
@@ -296,7 +296,8 @@ class CMCTransform:
     def mask_tokens(self, batch: CMCBatch, mlm_probability: float = 0.15, *, mask_token_id: int | None = None,
                     vocab_size: int | None = None, mask_fraction: float = 0.8, random_fraction: float = 0.1,
                     ignore_index: int = _IGNORE, generator: torch.Generator | None = None) -> CMCBatch:
-        """BERT-style MLM on the CMC view's text tokens; see `cmcaug.mlm.mask_tokens`.
+        """BERT-style MLM on the CMC view's text tokens: a new batch with masked `input_ids` and `labels`
+        ([B, L_out], aligned with the spliced view); see `cmcaug.mlm.mask_tokens`.
 
         `mask_token_id` and `vocab_size` default to the tokenizer's (open_clip's has no mask token: pass
         one). Works on a batch on any device, in a worker or in the training loop.
@@ -306,16 +307,19 @@ class CMCTransform:
         if mask_token_id is None or vocab_size is None:
             raise InputError(f"{type(self.tokenizer).__name__} has no mask token: pass mask_token_id= (and vocab_size=) "
                              "to mask_tokens, e.g. an id you reserve for [MASK]")
-        return mlm.mask_tokens(batch, mlm_probability=mlm_probability, mask_token_id=int(mask_token_id),
-                               vocab_size=int(vocab_size), mask_fraction=mask_fraction,
-                               random_fraction=random_fraction, ignore_index=ignore_index, generator=generator)
+        maskable = ~(batch.special_tokens_mask | batch.replaced_mask)
+        input_ids, labels = mlm.mask_tokens(
+            batch.input_ids, maskable, batch.plan, batch.sample_keys, mlm_probability=mlm_probability,
+            mask_token_id=int(mask_token_id), vocab_size=int(vocab_size), mask_fraction=mask_fraction,
+            random_fraction=random_fraction, ignore_index=ignore_index, generator=generator)
+        return dataclasses.replace(batch, input_ids=input_ids, labels=labels)
 
     def _keys(self, rows: list[Item], generator: torch.Generator | None) -> np.ndarray:
         no_index = np.asarray([r.index is None for r in rows])
-        ids = [mlm.content_id(r.caption) if r.index is None else r.index for r in rows]
+        ids = [draws.content_id(r.caption) if r.index is None else r.index for r in rows]
         if generator is not None:
-            return mlm.sample_keys(mlm.generator_seed(generator), 0, ids, no_index)
-        return mlm.sample_keys(self.seed, self.epoch, ids, no_index)
+            return draws.sample_keys(draws.generator_seed(generator), 0, ids, no_index)
+        return draws.sample_keys(self.seed, self.epoch, ids, no_index)
 
     def _choose(self, spans: list[list[tuple[int, int, int]]], offsets: np.ndarray, lengths: np.ndarray,
                 keys: np.ndarray, stats: CMCStats) -> tuple[np.ndarray, ...]:
@@ -343,7 +347,7 @@ class CMCTransform:
         stats.spans_absent = int(absent.sum())
         for c, n in zip(*np.unique(flat[absent, 2], return_counts=True)):
             stats.absent_concepts[int(c)] = int(n)
-        u = mlm.uniform(keys[row], mlm.STREAM_SELECT, ordinal)
+        u = draws.uniform(keys[row], draws.STREAM_SELECT, ordinal)
         picked = np.flatnonzero(ok & ~overlap & ~absent & (u < self.ratio))
         picked = picked[np.lexsort((u[picked], row[picked]))]  # by row, then by u
         if self.max_replacements is not None:

@@ -1,4 +1,4 @@
-"""`cmcaug.mlm` through CMCTransform: the keyed draws are pinned, and `mask_tokens` masks only the text of the view.
+"""`cmcaug.draws` and `cmcaug.mlm` through CMCTransform: the keyed draws are pinned, and `mask_tokens` masks only the text of the view.
 
 Inputs (bank, tokenizer, captions) are shared with tests/test_transform.py via tests/transform_helpers.py.
 """
@@ -9,18 +9,18 @@ import pytest
 import torch
 from transform_helpers import ROWS, bank, indexed, replaced_words, tokenizer  # noqa: F401 (bank, tokenizer: fixtures)
 
-from cmcaug import mlm
+from cmcaug import draws
 from cmcaug.errors import InputError
 from cmcaug.transform import CMCTransform
 
 
 def test_draws_are_pinned_across_runs_and_versions(bank, tokenizer):
     """The keyed generator's numbers, and so every view, are fixed: resumed training reproduces them."""
-    keys = mlm.sample_keys(0, 0, np.array([0, 1, 2**40]))
+    keys = draws.sample_keys(0, 0, np.array([0, 1, 2**40]))
     assert [hex(int(k)) for k in keys] == ["0x27893c8764760a7f", "0x285d7c1e6f8b9543", "0xc7874da7956e47df"]
-    assert mlm.uniform(keys, mlm.STREAM_SELECT, np.array([0, 1, 5])).tolist() == [
+    assert draws.uniform(keys, draws.STREAM_SELECT, np.array([0, 1, 5])).tolist() == [
         0.0912736438897025, 0.24562885916121202, 0.7331765289098346]
-    assert mlm.content_id("a dog") == 14364831733120369406
+    assert draws.content_id("a dog") == 14364831733120369406
     batch = CMCTransform(bank, tokenizer, ratio=0.5, seed=0).collate(indexed(ROWS[:5] * 2))
     assert [replaced_words(batch, b) for b in range(10)] == [
         ["dogs"], ["kitten"], [], ["dog"], [], ["dogs"], ["cat"], [], ["dog"], []]
