@@ -65,15 +65,6 @@ def _checked_uniforms(uniforms: Any, n: int) -> np.ndarray:
     return u
 
 
-def _gather(array: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """`array[ids]` for any ids shape, reading the memmap in ascending order (sequential-friendly)."""
-    flat = ids.reshape(-1)
-    ascending = np.argsort(flat, kind="stable")
-    out = np.empty((flat.size, *array.shape[1:]), dtype=array.dtype)
-    out[ascending] = array[flat[ascending]]
-    return out.reshape(*ids.shape, *array.shape[1:])
-
-
 class PatchBank:
     """A read-only patch bank (format version 1). Open with `PatchBank.open(path)`."""
 
@@ -219,11 +210,11 @@ class PatchBank:
 
     def pixels(self, ids: Any) -> torch.Tensor:
         """uint8 tensor [*ids.shape, P, P, 3] of the patches' pixels (RGB)."""
-        return torch.from_numpy(_gather(self._pixels, self._patch_ids(ids)))
+        return torch.from_numpy(fmt.gather_rows(self._pixels, self._patch_ids(ids)))
 
     def embeddings(self, ids: Any) -> torch.Tensor:
         """float16 tensor [*ids.shape, d] of the patches' L2-normalized embeddings."""
-        return torch.from_numpy(_gather(self._embeddings, self._patch_ids(ids)))
+        return torch.from_numpy(fmt.gather_rows(self._embeddings, self._patch_ids(ids)))
 
     def records(self, ids: Any) -> list[dict[str, Any]]:
         """Per patch: concept (name), concept_id, image, box (x0, y0, x1, y1 in source pixels), score."""

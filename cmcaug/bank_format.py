@@ -127,3 +127,13 @@ def open_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         state = "truncated" if actual < expected else "has trailing bytes"
         raise BankFormatError(f"{path}: {state}: {actual} bytes, expected {expected} for shape {shape}; rebuild the bank")
     return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def gather_rows(array: np.ndarray, ids: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
+    """`array[ids]` (as `dtype`) for any shape of ids, reading a memmap in ascending row order: sequential
+    reads for the disk, whether a reader samples patches or the writer sorts a bank by concept."""
+    flat = ids.reshape(-1)
+    ascending = np.argsort(flat, kind="stable")
+    out = np.empty((flat.size, *array.shape[1:]), dtype=dtype or array.dtype)
+    out[ascending] = array[flat[ascending]]
+    return out.reshape(*ids.shape, *array.shape[1:])

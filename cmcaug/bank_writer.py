@@ -88,11 +88,8 @@ def _gathered(source: np.ndarray, order: np.ndarray, dtype: np.dtype, bar: tqdm)
     step = max(1, _CHUNK_BYTES // row_bytes)
     for start in range(0, len(order), step):
         rows = order[start : start + step]
-        ascending = np.argsort(rows, kind="stable")
-        block = np.empty((len(rows), *source.shape[1:]), dtype=dtype)
-        block[ascending] = source[rows[ascending]]
         bar.update(len(rows))
-        yield rows, block
+        yield rows, fmt.gather_rows(source, rows, dtype)
 
 
 def _write_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype, blocks: Iterator[np.ndarray]) -> str:
