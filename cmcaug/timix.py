@@ -48,7 +48,7 @@ from .relevance import TextAwarePatchPredictor
 
 __all__ = [
     "MixResult", "TextAwarePatchPredictor", "choose_partners", "draw_window_sides", "find_windows",
-    "mix_lambda", "mixed_contrastive_loss", "soft_targets", "text_aware_mix", "window_sums",
+    "mix_lambda", "mixed_contrastive_loss", "soft_targets", "text_aware_mix",
 ]
 
 Partner = Literal["flip", "roll", "random"] | torch.Tensor
@@ -174,17 +174,10 @@ def draw_window_sides(grid: tuple[int, int], batch_size: int, window: Window = N
     raise InputError(f"window must be None, 'per_batch', 'per_sample', an int or a [B] tensor, got {window!r}")
 
 
-def window_sums(relevance: torch.Tensor, sides: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of every sides[b] x sides[b] window of relevance[b], indexed by its top-left patch.
-
-    Returns (sums [B, gh, gw] float64, fits [B, gh, gw] bool: the window lies inside the grid). One
-    integral image serves all B and every window size at once.
-    """
-    return _window_sums(_integral_image(relevance), sides)
-
-
 def _window_sums(integral: torch.Tensor, sides: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`window_sums` from the integral image of the relevance."""
+    """Sum of every sides[b] x sides[b] window of the relevance whose integral image is `integral`
+    [B, gh + 1, gw + 1], indexed by its top-left patch: (sums [B, gh, gw] float64, fits [B, gh, gw] bool:
+    the window lies inside the grid). One integral image serves every window size at once."""
     B, gh, gw = integral.shape[0], integral.shape[1] - 1, integral.shape[2] - 1
     device = integral.device
     y = torch.arange(gh, device=device).view(1, gh, 1)
