@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from typing import Any
+
+from cmcaug.build_options import DEFAULT_CONF, EMBEDDERS, BuildOptions, RayOptions
 
 EPILOG = """\
 inputs:
@@ -64,25 +66,20 @@ exit codes:
 """
 
 
-def _ranged(option: str) -> Callable[[str], int | float]:
-    """An argparse type for the library option `option`, parsed and checked by its one range definition
-    (`cmcaug.build.OPTION_RANGES`, `cmcaug.distributed.RAY_OPTION_RANGES`), so `--patch-size 4` is a usage
-    error naming the flag. The library is imported only when such a flag is given."""
+def _add(group: Any, flag: str, options: type[BuildOptions | RayOptions], name: str, **kwargs: Any) -> None:
+    """Add `flag` for the library option `name` of `options`, typed, range-checked and defaulted by that
+    option's one definition, so `--patch-size 4` is a usage error with Python's words: `argument --patch-size:
+    must be >= 8, got 4` (Python: `patch_size must be >= 8, got 4`)."""
+    rule = options.rule(name)
+
     def parse(text: str) -> int | float:
-        from cmcaug.build import OPTION_RANGES
-        from cmcaug.distributed import RAY_OPTION_RANGES
-
-        rule = {**OPTION_RANGES, **RAY_OPTION_RANGES}[option]
         try:
-            value = rule.kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if rule.kind is int else 'a number'}, got {text!r}") from None
-        problem = rule.problem(value)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
-        return value
+            return rule.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-    return parse
+    kwargs.setdefault("default", getattr(options, name))
+    group.add_argument(flag, type=parse, **kwargs)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -104,37 +101,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", metavar="DEVICE",
                         help="where YOLO runs: cpu, 0, cuda:0, ... (default: ultralytics' choice, a GPU if there is one)")
     parser.add_argument("--vocab", metavar="FILE", help='concept vocabulary JSON {"name": [synonyms...]}, or "default" for the built-in COCO-80 (default: the class names)')
-    parser.add_argument("--patch-size", type=_ranged("patch_size"), default=64, metavar="P", help="patch side in pixels (default 64)")
-    parser.add_argument("--min-box", type=_ranged("min_box"), default=16, metavar="PX",
-                        help="drop boxes whose longer side is shorter (default 16)")
-    parser.add_argument("--conf", type=_ranged("conf"), help="drop boxes scoring below this (default 0.25)")
-    parser.add_argument("--max-per-concept", type=_ranged("max_per_concept"), metavar="N",
-                        help="keep at most N patches per concept, drawn with --seed")
-    parser.add_argument("--embedder", choices=("pixels", "detector"), default="pixels",
+    _add(parser, "--patch-size", BuildOptions, "patch_size", metavar="P", help="patch side in pixels (default %(default)s)")
+    _add(parser, "--min-box", BuildOptions, "min_box", metavar="PX", help="drop boxes whose longer side is shorter (default %(default)s)")
+    _add(parser, "--conf", BuildOptions, "conf", default=None,  # None: build_bank's default (resolve_conf)
+         help=f"drop boxes scoring below this (default {DEFAULT_CONF:g})")
+    _add(parser, "--max-per-concept", BuildOptions, "max_per_concept", metavar="N",
+         help="keep at most N patches per concept, drawn with --seed")
+    parser.add_argument("--embedder", choices=EMBEDDERS, default=BuildOptions.embedder,
                         help="pixels: model-free colour/layout descriptor (default); detector: pooled YOLO backbone features")
-    parser.add_argument("--batch-size", type=_ranged("batch_size"), default=16,
-                        help="images per detector batch and build shard (default 16)")
-    parser.add_argument("--workers", type=_ranged("workers"), metavar="N",
-                        help="decode threads (default min(8, CPUs)); never changes the bank")
+    _add(parser, "--batch-size", BuildOptions, "batch_size", help="images per detector batch and build shard (default %(default)s)")
+    _add(parser, "--workers", BuildOptions, "workers", metavar="N", help="decode threads (default min(8, CPUs)); never changes the bank")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted build in BANK/.build/")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing bank in BANK")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the --max-per-concept draw and of yaml models (default 0)")
+    parser.add_argument("--seed", type=int, default=BuildOptions.seed,
+                        help="seed of the --max-per-concept draw and of yaml models (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     ray = parser.add_argument_group("distributed build (Ray)")
     ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                      help="run the batches on Ray: auto, local, HOST:PORT or ray://HOST:PORT (default: Ray's own choice)")
-    ray.add_argument("--ray-cpus", type=_ranged("num_cpus_per_task"), default=1.0, metavar="C",
-                     help="CPUs per decode task and per detector actor (default 1)")
-    ray.add_argument("--ray-gpus", type=_ranged("num_gpus_per_task"), default=0.0, metavar="G", help="GPUs per detector actor (default 0)")
-    ray.add_argument("--ray-actors", type=_ranged("actors"), metavar="N",
-                     help="detector actors (default: autoscale up to what the cluster fits)")
+    _add(ray, "--ray-cpus", RayOptions, "num_cpus_per_task", metavar="C",
+         help="CPUs per decode task and per detector actor (default %(default)g)")
+    _add(ray, "--ray-gpus", RayOptions, "num_gpus_per_task", metavar="G", help="GPUs per detector actor (default %(default)g)")
+    _add(ray, "--ray-actors", RayOptions, "actors", metavar="N", help="detector actors (default: autoscale up to what the cluster fits)")
     parser.set_defaults(run=run)
 
 
 def _usage_problem(args: argparse.Namespace) -> str | None:
     """Flags that only mean something beside another flag, given without it."""
-    if args.ray is None and (args.ray_cpus, args.ray_gpus, args.ray_actors) != (1.0, 0.0, None):
+    ray_defaults = (RayOptions.num_cpus_per_task, RayOptions.num_gpus_per_task, RayOptions.actors)
+    if args.ray is None and (args.ray_cpus, args.ray_gpus, args.ray_actors) != ray_defaults:
         return "--ray-cpus, --ray-gpus and --ray-actors need --ray"
     if args.device is not None and args.detector is None:
         return "--device is where YOLO runs, so it needs --detector (--annotations runs no model)"

@@ -6,6 +6,7 @@
 The middle part (decode -> detect -> crop -> embed -> shard bytes) runs in a *batch runner*: `run_local`
 (threads and models in this process) by default, or `cmcaug.distributed.RayRunner` on a Ray cluster.
 Runners call the same `process_batch` and may finish batches in any order; this module writes the shards.
+Every runner reads the options from one `cmcaug.build_options.BuildOptions`, checked before any work.
 
 Determinism: batch b always holds images [b*B, (b+1)*B) of the key-sorted list and its shard depends on
 nothing else, and the finalize step reads shards in batch order, so neither `workers`, the runner nor a
@@ -21,7 +22,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .bank_writer import write_bank
+from .build_options import BuildOptions, resolve_conf
 from .build_state import (BUILD_DIR, clear_leftovers, crash_point, digest, encode_shard, load_shard, missing_batches,
                           open_build, remove_build, save_shard, shard_path)
 from .concepts import ConceptVocab
@@ -84,7 +86,7 @@ def _concept_map(names: Sequence[str], vocab: ConceptVocab) -> np.ndarray:
 
 
 def process_batch(first: int, decoded: Sequence[DecodedImage], detector: Detector, concept_of: np.ndarray,
-                  embedder: Embedder, opts: dict[str, Any]) -> bytes:
+                  embedder: Embedder, options: BuildOptions) -> bytes:
     """Detect, filter, crop and embed one batch of decoded images (image numbers `first`, `first + 1`, ...);
     return its build shard's bytes. The one per-batch step of every runner, so every runner writes the same shards."""
     ok = [(i, d) for i, d in enumerate(decoded) if d.pixels is not None]
@@ -98,19 +100,18 @@ def process_batch(first: int, decoded: Sequence[DecodedImage], detector: Detecto
         concept[known] = concept_of[det.labels[known]]
         sides = np.stack([det.boxes[:, 2] - det.boxes[:, 0], det.boxes[:, 3] - det.boxes[:, 1]], axis=1)
         unknown = concept < 0
-        low = ~unknown & (det.scores < opts["conf"])
-        small = ~unknown & ~low & ((sides.max(axis=1) < opts["min_box"]) | (sides.min(axis=1) < 1))
+        low = ~unknown & (det.scores < options.conf)
+        small = ~unknown & ~low & ((sides.max(axis=1) < options.min_box) | (sides.min(axis=1) < 1))
         dropped.update(unknown_concept=int(unknown.sum()), low_score=int(low.sum()), small=int(small.sum()))
         keep = np.flatnonzero(~(unknown | low | small))
         image = Image.fromarray(d.pixels) if keep.size else None
         for k in keep:
-            crops.append(crop_patch(image, det.boxes[k], opts["patch_size"]))
+            crops.append(crop_patch(image, det.boxes[k], options.patch_size))
             rows["concept_id"].append(concept[k])
             rows["image"].append(first + i)
             rows["box"].append(det.boxes[k])
             rows["score"].append(det.scores[k])
-    p = opts["patch_size"]
-    pixels = np.stack(crops) if crops else np.zeros((0, p, p, 3), np.uint8)
+    pixels = np.stack(crops) if crops else np.zeros((0, options.patch_size, options.patch_size, 3), np.uint8)
     arrays = {
         "concept_id": np.array(rows["concept_id"], np.int32), "image": np.array(rows["image"], np.int64),
         "box": np.array(rows["box"], np.float32).reshape(-1, 4), "score": np.array(rows["score"], np.float32),
@@ -138,14 +139,15 @@ def select_per_concept(concept: np.ndarray, image: np.ndarray, box: np.ndarray, 
     return keep
 
 
-def _finalize(out: Path, build: Path, n_batches: int, keys: Sequence[str], vocab: ConceptVocab, opts: dict[str, Any],
-              dim: int, provenance: dict[str, Any], unmatched: int, progress: bool) -> dict[str, Any]:
+def _finalize(out: Path, build: Path, n_batches: int, keys: Sequence[str], vocab: ConceptVocab, options: BuildOptions,
+              dim: int, provenance: dict[str, Any], unmatched: int) -> dict[str, Any]:
+    """Gather the shards (in batch order) into the bank at `out`, keep `max_per_concept`, publish, remove `build`."""
     meta = [load_shard(build, b, ("concept_id", "image", "box", "score")) for b in range(n_batches)]
     concept = np.concatenate([m["concept_id"] for m in meta])
     image = np.concatenate([m["image"] for m in meta])
     box = np.concatenate([m["box"] for m in meta])
-    keep = select_per_concept(concept, image, box, opts["max_per_concept"], opts["seed"])
-    n, p = int(keep.sum()), opts["patch_size"]
+    keep = select_per_concept(concept, image, box, options.max_per_concept, options.seed)
+    n, p = int(keep.sum()), options.patch_size
     pixels = np.lib.format.open_memmap(build / "pixels.npy", "w+", np.uint8, (n, p, p, 3)) if n else np.zeros((0, p, p, 3), np.uint8)
     embeddings = np.lib.format.open_memmap(build / "embeddings.npy", "w+", np.float16, (n, dim)) if n else np.zeros((0, dim), np.float16)
     start, row = 0, 0
@@ -182,7 +184,7 @@ def _finalize(out: Path, build: Path, n_batches: int, keys: Sequence[str], vocab
     })
     clear_leftovers(out)
     manifest = write_bank(out, vocab=vocab, patches=patches, pixels=pixels, embeddings=embeddings,
-                          provenance=provenance, stats=stats, progress=progress)
+                          provenance=provenance, stats=stats, progress=options.progress)
     del pixels, embeddings
     remove_build(out)
     return manifest
@@ -196,46 +198,51 @@ class ModelSpec:
 
     detector: str | Path | Detector | Callable[[], Detector] | None
     annotations: str | Path | None
-    embedder: str
-    conf: float
-    batch_size: int
-    seed: int
-    device: str | None = None  # a YOLO detector's ultralytics device, when `detector` is weights or a yaml
+    options: BuildOptions  # embedder; and for a YOLO model made here: conf, device, batch_size, seed
 
     def make(self) -> tuple[Detector, Embedder]:
+        """The detector and embedder; `InputError` when the box source or the device cannot be used."""
+        options = self.options
         if (self.detector is None) == (self.annotations is None):
             raise InputError("pass exactly one box source: a YOLO detector (--detector WEIGHTS_OR_YAML) or COCO annotations (--annotations FILE)")
-        if self.device is not None and not isinstance(self.detector, (str, Path)):
-            raise InputError(f"device={self.device!r} is for a YOLO detector given as weights or a yaml (--detector); annotations "
+        if options.device is not None and not isinstance(self.detector, (str, Path)):
+            raise InputError(f"device={options.device!r} is for a YOLO detector given as weights or a yaml (--detector); annotations "
                              "run no model, and a Detector object runs where it was made (UltralyticsDetector(..., device=...))")
         if self.annotations is not None:
             det: Detector = AnnotationDetector(self.annotations)
         elif isinstance(self.detector, (str, Path)):
-            det = UltralyticsDetector(self.detector, conf=self.conf, device=self.device, batch_size=self.batch_size, seed=self.seed)
+            det = UltralyticsDetector(self.detector, conf=options.conf, device=options.device, batch_size=options.batch_size,
+                                      seed=options.seed)
         else:
             det = self.detector() if callable(self.detector) and not isinstance(self.detector, Detector) else self.detector
             if not isinstance(det, Detector):
                 raise InputError(f"detector must be a weights path, a model yaml, a Detector or a function making one, "
                                  f"got {type(det).__name__}")
-        return det, make_embedder(self.embedder, det)
+        return det, make_embedder(options.embedder, det)
 
 
 @dataclass(frozen=True)
 class BuildJob:
     """What a batch runner gets: the key-sorted images, the models (made here; `spec` makes them
-    elsewhere), the detector-class -> concept map and the build options (`opts`)."""
+    elsewhere, and carries the build's options) and the detector-class -> concept map."""
 
     refs: Sequence[ImageRef]
-    workers: int | None  # decode threads; None: the runner's default
     spec: ModelSpec
     detector: Detector
     embedder: Embedder
     concept_of: np.ndarray
-    opts: dict[str, Any]
+
+    @property
+    def options(self) -> BuildOptions:
+        return self.spec.options
 
     @property
     def batch_size(self) -> int:
-        return self.opts["batch_size"]
+        return self.options.batch_size
+
+    @property
+    def n_batches(self) -> int:
+        return -(-len(self.refs) // self.batch_size)
 
     def images(self, batch: int) -> Sequence[ImageRef]:
         return self.refs[batch * self.batch_size:(batch + 1) * self.batch_size]
@@ -246,32 +253,20 @@ BatchRunner = Callable[[BuildJob, Sequence[int]], Generator[tuple[int, bytes], N
 
 
 def run_local(job: BuildJob, batches: Sequence[int]) -> Generator[tuple[int, bytes], None, None]:
-    """The default runner: decode in `job.workers` threads (default min(8, CPUs)), detect and embed in
+    """The default runner: decode in `job.options.workers` threads (default min(8, CPUs)), detect and embed in
     this process, batch after batch."""
-    workers = min(8, os.cpu_count() or 1) if job.workers is None else job.workers
+    workers = min(8, os.cpu_count() or 1) if job.options.workers is None else job.options.workers
     refs = [r for b in batches for r in job.images(b)]
-    stream = decode_stream(refs, workers=workers, max_pixels=job.opts["max_pixels"], prefetch=2 * max(job.batch_size, workers))
+    stream = decode_stream(refs, workers=workers, max_pixels=job.options.max_pixels, prefetch=2 * max(job.batch_size, workers))
     try:
         for b in batches:
             decoded = [next(stream) for _ in job.images(b)]
-            yield b, process_batch(b * job.batch_size, decoded, job.detector, job.concept_of, job.embedder, job.opts)
+            yield b, process_batch(b * job.batch_size, decoded, job.detector, job.concept_of, job.embedder, job.options)
     finally:
         stream.close()
 
 
 # -- the pipeline ----------------------------------------------------------------------------------
-DEFAULT_CONF = 0.25
-
-
-def resolve_conf(conf: float | None, detector: Any) -> float:
-    """The score threshold a build uses: `conf`, else the threshold of a given Detector object (so a
-    detector made with conf=0.01 is not silently re-filtered at 0.25), else `DEFAULT_CONF`."""
-    if conf is not None:
-        return float(conf)
-    own = getattr(detector, "conf", None) if isinstance(detector, Detector) else None
-    return DEFAULT_CONF if own is None else float(own)
-
-
 def empty_bank_warning(stats: dict[str, Any]) -> str:
     """One line saying a build kept no patches and why (its largest drop and failure counts)."""
     images, boxes = stats["images"], stats["boxes"]
@@ -282,37 +277,30 @@ def empty_bank_warning(stats: dict[str, Any]) -> str:
             f"{'; ' + reasons if reasons else ''}); check conf, min_box, the vocabulary and the box source")
 
 
-@dataclass(frozen=True)
-class OptionRange:
-    """The values a numeric option accepts, defined once: the Python API checks its arguments with it
-    (`check_ranges`) and the CLI makes its argparse types from it, so each names the option the way its
-    user wrote it (`patch_size must be >= 8` in Python, `argument --patch-size: must be >= 8` in a shell)."""
-
-    kind: type[int] | type[float]
-    low: float
-    high: float | None = None
-    above: bool = False  # `low` itself is excluded
-
-    def problem(self, value: float) -> str | None:
-        """What is wrong with `value` ("must be >= 8, got 4"), or None when it is in range (NaN never is)."""
-        if (value > self.low if self.above else value >= self.low) and (self.high is None or value <= self.high):
-            return None
-        rule = f"lie in [{self.low:g}, {self.high:g}]" if self.high is not None else f"be {'>' if self.above else '>='} {self.low:g}"
-        return f"must {rule}, got {value}"
-
-
-OPTION_RANGES = {
-    "patch_size": OptionRange(int, 8), "min_box": OptionRange(float, 0), "conf": OptionRange(float, 0, 1),
-    "max_per_concept": OptionRange(int, 1), "batch_size": OptionRange(int, 1), "workers": OptionRange(int, 0),
-}
-
-
-def check_ranges(ranges: Mapping[str, OptionRange], **values: float | None) -> None:
-    """`InputError` naming the first of `values` (None: not set) that lies outside its range in `ranges`."""
-    for name, value in values.items():
-        problem = None if value is None else ranges[name].problem(value)
-        if problem:
-            raise InputError(f"{name} {problem}")
+def _run_batches(build: Path, job: BuildJob, todo: Sequence[int], runner: BatchRunner) -> float:
+    """Run the batches `todo` with `runner`, saving each shard under `build` as it arrives, in any order;
+    return the images/s of this run (the batches done before a resume are not counted)."""
+    if len(todo) < job.n_batches:
+        log.info("resuming %s: %d of %d batches already done", build, job.n_batches - len(todo), job.n_batches)
+    todo_images = sum(len(job.images(b)) for b in todo)
+    pending = set(todo)
+    started = time.perf_counter()
+    with tqdm(total=len(job.refs), initial=len(job.refs) - todo_images, unit="img", desc="build-bank",
+              disable=not job.options.progress) as bar:
+        results = runner(job, todo)
+        try:
+            for count, (b, shard) in enumerate(results, 1):
+                if b not in pending:
+                    raise RuntimeError(f"the batch runner returned batch {b}, which was not asked for or came twice")
+                pending.discard(b)
+                save_shard(build, b, shard)
+                crash_point(f"shard:{count}")
+                bar.update(len(job.images(b)))
+        finally:
+            results.close()
+    if pending:
+        raise RuntimeError(f"the batch runner stopped without {len(pending)} batches, e.g. {sorted(pending)[:5]}")
+    return todo_images / max(time.perf_counter() - started, 1e-9)
 
 
 def build_bank(
@@ -322,21 +310,21 @@ def build_bank(
     detector: str | Path | Detector | Callable[[], Detector] | None = None,
     annotations: str | Path | None = None,
     vocab: ConceptVocab | str | Path | None = None,
-    patch_size: int = 64,
-    min_box: float = 16,
+    patch_size: int = BuildOptions.patch_size,
+    min_box: float = BuildOptions.min_box,
     conf: float | None = None,
-    max_per_concept: int | None = None,
-    embedder: str = "pixels",
-    batch_size: int = 16,
-    workers: int | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    seed: int = 0,
-    progress: bool = True,
+    max_per_concept: int | None = BuildOptions.max_per_concept,
+    embedder: str = BuildOptions.embedder,
+    batch_size: int = BuildOptions.batch_size,
+    workers: int | None = BuildOptions.workers,
+    resume: bool = BuildOptions.resume,
+    overwrite: bool = BuildOptions.overwrite,
+    seed: int = BuildOptions.seed,
+    progress: bool = BuildOptions.progress,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     runner: BatchRunner | None = None,
-    ignore_unmatched_annotations: bool = False,
-    device: str | None = None,
+    ignore_unmatched_annotations: bool = BuildOptions.ignore_unmatched_annotations,
+    device: str | None = BuildOptions.device,
 ) -> BuildStats:
     """Build a patch bank at `out` from images (folders, image files, path lists, img2dataset .tar shards).
 
@@ -362,69 +350,45 @@ def build_bank(
     it themselves (the CLI prints it once, after its tables).
     """
     started = time.perf_counter()
-    conf = resolve_conf(conf, detector)
-    check_ranges(OPTION_RANGES, patch_size=patch_size, min_box=min_box, conf=conf, max_per_concept=max_per_concept,
-                 batch_size=batch_size, workers=workers)
-    if resume and overwrite:
-        raise InputError("resume and overwrite exclude each other: pass one")
-    if ignore_unmatched_annotations and annotations is None:
+    options = BuildOptions(
+        patch_size=patch_size, min_box=min_box, conf=resolve_conf(conf, detector), max_per_concept=max_per_concept,
+        embedder=embedder, batch_size=batch_size, workers=workers, resume=resume, overwrite=overwrite, seed=seed,
+        progress=progress, max_pixels=max_pixels, ignore_unmatched_annotations=ignore_unmatched_annotations, device=device)
+    if options.ignore_unmatched_annotations and annotations is None:
         raise InputError("ignore_unmatched_annotations (--ignore-unmatched-annotations) is for annotations (--annotations), "
                          "not a detector")
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     refs: list[ImageRef] = list_images(inputs)
     keys = [r.key for r in refs]
-    spec = ModelSpec(detector, annotations, embedder, float(conf), int(batch_size), int(seed), device)
+    spec = ModelSpec(detector, annotations, options)
     det, emb = spec.make()
     unmatched = 0
     if isinstance(det, AnnotationDetector):
-        unmatched = len(det.annotated - set(det.match(keys, ignore_unmatched=ignore_unmatched_annotations).values()))
+        unmatched = len(det.annotated - set(det.match(keys, ignore_unmatched=options.ignore_unmatched_annotations).values()))
         if unmatched:
             log.info("%s annotates %d image(s) that are not among the inputs: their annotations are left out "
                      "(ignore_unmatched_annotations)", det.path, unmatched)
     if not isinstance(vocab, ConceptVocab):
         vocab = ConceptVocab.from_names(det.names) if vocab is None else ConceptVocab.load(vocab)
     concept_of = _concept_map(det.names, vocab)
-    opts = {"patch_size": int(patch_size), "min_box": float(min_box), "conf": float(conf), "max_per_concept": max_per_concept,
-            "batch_size": int(batch_size), "seed": int(seed), "max_pixels": int(max_pixels)}
     description = {
         "inputs": [str(p) for p in inputs],
-        "images": {"count": len(keys), "keys_sha256": digest(keys)}, "detector": det.describe(),
-        "embedder": emb.describe(), "vocab": {"concepts": len(vocab), "sha256": digest(vocab.to_dict())}, "options": opts,
+        "images": {"count": len(keys), "keys_sha256": digest(keys)}, "detector": det.describe(), "embedder": emb.describe(),
+        "vocab": {"concepts": len(vocab), "sha256": digest(vocab.to_dict())}, "options": options.fingerprinted(),
     }
     state = {"fingerprint": digest(description), "description": description}
     out = Path(out)
-    finished = open_build(out, state, resume, overwrite)
+    finished = open_build(out, state, options.resume, options.overwrite)
     if finished is not None:
         log.info("%s is already a finished bank of these inputs and options", out)
         return BuildStats(out, finished.get("stats", {}), time.perf_counter() - started, 0.0, already_built=True, manifest=finished)
 
     build = out / BUILD_DIR
-    job = BuildJob(refs, workers, spec, det, emb, concept_of, opts)
-    n_batches = -(-len(refs) // job.batch_size)
-    todo = missing_batches(build, n_batches)
-    if len(todo) < n_batches:
-        log.info("resuming %s: %d of %d batches already done", build, n_batches - len(todo), n_batches)
-    todo_images = sum(len(job.images(b)) for b in todo)
-    pending = set(todo)
-    loop_started = time.perf_counter()
-    with tqdm(total=len(refs), initial=len(refs) - todo_images, unit="img", desc="build-bank", disable=not progress) as bar:
-        results = (runner or run_local)(job, todo)
-        try:
-            for count, (b, shard) in enumerate(results, 1):
-                if b not in pending:
-                    raise RuntimeError(f"the batch runner returned batch {b}, which was not asked for or came twice")
-                pending.discard(b)
-                save_shard(build, b, shard)
-                crash_point(f"shard:{count}")
-                bar.update(len(job.images(b)))
-        finally:
-            results.close()
-    if pending:
-        raise RuntimeError(f"the batch runner stopped without {len(pending)} batches, e.g. {sorted(pending)[:5]}")
-    processing = time.perf_counter() - loop_started
+    job = BuildJob(refs, spec, det, emb, concept_of)
+    todo = missing_batches(build, job.n_batches)
+    images_per_s = _run_batches(build, job, todo, runner or run_local)
     provenance = {**description, "fingerprint": state["fingerprint"]}
-    manifest = _finalize(out, build, n_batches, keys, vocab, opts, emb.dim, provenance, unmatched, progress)
-    seconds = time.perf_counter() - started
+    manifest = _finalize(out, build, job.n_batches, keys, vocab, options, emb.dim, provenance, unmatched)
     if manifest["stats"]["boxes"]["kept"] == 0:
         log.warning("%s", empty_bank_warning(manifest["stats"]), extra={"empty_bank": True})
-    return BuildStats(out, manifest["stats"], seconds, todo_images / max(processing, 1e-9), n_batches - len(todo), manifest=manifest)
+    return BuildStats(out, manifest["stats"], time.perf_counter() - started, images_per_s, job.n_batches - len(todo), manifest=manifest)

@@ -39,7 +39,8 @@ import numpy as np
 import pyarrow as pa
 
 from . import errors
-from .build import BuildJob, BuildStats, ModelSpec, OptionRange, build_bank, check_ranges, process_batch
+from .build import BuildJob, BuildStats, ModelSpec, build_bank, process_batch
+from .build_options import RayOptions
 from .deps import require
 from .detect import UltralyticsDetector
 from .errors import CMCAugError, InputError
@@ -92,8 +93,8 @@ class PatchWorker:
     rows, so the driver re-raises them as they are instead of as Ray's wrappers.
     """
 
-    def __init__(self, spec: ModelSpec, expected: str, concept_of: np.ndarray, opts: dict[str, Any]):
-        self.concept_of, self.opts, self.error = concept_of, opts, None
+    def __init__(self, spec: ModelSpec, expected: str, concept_of: np.ndarray):
+        self.concept_of, self.options, self.error = concept_of, spec.options, None
         try:
             self.detector, self.embedder = spec.make()
             found = _describe(self.detector, self.embedder)
@@ -109,8 +110,8 @@ class PatchWorker:
             try:
                 if self.error is not None:
                     raise self.error
-                first = row["batch"] * self.opts["batch_size"]
-                shard = process_batch(first, _unpack(row), self.detector, self.concept_of, self.embedder, self.opts)
+                first = row["batch"] * self.options.batch_size
+                shard = process_batch(first, _unpack(row), self.detector, self.concept_of, self.embedder, self.options)
                 rows.append({"batch": row["batch"], "shard": shard, "error": None, "message": None})
             except CMCAugError as exc:
                 rows.append({"batch": row["batch"], "shard": b"", "error": type(exc).__name__, "message": str(exc)})
@@ -153,21 +154,15 @@ def _portable(job: BuildJob) -> tuple[ModelSpec, str]:
     return portable, json.dumps(expected, sort_keys=True)
 
 
-RAY_OPTION_RANGES = {  # actors=None: as many as the cluster fits
-    "num_cpus_per_task": OptionRange(float, 0, above=True), "num_gpus_per_task": OptionRange(float, 0), "actors": OptionRange(int, 1),
-}
-
-
 class RayRunner:
     """A `build_bank` batch runner on Ray Data; see the module docstring and `build_bank_distributed`."""
 
-    def __init__(self, address: str | None = None, *, num_cpus_per_task: float = 1.0, num_gpus_per_task: float = 0.0,
-                 actors: int | None = None):
-        check_ranges(RAY_OPTION_RANGES, num_cpus_per_task=num_cpus_per_task, num_gpus_per_task=num_gpus_per_task, actors=actors)
+    def __init__(self, address: str | None = None, *, num_cpus_per_task: float = RayOptions.num_cpus_per_task,
+                 num_gpus_per_task: float = RayOptions.num_gpus_per_task, actors: int | None = RayOptions.actors):
+        self.options = RayOptions(num_cpus_per_task=num_cpus_per_task, num_gpus_per_task=num_gpus_per_task, actors=actors)
         if address is not None and not str(address).strip():
             raise InputError(f"address must be None, 'auto', 'local', HOST:PORT or ray://HOST:PORT, got {address!r}")
-        self.address, self.actors, self._in_session = address, actors, False
-        self.num_cpus_per_task, self.num_gpus_per_task = float(num_cpus_per_task), float(num_gpus_per_task)
+        self.address, self._in_session = address, False
 
     def _connect(self, ray: Any) -> bool:
         """Join Ray as `address` says; True when this call did (and must disconnect afterwards)."""
@@ -203,31 +198,32 @@ class RayRunner:
                 ray.shutdown()
 
     def _actor_pool(self, ray: Any, batches: int) -> Any:
-        if self.actors is not None:
-            return ray.data.ActorPoolStrategy(size=min(self.actors, batches))
+        options = self.options
+        if options.actors is not None:
+            return ray.data.ActorPoolStrategy(size=min(options.actors, batches))
         resources = ray.cluster_resources()
-        if self.num_gpus_per_task > 0:
-            fits = int(resources.get("GPU", 0) // self.num_gpus_per_task)
+        if options.num_gpus_per_task > 0:
+            fits = int(resources.get("GPU", 0) // options.num_gpus_per_task)
             if fits < 1:
                 raise InputError(f"the Ray cluster has {resources.get('GPU', 0)} GPUs, fewer than num_gpus_per_task="
-                                 f"{self.num_gpus_per_task}; pass num_gpus_per_task=0, or actors=N for a cluster that autoscales")
+                                 f"{options.num_gpus_per_task}; pass num_gpus_per_task=0, or actors=N for a cluster that autoscales")
         else:
-            fits = int(resources.get("CPU", 1) // self.num_cpus_per_task)
+            fits = int(resources.get("CPU", 1) // options.num_cpus_per_task)
         return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(fits, batches)))
 
     def _dataset(self, ray: Any, job: BuildJob, batches: Sequence[int]) -> Any:
         rows = [{"batch": b, "key": [r.key for r in refs], "path": [os.path.abspath(r.path) for r in refs],
                  "offset": [r.offset for r in refs], "size": [r.size for r in refs]}
                 for b in batches for refs in [job.images(b)]]
-        threads = int(self.num_cpus_per_task) if job.workers is None else job.workers
+        cpus, gpus = self.options.num_cpus_per_task, self.options.num_gpus_per_task
+        threads = int(cpus) if job.options.workers is None else job.options.workers
         spec, expected = _portable(job)
         dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), _MAX_BLOCKS))
-        dataset = dataset.map_batches(decode_batches, batch_size=1, batch_format="pyarrow", num_cpus=self.num_cpus_per_task,
-                                      fn_kwargs={"threads": threads, "max_pixels": job.opts["max_pixels"]})
+        dataset = dataset.map_batches(decode_batches, batch_size=1, batch_format="pyarrow", num_cpus=cpus,
+                                      fn_kwargs={"threads": threads, "max_pixels": job.options.max_pixels})
         return dataset.map_batches(
-            PatchWorker, batch_size=1, batch_format="pyarrow", compute=self._actor_pool(ray, len(rows)),
-            num_cpus=self.num_cpus_per_task, num_gpus=self.num_gpus_per_task,
-            fn_constructor_kwargs={"spec": spec, "expected": expected, "concept_of": job.concept_of, "opts": job.opts},
+            PatchWorker, batch_size=1, batch_format="pyarrow", compute=self._actor_pool(ray, len(rows)), num_cpus=cpus,
+            num_gpus=gpus, fn_constructor_kwargs={"spec": spec, "expected": expected, "concept_of": job.concept_of},
         )
 
     def __call__(self, job: BuildJob, batches: Sequence[int]) -> Generator[tuple[int, bytes], None, None]:
@@ -235,7 +231,7 @@ class RayRunner:
             return
         with self.session() as ray:
             log.info("running %d batches on Ray (%s): %g CPUs per task, %g GPUs per actor", len(batches),
-                     self.address or "this process's Ray", self.num_cpus_per_task, self.num_gpus_per_task)
+                     self.address or "this process's Ray", self.options.num_cpus_per_task, self.options.num_gpus_per_task)
             context = ray.data.DataContext.get_current()
             bars, context.enable_progress_bars = context.enable_progress_bars, False  # build_bank draws its own
             try:
@@ -252,9 +248,9 @@ def build_bank_distributed(
     out: str | Path,
     *,
     address: str | None = None,
-    num_cpus_per_task: float = 1.0,
-    num_gpus_per_task: float = 0.0,
-    actors: int | None = None,
+    num_cpus_per_task: float = RayOptions.num_cpus_per_task,
+    num_gpus_per_task: float = RayOptions.num_gpus_per_task,
+    actors: int | None = RayOptions.actors,
     **options: Any,
 ) -> BuildStats:
     """`build_bank` with its read -> decode -> detect -> crop -> embed batches run on Ray Data.

@@ -12,12 +12,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from .build_options import EMBEDDERS
 from .errors import InputError
 
 if TYPE_CHECKING:
     from .detect import Detector
-
-EMBEDDERS = ("pixels", "detector")
 
 
 class Embedder(Protocol):

@@ -18,7 +18,7 @@ from image_zoo import write_shard, write_zoo
 from PIL import Image
 
 from cmcaug.bank import PatchBank
-from cmcaug.build import DEFAULT_CONF, build_bank, crop_patch, resolve_conf, run_local, select_per_concept
+from cmcaug.build import build_bank, crop_patch, run_local, select_per_concept
 from cmcaug.concepts import ConceptVocab
 from cmcaug.detect import UltralyticsDetector
 from cmcaug.errors import InputError
@@ -271,12 +271,6 @@ def test_heavy_dependencies_load_lazily() -> None:
             "sys.exit(' '.join(m for m in ('spacy', 'ultralytics', 'faiss', 'ray') if m in sys.modules) or None)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-
-
-def test_conf_defaults_to_the_detectors_own() -> None:
-    detector = UltralyticsDetector("yolov8n.yaml", conf=0.0001)
-    assert resolve_conf(None, detector) == 0.0001 and resolve_conf(0.5, detector) == 0.5
-    assert resolve_conf(None, "yolov8n.yaml") == resolve_conf(None, lambda: detector) == DEFAULT_CONF == 0.25
 
 
 def test_empty_bank_is_built_with_a_warning(corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -1,0 +1,146 @@
+"""The options of a bank build, each defined once: its type, default and the values it accepts.
+
+- `BuildOptions`: every `build_bank` option but the box source, the vocabulary and the runner; the ones that
+  change a bank's bytes are what a resume compares (`BuildOptions.fingerprinted`).
+- `RayOptions`: the Ray runner's resources (`cmcaug.distributed.RayRunner`).
+- `Rule`: what one option accepts, kept in its field's metadata. Building either class checks every field
+  against its rule (`InputError: patch_size must be >= 8, got 4`), and `cmcaug build-bank` makes its flags'
+  types, choices and defaults from the same fields (`argument --patch-size: must be >= 8, got 4`).
+- `EMBEDDERS`, `DEFAULT_CONF` and `resolve_conf`: the embedder names and how `conf=None` is resolved.
+
+Light on purpose: the CLI imports this module to build its parser, so it must not load NumPy, Pillow or torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import MISSING, dataclass, field
+from typing import Any
+
+from .errors import InputError
+
+EMBEDDERS = ("pixels", "detector")  # the names `cmcaug.embed.make_embedder` knows
+DEFAULT_CONF = 0.25
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one option accepts: a value of `kind` (stored converted to it), at least `low` (more than
+    `low` with `above`), at most `high`, or one of `choices`. None, "not set", always passes."""
+
+    kind: type[int] | type[float] | type[str]
+    low: float | None = None
+    high: float | None = None
+    above: bool = False
+    choices: tuple[str, ...] = ()
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with the number `value` ("must be >= 8, got 4"), or None when it is in range (NaN
+        never is): the words after the option's name, the same in Python and on the command line."""
+        if self.low is None or ((value > self.low if self.above else value >= self.low) and (self.high is None or value <= self.high)):
+            return None
+        rule = f"lie in [{self.low:g}, {self.high:g}]" if self.high is not None else f"be {'>' if self.above else '>='} {self.low:g}"
+        return f"must {rule}, got {value}"
+
+    def parse(self, text: str) -> Any:
+        """`text` (a command-line value) as a checked `kind`; `ValueError` saying what is wrong."""
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise ValueError(f"expected {'an integer' if self.kind is int else 'a number'}, got {text!r}") from None
+        problem = self.problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    def check(self, name: str, value: Any) -> Any:
+        """`value` converted to `kind`, or `InputError` naming the option `name`."""
+        if value is None:
+            return None
+        if self.choices and value not in self.choices:
+            raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(self.choices)}")
+        problem = self.problem(value)
+        if problem:
+            raise InputError(f"{name} {problem}")
+        return self.kind(value)
+
+
+def resolve_conf(conf: float | None, detector: Any) -> float:
+    """The score threshold a build uses: `conf`, else the threshold of a given Detector object (so a
+    detector made with conf=0.01 is not silently re-filtered at 0.25), else `DEFAULT_CONF`."""
+    if conf is not None:
+        return float(conf)
+    from .detect import Detector  # here, not above: the CLI imports this module, and detect loads NumPy
+
+    own = getattr(detector, "conf", None) if isinstance(detector, Detector) else None
+    return DEFAULT_CONF if own is None else float(own)
+
+
+def _option(rule: Rule, default: Any = MISSING, *, compared: bool = False, **kwargs: Any) -> Any:
+    """A field with its `rule`; `compared`: a resume compares it, because it changes the bank's bytes."""
+    return field(default=default, metadata={"rule": rule, "compared": compared}, **kwargs)
+
+
+def _image_reader_limit() -> int:
+    """`images.DEFAULT_MAX_PIXELS`, imported only when an options object is made (it loads NumPy and Pillow)."""
+    from .images import DEFAULT_MAX_PIXELS
+
+    return DEFAULT_MAX_PIXELS
+
+
+class _Checked:
+    """Base of the option classes: checks and converts each field that has a `Rule`, in field order."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            rule = f.metadata.get("rule")
+            if rule is not None:
+                object.__setattr__(self, f.name, rule.check(f.name, getattr(self, f.name)))
+
+    @classmethod
+    def rule(cls, name: str) -> Rule:
+        """The rule of option `name`: the CLI makes the option's flag from it."""
+        rules = {f.name: f.metadata["rule"] for f in dataclasses.fields(cls) if f.metadata.get("rule")}  # type: ignore[arg-type]
+        return rules[name]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildOptions(_Checked):
+    """The options of one `build_bank` call, checked when made; the same meaning as `build_bank`'s arguments.
+
+    `conf` is the threshold in force (`resolve_conf` turns `build_bank`'s `conf=None` into it); `workers`,
+    `device`, `progress` and `ignore_unmatched_annotations` never change a byte of the bank, so a resume
+    does not compare them; `embedder` is compared by what the embedder describes.
+    """
+
+    patch_size: int = _option(Rule(int, low=8), 64, compared=True)
+    min_box: float = _option(Rule(float, low=0), 16, compared=True)
+    conf: float = _option(Rule(float, low=0, high=1), DEFAULT_CONF, compared=True)
+    max_per_concept: int | None = _option(Rule(int, low=1), None, compared=True)
+    batch_size: int = _option(Rule(int, low=1), 16, compared=True)
+    seed: int = _option(Rule(int), 0, compared=True)
+    max_pixels: int = _option(Rule(int), compared=True, default_factory=_image_reader_limit)
+    embedder: str = _option(Rule(str, choices=EMBEDDERS), "pixels")
+    workers: int | None = _option(Rule(int, low=0), None)  # decode threads; None: the runner's default
+    device: str | None = None  # a YOLO detector's ultralytics device
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    ignore_unmatched_annotations: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.resume and self.overwrite:
+            raise InputError("resume and overwrite exclude each other: pass one")
+
+    def fingerprinted(self) -> dict[str, Any]:
+        """The options a resume compares, as the build's state and the bank's manifest store them."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("compared")}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayOptions(_Checked):
+    """What each Ray task and actor of a distributed build asks for (`cmcaug.distributed.RayRunner`)."""
+
+    num_cpus_per_task: float = _option(Rule(float, low=0, above=True), 1.0)
+    num_gpus_per_task: float = _option(Rule(float, low=0), 0.0)
+    actors: int | None = _option(Rule(int, low=1), None)  # None: autoscale up to what the cluster fits

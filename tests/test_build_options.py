@@ -1,0 +1,126 @@
+"""`BuildOptions` and `RayOptions`: each build option's type, default and range are defined once, and
+`build_bank`, `build_bank_distributed` and `cmcaug build-bank` all take them from there."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cmcaug.build import build_bank
+from cmcaug.build_options import DEFAULT_CONF, EMBEDDERS, BuildOptions, RayOptions, Rule, resolve_conf
+from cmcaug.cli.main import build_parser
+from cmcaug.detect import UltralyticsDetector
+from cmcaug.distributed import build_bank_distributed
+from cmcaug.errors import InputError
+
+FLAGS = {"patch_size": "--patch-size", "min_box": "--min-box", "conf": "--conf", "max_per_concept": "--max-per-concept",
+         "batch_size": "--batch-size", "workers": "--workers", "num_cpus_per_task": "--ray-cpus", "num_gpus_per_task": "--ray-gpus",
+         "actors": "--ray-actors"}
+DESTS = {"num_cpus_per_task": "ray_cpus", "num_gpus_per_task": "ray_gpus", "actors": "ray_actors"}  # the rest: the option's name
+
+
+def ranged() -> list[tuple[type, str, Rule]]:
+    return [(cls, f.name, f.metadata["rule"]) for cls in (BuildOptions, RayOptions) for f in dataclasses.fields(cls)
+            if f.metadata.get("rule") is not None and f.metadata["rule"].low is not None]
+
+
+def bounds() -> list[tuple[type, str, int | float, int | float]]:
+    """(options class, option, the value at a bound that is still accepted, the nearest value refused) for
+    each end of each range."""
+    cases = []
+    for cls, name, rule in ranged():
+        step = 1 if rule.kind is int else 0.5
+        ends = [(rule.low + step, rule.low) if rule.above else (rule.low, rule.low - step)]
+        if rule.high is not None:
+            ends.append((rule.high, rule.high + step))
+        cases += [(cls, name, rule.kind(inside), rule.kind(outside)) for inside, outside in ends]
+    return cases
+
+
+def parse(*flags: str):
+    return build_parser().parse_args(["build-bank", "images", "-o", "bank", "--annotations", "coco.json", *flags])
+
+
+def test_every_ranged_option_is_a_flag() -> None:
+    assert {name for _, name, _ in ranged()} == set(FLAGS)
+
+
+@pytest.mark.parametrize(("cls", "name", "inside", "outside"), bounds(), ids=lambda v: v if isinstance(v, str) else None)
+def test_python_and_the_cli_refuse_each_bound_in_the_same_words(cls: type, name: str, inside: float, outside: float,
+                                                                tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    build = build_bank if cls is BuildOptions else build_bank_distributed
+    with pytest.raises(InputError) as python:  # refused before the inputs are even listed
+        build(tmp_path / "images", tmp_path / "bank", annotations=tmp_path / "coco.json", **{name: outside})
+    assert str(python.value).startswith(f"{name} must ") and not (tmp_path / "bank").exists()
+    with pytest.raises(SystemExit) as cli:
+        parse(FLAGS[name], str(outside))
+    words = str(python.value).removeprefix(f"{name} ")
+    assert cli.value.code == 2 and f"argument {FLAGS[name]}: {words}\n" in capsys.readouterr().err
+    assert getattr(cls(**{name: inside}), name) == inside == getattr(parse(FLAGS[name], str(inside)), DESTS.get(name, name))
+
+
+def test_the_wording_users_know() -> None:
+    for kwargs, message in [({"patch_size": 4}, "patch_size must be >= 8, got 4"), ({"conf": float("nan")}, r"conf must lie in \[0, 1\], got nan"),
+                            ({"embedder": "clip"}, "unknown embedder 'clip'; choose one of pixels, detector"),
+                            ({"resume": True, "overwrite": True}, "resume and overwrite exclude each other")]:
+        with pytest.raises(InputError, match=message):
+            BuildOptions(**kwargs)
+    with pytest.raises(InputError, match="num_cpus_per_task must be > 0, got 0"):
+        RayOptions(num_cpus_per_task=0)
+
+
+def test_the_cli_takes_choices_and_defaults_from_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert EMBEDDERS == BuildOptions.rule("embedder").choices and all(parse("--embedder", e).embedder == e for e in EMBEDDERS)
+    with pytest.raises(SystemExit) as refused:
+        parse("--embedder", "clip")
+    assert refused.value.code == 2 and "argument --embedder: invalid choice: 'clip'" in capsys.readouterr().err
+    args, defaults = parse(), BuildOptions()
+    for name in ("patch_size", "min_box", "max_per_concept", "embedder", "batch_size", "workers", "seed"):
+        assert getattr(args, name) == getattr(defaults, name)
+    assert (args.ray_cpus, args.ray_gpus, args.ray_actors) == dataclasses.astuple(RayOptions())
+    assert args.conf is None and defaults.conf == DEFAULT_CONF  # None: build_bank resolves it (resolve_conf)
+
+
+def test_build_bank_takes_its_defaults_from_the_options() -> None:
+    parameters, defaults = inspect.signature(build_bank).parameters, BuildOptions()
+    for f in dataclasses.fields(BuildOptions):
+        if f.name != "conf":
+            assert parameters[f.name].default == getattr(defaults, f.name), f.name
+    assert parameters["conf"].default is None and parameters["min_box"].default == 16  # the signature as it always was
+    ray = inspect.signature(build_bank_distributed).parameters
+    assert tuple(ray[f.name].default for f in dataclasses.fields(RayOptions)) == dataclasses.astuple(RayOptions())
+
+
+def test_options_are_frozen_keyword_only_and_converted() -> None:
+    options = BuildOptions(patch_size=32.0, min_box=4, conf=1, max_per_concept=3, batch_size=5, seed=7, workers=2, device="cpu")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.patch_size = 8  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RayOptions().actors = 2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        BuildOptions(64)  # type: ignore[misc]
+    assert isinstance(options.patch_size, int) and isinstance(options.min_box, float) and isinstance(options.conf, float)
+    # what a resume compares, exactly as state.json and the manifest have always stored it
+    assert json.dumps(options.fingerprinted(), sort_keys=True) == (
+        '{"batch_size": 5, "conf": 1.0, "max_per_concept": 3, "max_pixels": 89478485, "min_box": 4.0, "patch_size": 32, "seed": 7}')
+
+
+def test_conf_defaults_to_the_detectors_own() -> None:
+    detector = UltralyticsDetector("yolov8n.yaml", conf=0.0001)
+    assert resolve_conf(None, detector) == 0.0001 and resolve_conf(0.5, detector) == 0.5
+    assert resolve_conf(None, "yolov8n.yaml") == resolve_conf(None, lambda: detector) == DEFAULT_CONF == 0.25
+
+
+def test_the_cli_parses_options_without_loading_numpy() -> None:
+    """The options module is what the parser needs; the numeric libraries load only when a build runs."""
+    code = ("import argparse, sys; from cmcaug.cli import build_bank as cli; parser = argparse.ArgumentParser(); "
+            "cli.register(parser.add_subparsers()); parser.parse_args(['build-bank', 'x', '-o', 'y', '--annotations', 'a', "
+            "'--patch-size', '32', '--conf', '0.5', '--ray-cpus', '2', '--embedder', 'detector']); "
+            "sys.exit(' '.join(m for m in ('numpy', 'PIL', 'torch') if m in sys.modules) or None)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
