@@ -7,10 +7,11 @@ setuptools installs `kernels/`, `cli/` and `benchmarks/` as `cmcaug.kernels`, `c
   notebook opened there) finds those folders by their own names first and hides any installed distribution
   of the same name: transformers imports Hugging Face's `kernels`. Each folder's `__init__.py` therefore
   checks the name it was imported under and, when it is not its `cmcaug.*` name, calls `give_back`.
-- `cmcaug` found in this checkout (the working directory) while `cmcaug.kernels` comes from the editable
-  install of another clone: two source trees, silently mixed. `import cmcaug` from a checkout installs a
-  `SiblingFinder`, which finds the three subpackages beside the `cmcaug/` that was imported, before
-  setuptools' editable finder is asked.
+- `cmcaug` found in this checkout (the working directory) while `cmcaug.kernels`, or any module this
+  checkout lacks, comes from the editable install of another clone: two source trees, silently mixed.
+  `import cmcaug` from a checkout puts a `CheckoutFinder` first on `sys.meta_path`: it finds the three
+  subpackages beside the `cmcaug/` that was imported, and every other `cmcaug.*` module in this checkout
+  only, before setuptools' editable finder is asked.
 
 An installed copy (a wheel) needs neither: there the subpackages are folders inside `cmcaug/`.
 """
@@ -35,8 +36,9 @@ def checkout_root(package_dir: str | os.PathLike[str]) -> Path | None:
     return root if all(marker.is_file() for marker in markers) else None
 
 
-class SiblingFinder(importlib.abc.MetaPathFinder):
-    """Finds `cmcaug.kernels`, `cmcaug.cli` and `cmcaug.benchmarks` in the checkout `root`."""
+class CheckoutFinder(importlib.abc.MetaPathFinder):
+    """Finds every `cmcaug.*` module in the checkout `root`, and nowhere else: `kernels`, `cli` and
+    `benchmarks` in the folders of those names, the rest in their parent package's folders."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -44,19 +46,24 @@ class SiblingFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Sequence[str] | None = None,
                   target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
         package, _, name = fullname.partition(".")
-        if package != "cmcaug" or name not in SUBPACKAGES:
+        if package != "cmcaug" or not name:
             return None
-        folder = self.root / name
-        return importlib.util.spec_from_file_location(fullname, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
+        if name in SUBPACKAGES:
+            folder = self.root / name
+            return importlib.util.spec_from_file_location(fullname, folder / "__init__.py",
+                                                          submodule_search_locations=[str(folder)])
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None:  # not in this checkout: never let a later finder take it from another tree
+            raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
+        return spec
 
 
 def find_subpackages_beside(package_dir: str | os.PathLike[str]) -> None:
     """In a checkout, let `cmcaug.kernels` / `.cli` / `.benchmarks` come from the same tree as `cmcaug`."""
     root = checkout_root(package_dir)
-    if root is None or any(isinstance(finder, SiblingFinder) for finder in sys.meta_path):
+    if root is None or any(isinstance(finder, CheckoutFinder) for finder in sys.meta_path):
         return
-    sys.meta_path.insert(0, SiblingFinder(root))
+    sys.meta_path.insert(0, CheckoutFinder(root))
 
 
 def give_back(name: str, init_file: str) -> None:

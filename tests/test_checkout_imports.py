@@ -83,6 +83,17 @@ def test_a_second_clone_does_not_mix_with_the_installed_one(tmp_path) -> None:
     report = run_in(clone, REPORT)
     assert_one_tree(report, clone.resolve())
     assert_not_shadowed(report, clone.resolve())
+    # A module the clone lacks (an older branch, a module moved since) is missing, not borrowed from ROOT.
+    (clone / "cmcaug" / "mixgen.py").unlink()
+    missing = run_in(clone, """
+import importlib, json
+try:
+    importlib.import_module("cmcaug.mixgen")
+    print(json.dumps("imported"))
+except ModuleNotFoundError as exc:
+    print(json.dumps(exc.name))
+""")
+    assert missing == "cmcaug.mixgen"
 
 
 def test_an_installed_copy_finds_its_subpackages_inside_cmcaug(tmp_path) -> None:
@@ -92,7 +103,7 @@ def test_an_installed_copy_finds_its_subpackages_inside_cmcaug(tmp_path) -> None
     for folder in ("kernels", "cli", "benchmarks"):
         shutil.copytree(ROOT / folder, site / "cmcaug" / folder, ignore=shutil.ignore_patterns("__pycache__", "results"))
     report = run_in(site, REPORT + """
-from cmcaug._checkout import SiblingFinder
-assert not any(isinstance(finder, SiblingFinder) for finder in sys.meta_path)
+from cmcaug._checkout import CheckoutFinder
+assert not any(isinstance(finder, CheckoutFinder) for finder in sys.meta_path)
 """)
     assert_one_tree(report, site.resolve())
