@@ -30,7 +30,6 @@ from . import common
 SIZES = [(32, 40, 512), (128, 64, 768), (256, 77, 768), (512, 128, 768), (1024, 128, 1024)]
 SMOKE_SIZE = (4, 16, 32)
 PROVIDERS = ("triton", "eager", "compile", "loop")
-PASSES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TARGET_MB = 64  # the targets apply from this size of a fwd+bwd pass up
 

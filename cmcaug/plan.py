@@ -9,7 +9,7 @@ Index maps (int32, so that they are small to ship and cheap to read in a kernel)
 
 - `source_index [B, L_out]`, the signed source map: `s >= 0` is row `s = b*L + j` of the text viewed as
   `[B*L, D]`; `s < 0` (and not the sentinel) is row `-s - 1 = m*K + k` of the patches viewed as
-  `[M*K, D]`; `PAD_SOURCE` marks padding.
+  `[M*K, D]`; `PAD_SOURCE` (the kernels' sentinel, `cmcaug.kernels.index_maps`) marks padding.
 - `text_destination [B, L]` and `patch_destination [M, K]`, the inverse maps: the flat output row
   `b*L_out + t` that each text / patch row is copied to, or -1 (replaced, truncated or padding). Every
   source row has at most one destination, so the backward pass is a gather: no atomics, deterministic.
@@ -27,10 +27,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from .errors import InputError
+from cmcaug.kernels.index_maps import PAD_SOURCE
 
-PAD_SOURCE = -(2**31)
-"""The `source_index` sentinel for padding positions (int32 minimum, never a valid patch row)."""
+from .errors import InputError
 
 _INT32_MAX = 2**31 - 1
 _TOKEN_MAPS = ("attention_mask", "modality_ids", "position_ids")

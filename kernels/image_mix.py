@@ -21,12 +21,14 @@ window a sample reads may be one that another sample overwrites: 4 * window byte
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from cmcaug.errors import InputError
 
 from . import reference
-from .backend import Backend, launch_device, resolve_backend
+from .backend import Backend, kernel_op, launch_device
 
 try:
     import triton
@@ -83,36 +85,9 @@ if triton is not None:
         tl.store(dst_ptrs, value, mask=inside)
 
 
-def paste_windows(
-    images: torch.Tensor, partner: torch.Tensor, target_box: torch.Tensor, source_box: torch.Tensor, *,
-    patch_size: int, inplace: bool = False, backend: Backend = "auto", validate: bool = True,
-) -> torch.Tensor:
-    """Paste window `source_box[i]` of `images[partner[i]]` over window `target_box[i]` of every image i.
-
-    Returns a new tensor (same layout as `images`) unless `inplace=True`, which writes into `images` and
-    returns it. `backend`: "auto" (Triton for CUDA tensors, the PyTorch reference otherwise), "triton" or
-    "reference". Images that require grad take the reference path, which autograd differentiates.
-    `validate=False` skips the range checks of the box and partner values (one host sync on CUDA); only
-    pass it for windows built by `cmcaug.timix`, which are valid by construction.
-    """
-    partner, target_box, source_box = (torch.as_tensor(t, device=images.device)
-                                       for t in (partner, target_box, source_box))
-    _check_paste_args(images, partner, target_box, source_box, patch_size, validate)
-    differentiable = images.requires_grad and torch.is_grad_enabled()
-    chosen = resolve_backend(backend, images.device)
-    if chosen == "triton" and differentiable:
-        if backend == "triton":
-            raise InputError("paste_windows: the Triton kernel has no backward; images require grad, so pass "
-                             "backend='auto' or 'reference' (differentiable), or detach the images")
-        chosen = "reference"
-    if chosen == "reference":
-        return reference.paste_windows(images, partner, target_box, source_box,
-                                       patch_size=patch_size, inplace=inplace)
-    return _paste_triton(images, partner, target_box, source_box, patch_size, inplace)
-
-
 def _paste_triton(images: torch.Tensor, partner: torch.Tensor, target_box: torch.Tensor,
-                  source_box: torch.Tensor, patch_size: int, inplace: bool) -> torch.Tensor:
+                  source_box: torch.Tensor, patch_size: int, inplace: bool = False) -> torch.Tensor:
+    """Triton launcher: the pasted batch, a new tensor or (`inplace`) `images` itself."""
     device = images.device
     partner, target_box, source_box = (t.to(torch.int32).contiguous() for t in (partner, target_box, source_box))
     B, C, H, W = images.shape
@@ -166,6 +141,48 @@ def _block(extent: int, largest: int) -> int:
     blocks = [largest >> i for i in range(3) if largest >> i]
     waste = {block: triton.cdiv(extent, block) * block - extent for block in blocks}
     return next((block for block in blocks if 16 * waste[block] <= extent), min(blocks, key=waste.get))
+
+
+def _into(paste: Callable) -> Callable:
+    """The in-place op's implementation over one twin: it writes into `images` and returns nothing (an
+    operator may not return its input)."""
+    def run(images, partner, target_box, source_box, patch_size):
+        paste(images, partner, target_box, source_box, patch_size, inplace=True)
+    return run
+
+
+@kernel_op("cmcaug::paste_windows", triton=_paste_triton, reference=reference.paste_windows)
+def _paste(images: torch.Tensor, partner: torch.Tensor, target_box: torch.Tensor, source_box: torch.Tensor,
+           patch_size: int, implementation: str) -> torch.Tensor:
+    return torch.empty_like(images)
+
+
+@kernel_op("cmcaug::paste_windows_", triton=_into(_paste_triton), reference=_into(reference.paste_windows),
+           mutates_args=("images",))
+def _paste_into(images: torch.Tensor, partner: torch.Tensor, target_box: torch.Tensor, source_box: torch.Tensor,
+                patch_size: int, implementation: str) -> None:
+    """Writes into `images`: nothing to allocate."""
+
+
+def paste_windows(
+    images: torch.Tensor, partner: torch.Tensor, target_box: torch.Tensor, source_box: torch.Tensor, *,
+    patch_size: int, inplace: bool = False, backend: Backend = "auto", validate: bool = True,
+) -> torch.Tensor:
+    """Paste window `source_box[i]` of `images[partner[i]]` over window `target_box[i]` of every image i.
+
+    Returns a new tensor (same layout as `images`) unless `inplace=True`, which writes into `images` and
+    returns it. `backend`: "auto" (Triton for CUDA tensors, the PyTorch reference otherwise), "triton" or
+    "reference". Images that require grad take the reference path, which autograd differentiates.
+    `validate=False` skips the range checks of the box and partner values (one host sync on CUDA); only
+    pass it for windows built by `cmcaug.timix`, which are valid by construction.
+    """
+    partner, target_box, source_box = (torch.as_tensor(t, device=images.device)
+                                       for t in (partner, target_box, source_box))
+    _check_paste_args(images, partner, target_box, source_box, patch_size, validate)
+    if inplace:
+        _paste_into(images, partner, target_box, source_box, patch_size, backend=backend)
+        return images
+    return _paste(images, partner, target_box, source_box, patch_size, backend=backend)
 
 
 def _check_paste_args(images: torch.Tensor, partner: torch.Tensor, target_box: torch.Tensor,

@@ -20,7 +20,7 @@ import torch
 from cmcaug.errors import InputError
 
 from . import reference
-from .backend import Backend, interpreter_enabled, launch_device, resolve_backend
+from .backend import Backend, interpreter_enabled, kernel_op, launch_device
 
 try:
     import triton
@@ -94,26 +94,18 @@ def patch_gather(
     return out
 
 
-_IMPLEMENTATIONS = {"triton": patch_gather, "reference": reference.patch_gather}
-
-
-def _normalize(pixels: torch.Tensor, index: torch.Tensor | None, affine: torch.Tensor, dtype: torch.dtype,
-               implementation: str) -> torch.Tensor:
-    """The op itself, with the range check of CPU indices (it needs their values, so it runs here)."""
+def _check_index_values(pixels: torch.Tensor, index: torch.Tensor | None, *_) -> None:
+    """The range check of CPU indices: it needs their values, so it runs inside the op (compiled code too)."""
     if index is not None and index.device.type == "cpu" and index.numel():
         low, high = int(index.min()), int(index.max())
         if low < 0 or high >= pixels.shape[0]:
             raise InputError(f"index values must lie in [0, {pixels.shape[0]}) (rows of pixels), got [{low}, {high}]")
-    return _IMPLEMENTATIONS[implementation](pixels, index, affine, dtype)
 
 
-# Also a registered operator, which `torch.compile` keeps as one opaque node (no graph break, the same
-# kernel inside and outside compiled code); eager calls skip the operator dispatcher (see kernels/splice.py).
-_normalize_op = torch.library.custom_op("cmcaug::normalize_patches", _normalize, mutates_args=())
-
-
-@_normalize_op.register_fake
-def _(pixels, index, affine, dtype, implementation):
+@kernel_op("cmcaug::normalize_patches", triton=patch_gather, reference=reference.patch_gather,
+           check=_check_index_values)
+def _normalize(pixels: torch.Tensor, index: torch.Tensor | None, affine: torch.Tensor, dtype: torch.dtype,
+               implementation: str) -> torch.Tensor:
     _, h, w, c = pixels.shape
     return pixels.new_empty(pixels.shape[0] if index is None else index.numel(), c, h, w, dtype=dtype)
 
@@ -141,8 +133,7 @@ def normalize_patches(
     if index is not None:
         _check_index(index, pixels)
     affine = reference.patch_affine(mean, std, pixels.shape[-1], pixels.device)
-    run = _normalize_op if torch.compiler.is_compiling() else _normalize
-    return run(pixels, index, affine, dtype, resolve_backend(backend, pixels.device))
+    return _normalize(pixels, index, affine, dtype, backend=backend)
 
 
 def _check_index(index: torch.Tensor, pixels: torch.Tensor) -> None:

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import torch
 
 from cmcaug.errors import InputError
-from cmcaug.plan import PAD_SOURCE
+
+from .index_maps import PAD_SOURCE
 
 # ------------------------------------------------------------------------------------------------------
 # Splice: the twin of kernels/splice.py
@@ -92,7 +93,7 @@ def patch_gather(
 
 
 def paste_windows(
-    images: torch.Tensor, partner: torch.Tensor, target_box: torch.Tensor, source_box: torch.Tensor, *,
+    images: torch.Tensor, partner: torch.Tensor, target_box: torch.Tensor, source_box: torch.Tensor,
     patch_size: int, inplace: bool = False,
 ) -> torch.Tensor:
     """Reference of `image_mix.paste_windows`: a clone, then one slice copy per sample (autograd follows it).

@@ -1,7 +1,7 @@
 """The fused CMC splice: text-token and patch embeddings -> one mixed sequence, in one pass over memory.
 
-Contract (see `cmcaug.plan` for the index maps): `text [B, L, D]` and `patches [M, K, D]` of one float
-dtype and a `SplicePlan` on their device give `embeds [B, L_out, D]` with
+Contract (the index maps of `index_maps.SpliceMaps`, built by `cmcaug.plan.SplicePlan`): `text [B, L, D]`
+and `patches [M, K, D]` of one float dtype and a plan on their device give `embeds [B, L_out, D]` with
 
     embeds[b, t] = text.view(B*L, D)[s]          if s = plan.source_index[b, t] >= 0
                  = patches.view(M*K, D)[-s - 1]   if s < 0 and s != PAD_SOURCE
@@ -21,15 +21,16 @@ strides, so sliced or strided inputs need no copy; only a last dimension with st
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from cmcaug.errors import InputError
-from cmcaug.plan import PAD_SOURCE, SplicePlan
 
 from . import reference
-from .backend import Backend, interpreter_enabled, launch_device, resolve_backend
+from .backend import Backend, interpreter_enabled, kernel_op, launch_device
+from .index_maps import PAD_SOURCE, SpliceMaps
 
 try:
     import triton
@@ -157,47 +158,40 @@ def splice_backward(
     return gather(text_destination), gather(patch_destination)
 
 
-_IMPLEMENTATIONS: dict[str, tuple[Callable, Callable]] = {
-    "triton": (splice_forward, splice_backward),
-    "reference": (reference.splice_forward, reference.splice_backward),
-}
-
 # The splice is linear, so its backward is its transpose (the gather through the inverse maps), whose
-# backward is the splice again: gradients of any order work. Each takes all three maps so that its backward
-# has them. Both are wired into autograd twice over one set of functions: as registered operators
-# (torch.library), which `torch.compile` keeps as opaque nodes of known shape (no graph break, the same
-# launch inside and outside compiled code), and as `autograd.Function`s for eager calls, which skip the
-# operator dispatcher (about 9 us less per call, measured on the CPU build machine).
+# backward is the splice again: gradients of any order work. Each op takes all three maps so that its
+# backward has them; an unwanted gradient of the transpose is an empty tensor (operators return tensors).
 
 
-def _splice_impl(text: torch.Tensor, patches: torch.Tensor, source_index: torch.Tensor,
-                 text_destination: torch.Tensor, patch_destination: torch.Tensor, implementation: str) -> torch.Tensor:
-    return _IMPLEMENTATIONS[implementation][0](text, patches, source_index)
+def _spliced_by(forward: Callable) -> Callable:
+    """The splice op's implementation over one twin's forward launcher."""
+    def run(text, patches, source_index, text_destination, patch_destination):
+        return forward(text, patches, source_index)
+    return run
 
 
-def _transpose_impl(grad: torch.Tensor, source_index: torch.Tensor, text_destination: torch.Tensor,
-                    patch_destination: torch.Tensor, implementation: str, text_grad: bool,
-                    patch_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_text, grad_patches); an unwanted one is an empty tensor (an operator returns tensors, not None)."""
-    grads = _IMPLEMENTATIONS[implementation][1](grad, text_destination if text_grad else None,
-                                                patch_destination if patch_grad else None)
-    return tuple(g if g is not None else grad.new_empty(0) for g in grads)
+def _transposed_by(backward: Callable) -> Callable:
+    """The transpose op's implementation over one twin's backward launcher."""
+    def run(grad, source_index, text_destination, patch_destination, text_grad, patch_grad):
+        grads = backward(grad, text_destination if text_grad else None, patch_destination if patch_grad else None)
+        return tuple(g if g is not None else grad.new_empty(0) for g in grads)
+    return run
 
 
-def _setup_splice(ctx, inputs, output) -> None:
-    _, _, source_index, text_destination, patch_destination, ctx.implementation = inputs
+def _save_splice(ctx, inputs, output) -> None:
+    *_, source_index, text_destination, patch_destination, ctx.implementation = inputs
     ctx.save_for_backward(source_index, text_destination, patch_destination)
 
 
-def _setup_transpose(ctx, inputs, output) -> None:
-    grad, source_index, text_destination, patch_destination, ctx.implementation, *ctx.wanted = inputs
+def _save_transpose(ctx, inputs, output) -> None:
+    grad, source_index, text_destination, patch_destination, *ctx.wanted, ctx.implementation = inputs
     ctx.save_for_backward(source_index, text_destination, patch_destination)
     ctx.width = grad.shape[-1]
 
 
 def _splice_backward(ctx, grad: torch.Tensor):
     text_grad, patch_grad = ctx.needs_input_grad[:2]
-    grad_text, grad_patches = _transpose(grad, *ctx.saved_tensors, ctx.implementation, text_grad, patch_grad)
+    grad_text, grad_patches = _transpose(grad, *ctx.saved_tensors, text_grad, patch_grad, backend=ctx.implementation)
     return grad_text if text_grad else None, grad_patches if patch_grad else None, None, None, None, None
 
 
@@ -208,44 +202,25 @@ def _transpose_backward(ctx, grad_text: torch.Tensor, grad_patches: torch.Tensor
         grad_text = grad_text.new_zeros(*text_destination.shape, ctx.width)
     if not patch_grad:
         grad_patches = grad_patches.new_zeros(*patch_destination.shape, ctx.width)
-    return _splice(grad_text, grad_patches, *ctx.saved_tensors, ctx.implementation), None, None, None, None, None, None
+    embeds = _splice(grad_text, grad_patches, *ctx.saved_tensors, backend=ctx.implementation)
+    return embeds, None, None, None, None, None, None
 
 
-_splice_op = torch.library.custom_op("cmcaug::splice", _splice_impl, mutates_args=())
-_transpose_op = torch.library.custom_op("cmcaug::splice_transpose", _transpose_impl, mutates_args=())
-_splice_op.register_autograd(_splice_backward, setup_context=_setup_splice)
-_transpose_op.register_autograd(_transpose_backward, setup_context=_setup_transpose)
-
-
-@_splice_op.register_fake
-def _(text, patches, source_index, text_destination, patch_destination, implementation):
+@kernel_op("cmcaug::splice", triton=_spliced_by(splice_forward), reference=_spliced_by(reference.splice_forward),
+           backward=_splice_backward, setup_context=_save_splice)
+def _splice(text: torch.Tensor, patches: torch.Tensor, source_index: torch.Tensor, text_destination: torch.Tensor,
+            patch_destination: torch.Tensor, implementation: str) -> torch.Tensor:
     return text.new_empty(*source_index.shape, text.shape[-1])
 
 
-@_transpose_op.register_fake
-def _(grad, source_index, text_destination, patch_destination, implementation, text_grad, patch_grad):
+@kernel_op("cmcaug::splice_transpose", triton=_transposed_by(splice_backward),
+           reference=_transposed_by(reference.splice_backward), backward=_transpose_backward,
+           setup_context=_save_transpose)
+def _transpose(grad: torch.Tensor, source_index: torch.Tensor, text_destination: torch.Tensor,
+               patch_destination: torch.Tensor, text_grad: bool, patch_grad: bool,
+               implementation: str) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(grad.new_empty(*m.shape, grad.shape[-1]) if wanted else grad.new_empty(0)
                  for m, wanted in ((text_destination, text_grad), (patch_destination, patch_grad)))
-
-
-class _SpliceFunction(torch.autograd.Function):
-    forward = staticmethod(_splice_impl)
-    setup_context = staticmethod(_setup_splice)
-    backward = staticmethod(_splice_backward)
-
-
-class _TransposeFunction(torch.autograd.Function):
-    forward = staticmethod(_transpose_impl)
-    setup_context = staticmethod(_setup_transpose)
-    backward = staticmethod(_transpose_backward)
-
-
-def _splice(*args) -> torch.Tensor:
-    return _splice_op(*args) if torch.compiler.is_compiling() else _SpliceFunction.apply(*args)
-
-
-def _transpose(*args) -> tuple[torch.Tensor, torch.Tensor]:
-    return _transpose_op(*args) if torch.compiler.is_compiling() else _TransposeFunction.apply(*args)
 
 
 class SpliceOutput(NamedTuple):
@@ -261,7 +236,7 @@ class SpliceOutput(NamedTuple):
     source_index: torch.Tensor    # int32 [B, L_out]: the plan's signed source map
 
 
-def splice(text: torch.Tensor, patches: torch.Tensor, plan: SplicePlan, backend: Backend = "auto") -> SpliceOutput:
+def splice(text: torch.Tensor, patches: torch.Tensor, plan: SpliceMaps, backend: Backend = "auto") -> SpliceOutput:
     """Splice patch embeddings into text embeddings as `plan` says; differentiable in `text` and `patches`.
 
     `text` is [B, L, D] (L = plan.text_length), `patches` is [M, K, D] (M = plan.num_slots, K =
@@ -269,21 +244,22 @@ def splice(text: torch.Tensor, patches: torch.Tensor, plan: SplicePlan, backend:
     "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "reference" (plain PyTorch) or "auto" (by device).
     """
     _check_inputs(text, patches, plan)
-    implementation = resolve_backend(backend, text.device)
-    embeds = _splice(text, patches, plan.source_index, plan.text_destination, plan.patch_destination, implementation)
+    embeds = _splice(text, patches, plan.source_index, plan.text_destination, plan.patch_destination, backend=backend)
     return SpliceOutput(embeds, plan.attention_mask, plan.modality_ids, plan.position_ids, plan.source_index)
 
 
-def _check_inputs(text: torch.Tensor, patches: torch.Tensor, plan: SplicePlan) -> None:
-    if not isinstance(plan, SplicePlan):
-        raise InputError(f"plan must be a SplicePlan (see SplicePlan.build), got {type(plan).__name__}")
+def _check_inputs(text: torch.Tensor, patches: torch.Tensor, plan: SpliceMaps) -> None:
+    try:
+        (b, _), (_, l), (m, k) = (plan.source_index.shape, plan.text_destination.shape, plan.patch_destination.shape)
+        device = plan.source_index.device
+    except (AttributeError, ValueError):
+        raise InputError(f"plan must be a SplicePlan (see SplicePlan.build), got {type(plan).__name__}") from None
     for name, x in (("text", text), ("patches", patches)):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
             found = f"{x.dtype} tensor of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise InputError(f"{name} must be a 3-D floating-point tensor, got {found}")
     if patches.dtype != text.dtype:
         raise InputError(f"text and patches must share a dtype, got {text.dtype} and {patches.dtype}; cast one")
-    b, l, m, k = plan.batch_size, plan.text_length, plan.num_slots, plan.patch_tokens
     if tuple(text.shape[:2]) != (b, l):
         hint = "; build the plan with text_length=text.shape[1]" if text.shape[0] == b else ""
         raise InputError(f"text must have shape [B, L, D] = [{b}, {l}, D] for this plan, got {list(text.shape)}{hint}")
@@ -292,8 +268,8 @@ def _check_inputs(text: torch.Tensor, patches: torch.Tensor, plan: SplicePlan) -
             f"patches must have shape [M, K, D] = [{m}, {k}, {text.shape[2]}] (one row of K tokens per patch slot "
             f"of the plan, D as in text), got {list(patches.shape)}"
         )
-    if not text.device == patches.device == plan.device:
+    if not text.device == patches.device == device:
         raise InputError(
-            f"text ({text.device}), patches ({patches.device}) and plan ({plan.device}) must be on one device; "
+            f"text ({text.device}), patches ({patches.device}) and plan ({device}) must be on one device; "
             "move the plan with plan.to(text.device, non_blocking=True)"
         )

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from compare import assert_exact
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -51,12 +52,6 @@ def make_case(batch: int, channels: int, grid: tuple[int, int], patch: int, extr
 def paste(case: PasteCase, images: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     return paste_windows(case.images if images is None else images, case.partner, case.target_box,
                          case.source_box, patch_size=case.patch_size, **kwargs)
-
-
-def assert_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """The paste only moves values: same dtype, shape and bits."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    assert torch.equal(actual, expected), f"{(actual != expected).sum().item()} elements differ"
 
 
 def test_reference_follows_the_contract_pixel_by_pixel() -> None:
@@ -183,6 +178,28 @@ def test_images_that_require_grad_take_the_differentiable_path() -> None:
     with pytest.raises(InputError, match="no backward"):
         paste(case, images, backend="triton")
     assert torch.autograd.gradcheck(lambda x: paste(case, x, backend="auto"), (images,))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compiles_as_one_graph(backend: str) -> None:
+    """`torch.compile(fullgraph=True)` traces a TiMix step (windows from cmcaug.timix, so validate=False): the
+    paste is a registered operator, out of place and in place, and gives eager's bytes."""
+    case = make_case(3, 2, (3, 4), 2, (1, 1), torch.float32, seed=4)
+
+    def step(images: torch.Tensor) -> torch.Tensor:
+        mixed = paste(case, images, backend=backend, validate=False)
+        return paste(case, mixed * 2, backend=backend, validate=False, inplace=True) + 1
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert_exact(compiled(case.images), step(case.images))
+
+
+@pytest.mark.parametrize("operator", ["paste_windows", "paste_windows_"])
+def test_operators_pass_opcheck(operator: str) -> None:
+    """The registrations torch.compile relies on (schema, mutation, fake tensor) agree with the implementations."""
+    case = make_case(3, 2, (3, 4), 2, (1, 1), torch.float32, seed=6, repeat_partners=True)
+    args = (case.images.clone(), case.partner, case.target_box, case.source_box, case.patch_size, "reference")
+    torch.library.opcheck(getattr(torch.ops.cmcaug, operator), args)
 
 
 def test_kernel_compiles_for_hopper_with_16_byte_accesses() -> None:

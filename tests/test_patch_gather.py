@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from compare import TOLERANCE, assert_close, assert_exact
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,18 +15,12 @@ from cmcaug.kernels.reference import patch_gather as reference_patch_gather
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-# The kernel may fuse the multiply-add (one fp32 rounding less) on a GPU: allow one step of the output dtype.
-GPU_TOLERANCE = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-6}
 
 
 def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Bitwise on the CPU (interpreter and reference round the same fp32 numbers); within one step on a GPU."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    if actual.device.type == "cpu":
-        assert torch.equal(actual, expected.cpu())
-    else:
-        tol = GPU_TOLERANCE[actual.dtype]
-        torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=tol, atol=tol)
+    """Bitwise on the CPU (interpreter and reference round the same fp32 numbers); on a GPU the kernel may
+    fuse the multiply-add (one fp32 rounding less), so within one step of the output dtype."""
+    (assert_exact if actual.device.type == "cpu" else assert_close)(actual, expected)
 
 
 def make_pixels(n: int, h: int, w: int, c: int, layout: str, seed: int, device: str) -> torch.Tensor:
@@ -63,7 +58,7 @@ def test_reference_matches_the_formula(dtype) -> None:
     std = torch.tensor(CLIP_STD, dtype=torch.float64).view(1, 3, 1, 1)
     want = (pixels.permute(0, 3, 1, 2).double() / 255 - mean) / std
     assert got.shape == (3, 3, 7, 5) and got.is_contiguous() and got.dtype == dtype
-    torch.testing.assert_close(got.double(), want, rtol=GPU_TOLERANCE[dtype], atol=1e-5)
+    torch.testing.assert_close(got.double(), want, rtol=TOLERANCE[dtype], atol=1e-5)
 
 
 def test_index_gathers_rows_and_defaults_to_bfloat16(triton_device) -> None:
@@ -120,3 +115,12 @@ def test_compiles_as_one_graph(triton_device, backend: str) -> None:
     if triton_device == "cpu":
         with pytest.raises(InputError, match=r"index values must lie in \[0, 6\)"):
             compiled(index + 3)
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+def test_operator_passes_opcheck(with_index: bool) -> None:
+    """The registration torch.compile relies on (schema, fake tensor) agrees with the implementation."""
+    pixels = make_pixels(4, 3, 5, 3, "contiguous", 4, "cpu")
+    index = torch.tensor([3, 0, 3]) if with_index else None
+    affine = patch_affine(CLIP_MEAN, CLIP_STD, 3, torch.device("cpu"))
+    torch.library.opcheck(torch.ops.cmcaug.normalize_patches, (pixels, index, affine, torch.bfloat16, "reference"))

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from strategies import PlanSpec, plan_specs, random_spec, spliced_rows
 
 from cmcaug.errors import InputError
+from cmcaug.kernels import index_maps
 from cmcaug.plan import PAD_SOURCE, SplicePlan
 
 
@@ -85,6 +86,17 @@ def test_worked_example() -> None:
     assert plan.modality_ids.tolist()[0] == [0, 1, 1, 1, 1, 0]
     assert plan.position_ids.tolist()[1] == [0, 1, 0, 0, 0, 0]
     assert (plan.batch_size, plan.text_length, plan.output_length, plan.num_slots, plan.patch_tokens) == (3, 5, 6, 3, 2)
+
+
+def test_a_plan_is_what_the_kernels_read() -> None:
+    """`SplicePlan` satisfies the kernels' `SpliceMaps` (whose sentinel it uses), with sizes in the maps' shapes."""
+    plan = SplicePlan.build([5, 3, 0], [[(1, 3), (3, 4)], [(0, 3)], []], patch_tokens=2, text_length=6)
+    assert PAD_SOURCE is index_maps.PAD_SOURCE
+    for name in index_maps.SpliceMaps.__annotations__:
+        assert isinstance(getattr(plan, name), torch.Tensor), name
+    assert plan.source_index.shape == (plan.batch_size, plan.output_length)
+    assert plan.text_destination.shape == (plan.batch_size, plan.text_length)
+    assert plan.patch_destination.shape == (plan.num_slots, plan.patch_tokens)
 
 
 def test_max_length_keeps_spans_that_do_not_fit_as_text() -> None:

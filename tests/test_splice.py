@@ -2,36 +2,31 @@
 and backward, and the reference equals a per-row construction, on random ragged plans of every shape."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 import triton
 import triton.language as tl
+from compare import assert_exact
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import PlanSpec, plan_specs, random_spec, spliced_rows
 
 from cmcaug.errors import InputError
 from cmcaug.kernels import SpliceOutput, reference, splice
+from cmcaug.kernels.index_maps import SpliceMaps
 from cmcaug.kernels.splice import _row_offsets, splice_backward, splice_forward
 from cmcaug.plan import SplicePlan
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 LAYOUTS = ["contiguous", "row_strided", "transposed", "d_strided", "expanded"]
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def examples(n: int) -> settings:
     """Hypothesis settings: n examples, no deadline (the interpreter is slow), fixtures allowed (they are constants)."""
     return settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def assert_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Same dtype, shape and raw bits (so -0.0, NaN payloads and infinities count too)."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    bits = _BITS[actual.element_size()]
-    a, e = actual.detach().cpu().contiguous(), expected.detach().cpu().contiguous()
-    assert torch.equal(a.view(bits), e.view(bits)), f"{(a != e).sum().item()} of {a.numel()} elements differ"
 
 
 def inverse_maps(plan: SplicePlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,6 +178,15 @@ def test_special_values_keep_their_bits(triton_device, dtype) -> None:
         assert_exact(actual, expected)
 
 
+def test_assert_exact_compares_bits() -> None:
+    """The comparison every kernel test uses: NaN equals its own bits, -0.0 is not 0.0, dtypes must agree."""
+    nan = torch.tensor([float("nan"), 1.0])
+    assert_exact(nan, nan.clone())
+    for other in (torch.tensor([-0.0]), torch.tensor([0.0], dtype=torch.float64)):
+        with pytest.raises(AssertionError):
+            assert_exact(torch.tensor([0.0]), other)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)], ids=["both", "text", "patches"])
 def test_gradcheck_and_gradgradcheck(triton_device, backend: str, needs: tuple[bool, bool]) -> None:
@@ -207,6 +211,15 @@ def test_replaced_text_tokens_get_zero_gradient(triton_device, backend: str) -> 
     patches = torch.ones(1, 1, 2, device=triton_device, requires_grad=True)
     splice(text, patches, plan, backend=backend).embeds.sum().backward()  # a zero-stride (expanded) gradient
     assert text.grad[0, :, 0].tolist() == [1.0, 0.0, 0.0, 1.0] and patches.grad.tolist() == [[[1.0, 1.0]]]
+
+
+def test_any_object_carrying_the_maps_is_a_plan() -> None:
+    """The kernels read a plan through `SpliceMaps`: the six maps, sizes from their shapes; no SplicePlan needed."""
+    plan = SplicePlan.build([3, 1], [[(1, 2)], []], patch_tokens=2)
+    maps = SimpleNamespace(**{name: getattr(plan, name) for name in SpliceMaps.__annotations__})
+    text, patches = torch.randn(2, 3, 4), torch.randn(1, 2, 4)
+    for got, want in zip(splice(text, patches, maps), splice(text, patches, plan)):
+        assert_exact(got, want)
 
 
 def test_output_maps_come_from_the_plan() -> None:
@@ -248,7 +261,7 @@ def test_operators_pass_opcheck() -> None:
     grad = torch.randn(plan.batch_size, plan.output_length, 3, dtype=torch.float64)
     torch.library.opcheck(torch.ops.cmcaug.splice, (text.requires_grad_(), patches, *maps, "reference"))
     for wanted in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(torch.ops.cmcaug.splice_transpose, (grad.requires_grad_(), *maps, "reference", *wanted))
+        torch.library.opcheck(torch.ops.cmcaug.splice_transpose, (grad.requires_grad_(), *maps, *wanted, "reference"))
 
 
 @triton.jit
@@ -360,7 +373,7 @@ def test_errors() -> None:
         splice(text.long(), patches.long(), plan)
     with pytest.raises(InputError, match="3-D floating-point"):
         splice(text[0], patches, plan)
-    with pytest.raises(InputError, match="SplicePlan"):
+    with pytest.raises(InputError, match=r"SplicePlan \(see SplicePlan.build\), got Tensor"):
         splice(text, patches, plan.source_index)
     with pytest.raises(InputError, match="one device"):
         splice(text.to("meta"), patches.to("meta"), plan)
