@@ -4,6 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from cmcaug.concepts import ConceptVocab
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,11 +70,13 @@ def run(args: argparse.Namespace) -> int:
     if args.timix:
         if args.bank or args.captions:
             raise InputError("--timix mixes images of a corpus and takes no BANK or --captions; run them separately")
-        from cmcaug.preview import preview_timix
+        from cmcaug.mix_pictures import preview_timix
 
-        stats = preview_timix(args.timix, args.output, seed=args.seed, patch_size=args.patch_size,
-                              image_size=args.image_size, label_mode=args.label_mode, **shown)
-        print(summary("preview: TiMix", stats))
+        names, images, boxes = _read_annotated(args.timix, shown.pop("rows", 8))
+        stats = preview_timix(images, boxes, args.output, seed=args.seed, patch_size=args.patch_size,
+                              image_size=args.image_size, label_mode=args.label_mode,
+                              title=f"TiMix on {Path(args.timix)}", **shown)
+        print(summary("preview: TiMix", {"output": stats["output"], "images": names, **stats}))
         return 0
     if not args.bank:
         raise InputError("give a patch bank folder BANK, or --timix CORPUS for a TiMix preview")
@@ -73,10 +84,11 @@ def run(args: argparse.Namespace) -> int:
 
     bank = PatchBank.open(args.bank)
     if args.captions:
-        from cmcaug.views import preview_captions
+        from cmcaug.view_pictures import preview_captions
 
-        stats = preview_captions(bank, args.captions, args.output, tokenizer=args.tokenizer, ratio=args.ratio,
-                                 seed=args.seed, field=args.field, mode=args.mode, **shown)
+        captions = _read_captions(args.captions, bank.vocab, args.field)
+        stats = preview_captions(bank, captions, args.output, tokenizer=args.tokenizer, ratio=args.ratio,
+                                 seed=args.seed, mode=args.mode, **shown)
         print(summary("preview: CMC views", stats))
         return 0
     from cmcaug.preview import preview_bank
@@ -85,3 +97,51 @@ def run(args: argparse.Namespace) -> int:
     path = preview_bank(bank, args.output, concepts, args.per_concept, args.seed, tile_size=args.tile_size)
     print(f"wrote {path}")
     return 0
+
+
+def _read_captions(path: str, vocab: ConceptVocab, field: str) -> Iterator[Any]:
+    """FILE's rows, lazily (the preview reads only its first few): a tag-text Parquet file's tag rows,
+    else the captions of a .txt / .jsonl / .parquet caption file."""
+    import pyarrow.parquet as pq
+
+    from cmcaug.errors import InputError
+    from cmcaug.items import IndexedItems
+    from cmcaug.tags import read_captions
+
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"{file}: no such captions file")
+    if file.suffix.lower() == ".parquet" and "spans" in pq.read_schema(file).names:
+        tags = IndexedItems.of(file, vocab)
+        rows: Iterator[Any] = (tags[i] for i in range(len(tags)))
+    else:
+        rows = (row.value if isinstance(row.value, str) else "" for row in read_captions([file], field))
+    first = next(rows, None)
+    if first is None:
+        raise InputError(f"{file}: holds no captions")
+    return itertools.chain([first], rows)
+
+
+def _read_annotated(corpus: str, rows: int) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """Names, pixels and COCO boxes (x0, y0, x1, y1 pixels) of the first `rows` images (by file name) of CORPUS,
+    a folder holding `images/` and `annotations.json` as `cmcaug synth` writes one."""
+    from cmcaug.detect import AnnotationDetector
+    from cmcaug.errors import InputError
+    from cmcaug.images import ImageDecodeError, decode_image, list_images
+    from cmcaug.synth import ANNOTATIONS, IMAGES_DIR
+
+    root = Path(corpus)
+    if rows < 1:
+        raise InputError(f"--rows must be at least 1, got {rows}")
+    if not (root / IMAGES_DIR).is_dir() or not (root / ANNOTATIONS).is_file():
+        raise InputError(f"{root}: expected a corpus folder holding {IMAGES_DIR}/ and {ANNOTATIONS} (COCO boxes), "
+                         "as `cmcaug synth` writes one")
+    refs = list_images([root / IMAGES_DIR])[:rows]
+    pixels = []
+    for ref in refs:
+        try:
+            pixels.append(decode_image(ref.read()))
+        except ImageDecodeError as exc:
+            raise InputError(f"{ref.path}: cannot decode it ({exc}); remove it from the corpus") from exc
+    names = [ref.key for ref in refs]
+    return names, pixels, [found.boxes for found in AnnotationDetector(root / ANNOTATIONS).detect(pixels, names)]

@@ -1,6 +1,7 @@
-"""Pictures: patch grids and bank previews (layout, exact tile contents, labels, bad input) and TiMix mix
-sheets (outlines exactly on the windows; on a shapes-world corpus, the windows with the most and least box
-coverage), through the library and the CLI. CMC view pages are tested in test_views.py."""
+"""Pictures: patch grids and bank previews (cmcaug.preview: layout, exact tile contents, labels, bad input) and
+TiMix mix sheets (cmcaug.mix_pictures: outlines exactly on the windows; on a shapes-world corpus, the windows
+with the most and least box coverage), through the library and the CLI, which reads the corpus. CMC view
+pictures are tested in test_views.py."""
 from __future__ import annotations
 
 import json
@@ -12,12 +13,14 @@ import pytest
 import torch
 from png_helpers import read
 
+from cmcaug._sheets import LABEL_HEIGHT, PAD
 from cmcaug.bank import PatchBank
 from cmcaug.bank_writer import write_bank
 from cmcaug.cli.main import main
 from cmcaug.concepts import ConceptVocab
 from cmcaug.errors import InputError
-from cmcaug.preview import _LABEL_HEIGHT, _PAD, _WINDOW, preview_bank, render_mix, render_patch_grid
+from cmcaug.mix_pictures import _WINDOW, preview_timix, render_mix
+from cmcaug.preview import preview_bank, render_patch_grid
 
 
 def coded_patches(n: int, side: int) -> np.ndarray:
@@ -29,7 +32,7 @@ def coded_patches(n: int, side: int) -> np.ndarray:
 
 def tile_origin(row: int, column: int, side: int, labelled: bool) -> tuple[int, int]:
     """(x, y) of a tile's top-left pixel in a sheet without a title column."""
-    return _PAD + column * (side + _PAD), _PAD + row * (side + _PAD + (_LABEL_HEIGHT if labelled else 0))
+    return PAD + column * (side + PAD), PAD + row * (side + PAD + (LABEL_HEIGHT if labelled else 0))
 
 
 @pytest.mark.parametrize("labelled", [False, True])
@@ -45,7 +48,7 @@ def test_grid_places_every_patch(tmp_path: Path, n: int, columns: int, labelled:
     for i in range(n):
         x, y = tile_origin(i // columns, i % columns, side, labelled)
         assert (sheet[y : y + side, x : x + side] == patches[i]).all()
-        below = sheet[y + side : y + side + (_LABEL_HEIGHT if labelled else _PAD), x : x + side]
+        below = sheet[y + side : y + side + (LABEL_HEIGHT if labelled else PAD), x : x + side]
         assert (below.min(axis=-1) < 100).any() == labelled  # ink of the label, or blank padding
 
 
@@ -60,7 +63,7 @@ def test_grid_accepts_tensors_and_rescales(tmp_path: Path) -> None:
 
 def test_grid_shortens_long_labels(tmp_path: Path) -> None:
     sheet = read(render_patch_grid(coded_patches(2, 16), ["x" * 200, "y"], tmp_path / "grid.png", columns=1))
-    assert sheet.shape[1] == 16 + 2 * _PAD
+    assert sheet.shape[1] == 16 + 2 * PAD
 
 
 def test_grid_creates_parent_folders(tmp_path: Path) -> None:
@@ -124,7 +127,7 @@ def row_tiles(sheet: np.ndarray, row: int) -> list[int]:
 
 def test_preview_bank_rows_hold_distinct_patches_of_their_concept(bank: PatchBank, tmp_path: Path) -> None:
     sheet = read(preview_bank(bank, tmp_path / "bank.png", per_concept=4, seed=1))
-    assert sheet.shape[0] == 2 * (SIDE + _PAD + _LABEL_HEIGHT) + _PAD  # circle and star; heart has none
+    assert sheet.shape[0] == 2 * (SIDE + PAD + LABEL_HEIGHT) + PAD  # circle and star; heart has none
     circles, stars = (row_tiles(sheet, r) for r in range(2))
     assert len(circles) == len(set(circles)) == 4 and set(circles) <= set(range(5))
     assert len(stars) == len(set(stars)) == 4 and set(stars) <= set(range(5, 17))
@@ -132,11 +135,11 @@ def test_preview_bank_rows_hold_distinct_patches_of_their_concept(bank: PatchBan
 
 def test_preview_bank_shows_all_patches_of_small_concepts_and_empty_rows(bank: PatchBank, tmp_path: Path) -> None:
     sheet = read(preview_bank(bank, tmp_path / "bank.png", concepts=["heart", "circle"], per_concept=8))
-    assert sheet.shape[0] == 2 * (SIDE + _PAD + _LABEL_HEIGHT) + _PAD
+    assert sheet.shape[0] == 2 * (SIDE + PAD + LABEL_HEIGHT) + PAD
     assert row_tiles(sheet, 0) == []
     assert sorted(row_tiles(sheet, 1)) == list(range(5))
     only_empty = read(preview_bank(bank, tmp_path / "empty.png", concepts=[2]))
-    assert only_empty.shape[0] == SIDE + 2 * _PAD and row_tiles(only_empty, 0) == []
+    assert only_empty.shape[0] == SIDE + 2 * PAD and row_tiles(only_empty, 0) == []
 
 
 def test_preview_bank_is_deterministic_for_a_seed(bank: PatchBank, tmp_path: Path) -> None:
@@ -168,7 +171,7 @@ def grey_batch(b: int, h: int, w: int) -> torch.Tensor:
 
 def sheet_tile(sheet: np.ndarray, row: int, column: int, size: tuple[int, int]) -> np.ndarray:
     w, h = size
-    x, y = _PAD + column * (w + _PAD), _PAD + row * (h + _PAD + _LABEL_HEIGHT)
+    x, y = PAD + column * (w + PAD), PAD + row * (h + PAD + LABEL_HEIGHT)
     return sheet[y : y + h, x : x + w]
 
 
@@ -193,7 +196,7 @@ def test_render_mix_outlines_the_windows_mix_result_reports(tmp_path: Path, tile
     sheet = read(render_mix(inputs, result, tmp_path / "mix.png", max_rows=4, tile_size=tile_size))
     scale = 1.0 if tile_size is None else tile_size / 48
     size = (round(48 * scale), round(32 * scale))
-    assert sheet.shape == (_PAD + 4 * (size[1] + _PAD + _LABEL_HEIGHT), _PAD + 3 * (size[0] + _PAD), 3)
+    assert sheet.shape == (PAD + 4 * (size[1] + PAD + LABEL_HEIGHT), PAD + 3 * (size[0] + PAD), 3)
     for i in range(4):
         partner = int(result.partner[i])
         mixed = partner != i
@@ -237,6 +240,20 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("timix") / "corpus", 6, seed=1, image_size=64).root
 
 
+def annotated(root: Path, rows: int) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """File names, pixels and (x0, y0, x1, y1) pixel boxes of the corpus's first `rows` images, read here
+    with Pillow and json (not with the CLI's reader, which the CLI test checks against this)."""
+    coco = json.loads((root / "annotations.json").read_text())
+    names = sorted(im["file_name"] for im in coco["images"])[:rows]
+    ids = {im["id"]: im["file_name"] for im in coco["images"]}
+    boxes = {name: [] for name in names}
+    for ann in coco["annotations"]:
+        if ids[ann["image_id"]] in boxes:
+            x, y, w, h = ann["bbox"]
+            boxes[ids[ann["image_id"]]].append([x, y, x + w, y + h])
+    return names, [read(root / "images" / name) for name in names], [np.array(boxes[n]).reshape(-1, 4) for n in names]
+
+
 def expected_coverage(root: Path, grid: int) -> dict[str, np.ndarray]:
     """file name -> [grid, grid] largest share of each patch that one COCO box covers, from annotations.json."""
     coco = json.loads((root / "annotations.json").read_text())
@@ -265,24 +282,22 @@ def outlined_box(tile: np.ndarray) -> tuple[int, int, int, int]:
 @pytest.mark.parametrize(("rows", "seed"), [(5, 0), (6, 3)])
 def test_preview_timix_pastes_the_most_covered_window_over_the_least(corpus: Path, tmp_path: Path, rows: int,
                                                                      seed: int) -> None:
-    from cmcaug.preview import preview_timix
-
     patch, side = 16, 96  # 6 x 6 patches; the 64-pixel images are enlarged, their boxes with them
-    stats = preview_timix(corpus, tmp_path / "mix.png", rows=rows, seed=seed, patch_size=patch, image_size=side,
+    names, images, boxes = annotated(corpus, rows)
+    stats = preview_timix(images, boxes, tmp_path / "mix.png", seed=seed, patch_size=patch, image_size=side,
                           tile_size=None)
     sheet = read(tmp_path / "mix.png")
-    cell = side + _PAD + _LABEL_HEIGHT
-    heading = sheet.shape[0] - rows * cell - _PAD  # the rows sit under the heading
-    assert heading > _LABEL_HEIGHT and sheet.shape[1] == _PAD + 3 * (side + _PAD)
+    cell = side + PAD + LABEL_HEIGHT
+    heading = sheet.shape[0] - rows * cell - PAD  # the rows sit under the heading
+    assert heading > LABEL_HEIGHT and sheet.shape[1] == PAD + 3 * (side + PAD)
     assert (sheet[:heading].min(axis=-1) < 100).any()  # the heading's ink
-    assert stats["images"] == [f"{i:06d}.png" for i in range(1, rows + 1)] and stats["grid"] == [6, 6]
-    assert stats["partner"] == list(range(rows))[::-1]
+    assert stats["grid"] == [6, 6] and stats["partner"] == list(range(rows))[::-1]
     coverage = expected_coverage(corpus, 6)
     k = stats["window"]
     assert 2 <= k <= 4  # window_ratio (0.35, 0.75) of 6 patches
     for i in range(rows):
         j = stats["partner"][i]
-        tiles = [sheet[heading + _PAD + i * cell :][:side, _PAD + c * (side + _PAD) :][:, :side] for c in range(3)]
+        tiles = [sheet[heading + PAD + i * cell :][:side, PAD + c * (side + PAD) :][:, :side] for c in range(3)]
         if j == i:  # the middle image of an odd batch stays as it was
             assert not (tiles[2] == _WINDOW).all(axis=-1).any() and stats["lam"][i] == 1
             continue
@@ -290,7 +305,7 @@ def test_preview_timix_pastes_the_most_covered_window_over_the_least(corpus: Pat
         assert source[2] - source[0] == target[2] - target[0] == k * patch
         assert all(v % patch == 0 for v in source + target)
         sx, sy, tx, ty = source[0] // patch, source[1] // patch, target[0] // patch, target[1] // patch
-        partner, own = coverage[stats["images"][j]], coverage[stats["images"][i]]
+        partner, own = coverage[names[j]], coverage[names[i]]
         assert partner[sy : sy + k, sx : sx + k].sum() == pytest.approx(max(window_sums_of(partner, k)))
         assert own[ty : ty + k, tx : tx + k].sum() == pytest.approx(min(window_sums_of(own, k)))
         inner = (slice(2, k * patch - 2), slice(2, k * patch - 2))  # inside the outlines: the pasted pixels
@@ -300,34 +315,40 @@ def test_preview_timix_pastes_the_most_covered_window_over_the_least(corpus: Pat
 
 
 def test_preview_timix_is_deterministic_for_a_seed(corpus: Path, tmp_path: Path) -> None:
-    from cmcaug.preview import preview_timix
-
-    options = {"rows": 4, "patch_size": 16, "image_size": 64, "tile_size": 48}
-    first = preview_timix(corpus, tmp_path / "a.png", seed=5, **options)
-    second = preview_timix(corpus, tmp_path / "b.png", seed=5, **options)
+    _, images, boxes = annotated(corpus, 4)
+    options = {"patch_size": 16, "image_size": 64, "tile_size": 48}
+    first = preview_timix(images, boxes, tmp_path / "a.png", seed=5, **options)
+    second = preview_timix(images, boxes, tmp_path / "b.png", seed=5, **options)
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     assert {k: v for k, v in first.items() if k != "output"} == {k: v for k, v in second.items() if k != "output"}
-    relevance = preview_timix(corpus, tmp_path / "c.png", seed=5, label_mode="relevance", **options)
+    relevance = preview_timix(images, boxes, tmp_path / "c.png", seed=5, label_mode="relevance", **options)
     assert relevance["window"] == first["window"] and relevance["lam"] != first["lam"]
 
 
-@pytest.mark.parametrize(("options", "match"), [({"image_size": 100}, "multiple of patch_size"), ({"rows": 0}, "rows"),
-                                                ({"patch_size": 0}, "patch_size")])
-def test_preview_timix_rejects_bad_arguments(corpus: Path, tmp_path: Path, options: dict, match: str) -> None:
-    from cmcaug.preview import preview_timix
-
+@pytest.mark.parametrize(("images", "boxes", "options", "match"), [
+    (2, 2, {"image_size": 100}, "multiple of patch_size"), (2, 2, {"patch_size": 0}, "patch_size"),
+    (0, 0, {}, "at least one image"), (2, 1, {}, "one box array per image")])
+def test_preview_timix_rejects_bad_arguments(corpus: Path, tmp_path: Path, images: int, boxes: int, options: dict,
+                                             match: str) -> None:
+    _, pixels, found = annotated(corpus, 2)
     with pytest.raises(InputError, match=match):
-        preview_timix(corpus, tmp_path / "x.png", **{"patch_size": 16, "image_size": 64, **options})
-    with pytest.raises(InputError, match="annotations.json"):
-        preview_timix(corpus / "images", tmp_path / "x.png")
+        preview_timix(pixels[:images], found[:boxes], tmp_path / "x.png",
+                      **{"patch_size": 16, "image_size": 64, **options})
 
 
-def test_preview_cli_renders_timix(corpus: Path, bank_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_preview_cli_renders_timix_of_the_corpus_it_reads(corpus: Path, bank_path: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "timix.png"
     args = ["preview", "--timix", str(corpus), "-o", str(out), "--patch-size", "16", "--image-size", "64"]
-    assert main([*args, "--rows", "3", "--tile-size", "64"]) == 0
+    assert main([*args, "--rows", "3", "--tile-size", "64", "--seed", "2"]) == 0
     printed = capsys.readouterr().out
     assert "preview: TiMix" in printed and str(out) in printed and "partner: 2, 1, 0" in printed
-    assert read(out).shape[1] == _PAD + 3 * (64 + _PAD)
+    assert "images: 000001.png, 000002.png, 000003.png" in printed
+    _, images, boxes = annotated(corpus, 3)
+    preview_timix(images, boxes, tmp_path / "library.png", seed=2, patch_size=16, image_size=64, tile_size=64,
+                  title=f"TiMix on {corpus}")
+    assert np.array_equal(read(out), read(tmp_path / "library.png"))
     assert main([*args, str(bank_path)]) == 3 and "takes no BANK" in capsys.readouterr().err
     assert main(["preview", "-o", str(out)]) == 3 and "--timix CORPUS" in capsys.readouterr().err
+    assert main([*args, "--rows", "0"]) == 3 and "--rows" in capsys.readouterr().err
+    assert main([*args[:2], str(corpus / "images"), *args[3:]]) == 3 and "annotations.json" in capsys.readouterr().err

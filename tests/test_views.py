@@ -1,6 +1,6 @@
 """CMC view pages on a shapes-world bank: one inlined patch per replaced word, exactly the replaced words
-marked, the view's tokens in order; the PNG variant, open_clip tokens, bad options, and `cmcaug preview
---captions` (tagging captions, or reading a tag-text file)."""
+marked, the view's tokens in order; the PNG variant, open_clip tokens, bad options, captions read lazily, and
+`cmcaug preview --captions` (tagging captions, or reading a tag-text file; missing or empty files)."""
 from __future__ import annotations
 
 import base64
@@ -68,7 +68,7 @@ def marked(section: ET.Element, kind: str) -> list[str]:
 
 @pytest.mark.parametrize("patch_tokens", [1, 2])
 def test_cmc_view_page_marks_the_replaced_words_and_inlines_their_patches(world, tmp_path: Path, patch_tokens: int) -> None:
-    from cmcaug.views import render_cmc_views
+    from cmcaug.view_pictures import render_cmc_views
 
     bank, _, rows = world
     batch = collate(bank, rows, patch_tokens=patch_tokens)
@@ -117,7 +117,7 @@ def read_png(data: bytes) -> np.ndarray:
 
 
 def test_cmc_view_without_tokenizer_shows_ids_and_the_png_variant(world, tmp_path: Path) -> None:
-    from cmcaug.views import render_cmc_views
+    from cmcaug.view_pictures import render_cmc_views
 
     bank, _, rows = world
     batch = collate(bank, rows, ratio=1.0)
@@ -134,7 +134,7 @@ def test_cmc_view_with_open_clip_tokens(world, tmp_path: Path) -> None:
     open_clip = pytest.importorskip("open_clip")
     from cmcaug.tokenize import tokenize_with_offsets
     from cmcaug.transform import CMCTransform
-    from cmcaug.views import render_cmc_views
+    from cmcaug.view_pictures import render_cmc_views
 
     bank, _, rows = world
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
@@ -149,7 +149,7 @@ def test_cmc_view_with_open_clip_tokens(world, tmp_path: Path) -> None:
 
 
 def test_cmc_view_refuses_another_tokenizer_and_bad_options(world, tmp_path: Path) -> None:
-    from cmcaug.views import preview_captions, render_cmc_views
+    from cmcaug.view_pictures import preview_captions, render_cmc_views
 
     bank, _, rows = world
     batch = collate(bank, rows)
@@ -160,6 +160,21 @@ def test_cmc_view_refuses_another_tokenizer_and_bad_options(world, tmp_path: Pat
         render_cmc_views(batch, tmp_path / "x.html", max_rows=0)
     with pytest.raises(InputError, match="tokenizer must be"):
         preview_captions(bank, rows, tmp_path / "x.html", tokenizer="bert")
+    with pytest.raises(InputError, match="at least one caption"):
+        preview_captions(bank, [], tmp_path / "x.html")
+
+
+def test_preview_captions_reads_only_the_rows_it_shows(world, tmp_path: Path) -> None:
+    from cmcaug.view_pictures import preview_captions
+
+    bank, _, rows = world
+
+    def lazy():  # a long file read lazily: nothing past the first rows may be asked for
+        yield from rows[:3]
+        raise AssertionError("read past the rows shown")
+
+    stats = preview_captions(bank, lazy(), tmp_path / "x.html", rows=3, mode="lookup")
+    assert len(sections(Path(stats["output"]))) == 3
 
 
 def test_preview_cli_renders_cmc_views_of_caption_files(world, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -183,3 +198,7 @@ def test_preview_cli_renders_cmc_views_of_caption_files(world, tmp_path: Path, c
     assert (tmp_path / "tags.html").read_bytes() == out.read_bytes()  # same spans, same keys: the same views
     assert main([*args[:5], str(tmp_path / "views.png"), "--rows", "2", "--mode", "lookup"]) == 0
     assert read(tmp_path / "views.png").shape[1] >= 720
+    (tmp_path / "empty.txt").write_text("")
+    for bad, message in ((tmp_path / "none.txt", "no such captions file"), (tmp_path / "empty.txt", "holds no captions")):
+        assert main(["preview", str(bank.path), "--captions", str(bad), "-o", str(out)]) == 3
+        assert message in capsys.readouterr().err
