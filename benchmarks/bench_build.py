@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from cmcaug.bank import PatchBank
-from cmcaug.bank_writer import write_bank
-from cmcaug.build import build_bank
+from cmcaug.bank.reader import PatchBank
+from cmcaug.bank.writer import write_bank
+from cmcaug.build.pipeline import build_bank
 from cmcaug.concepts import ConceptVocab
-from cmcaug.detect import AnnotationDetector, Detector, UltralyticsDetector
-from cmcaug.images import decode_stream, list_images
+from cmcaug.build.detect import AnnotationDetector, Detector, UltralyticsDetector
+from cmcaug.build.images import decode_stream, list_images
 from cmcaug.synth import make_corpus
 
 from . import common

@@ -65,7 +65,7 @@ def _rates(fn: Callable[[], Any], items: int, repeats: int) -> dict[str, float]:
 
 def _measure_tagger(mode: str, captions: list[str], repeats: int, batch_size: int) -> dict[str, Any]:
     """Runs in a fresh process: load time and captions/s of `GroundingTagger.tag`."""
-    from cmcaug.grounding import GroundingTagger
+    from cmcaug.text.grounding import GroundingTagger
 
     start = time.perf_counter()
     tagger = GroundingTagger(mode=mode, batch_size=batch_size)
@@ -76,8 +76,8 @@ def _measure_tagger(mode: str, captions: list[str], repeats: int, batch_size: in
 def _measure_matching(mode: str, captions: list[str], repeats: int, batch_size: int) -> dict[str, Any]:
     """Runs in a fresh process: finding the vocabulary's forms in Docs spaCy has already made (the part of
     `tag` that is cmcaug's own)."""
-    from cmcaug.caption_text import clean_text
-    from cmcaug.grounding import GroundingTagger
+    from cmcaug.text._clean import clean_text
+    from cmcaug.text.grounding import GroundingTagger
 
     tagger = GroundingTagger(mode=mode, batch_size=batch_size)
     texts = [clean_text(c)[0] for c in captions]
@@ -91,7 +91,7 @@ def _measure_pipeline(blis: bool, captions: list[str], repeats: int, batch_size:
     import spacy
     from thinc.api import use_ops
 
-    from cmcaug.grounding import _FALLBACK_MODELS
+    from cmcaug.text.grounding import _FALLBACK_MODELS
 
     exclude = ["parser", "ner", "senter", "attribute_ruler", "lemmatizer"]
     for name in _FALLBACK_MODELS["en_core_web_sm"]:
@@ -109,8 +109,8 @@ def _measure_corpus(mode: str, captions: list[str], repeats: int, batch_size: in
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cmcaug.grounding import GroundingTagger
-    from cmcaug.tags import tag_corpus
+    from cmcaug.text.grounding import GroundingTagger
+    from cmcaug.text.tags import tag_corpus
 
     tagger = GroundingTagger(mode=mode, batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +125,7 @@ def _in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str
 
 
 def measure_parallel(mode: str, captions: list[str], repeats: int, batch_size: int, n_process: int) -> dict[str, Any]:
-    from cmcaug.grounding import GroundingTagger
+    from cmcaug.text.grounding import GroundingTagger
 
     with GroundingTagger(mode=mode, batch_size=batch_size, n_process=n_process) as tagger:
         start = time.perf_counter()
@@ -136,7 +136,7 @@ def measure_parallel(mode: str, captions: list[str], repeats: int, batch_size: i
 
 def evaluate(mode: str) -> dict[str, Any]:
     """Micro precision/recall (exact offsets and concept) overall, per split and per category."""
-    from cmcaug.grounding import GroundingTagger
+    from cmcaug.text.grounding import GroundingTagger
 
     rows = common.grounding_eval_set()
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])

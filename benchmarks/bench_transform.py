@@ -47,7 +47,7 @@ import pyarrow as pa
 import torch
 
 from cmcaug import CMCTransform, ConceptVocab, GroundingTagger, PatchBank
-from cmcaug.bank_writer import write_bank
+from cmcaug.bank.writer import write_bank
 
 from .common import (argument_parser, cpu_time_ms, device_name, gpu_time_ms, grounding_eval_set, print_table,
                      write_results)

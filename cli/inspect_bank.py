@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from cmcaug.bank import PatchBank
+    from cmcaug.bank.reader import PatchBank
 
     from .render import summary, table
 

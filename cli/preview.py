@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.timix:
         if args.bank or args.captions:
             raise InputError("--timix mixes images of a corpus and takes no BANK or --captions; run them separately")
-        from cmcaug.mix_pictures import preview_timix
+        from cmcaug.viz.mixes import preview_timix
 
         names, images, boxes = _read_annotated(args.timix, shown.pop("rows", 8))
         stats = preview_timix(images, boxes, args.output, seed=args.seed, patch_size=args.patch_size,
@@ -80,18 +80,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.bank:
         raise InputError("give a patch bank folder BANK, or --timix CORPUS for a TiMix preview")
-    from cmcaug.bank import PatchBank
+    from cmcaug.bank.reader import PatchBank
 
     bank = PatchBank.open(args.bank)
     if args.captions:
-        from cmcaug.view_pictures import preview_captions
+        from cmcaug.viz.cmc_views import preview_captions
 
         captions = _read_captions(args.captions, bank.vocab, args.field)
         stats = preview_captions(bank, captions, args.output, tokenizer=args.tokenizer, ratio=args.ratio,
                                  seed=args.seed, mode=args.mode, **shown)
         print(summary("preview: CMC views", stats))
         return 0
-    from cmcaug.preview import preview_bank
+    from cmcaug.viz.patch_grids import preview_bank
 
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()] if args.concepts else None
     path = preview_bank(bank, args.output, concepts, args.per_concept, args.seed, tile_size=args.tile_size)
@@ -105,8 +105,8 @@ def _read_captions(path: str, vocab: ConceptVocab, field: str) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
     from cmcaug.errors import InputError
-    from cmcaug.items import IndexedItems
-    from cmcaug.tags import read_captions
+    from cmcaug.inputs import IndexedItems
+    from cmcaug.text.tags import read_captions
 
     file = Path(path)
     if not file.is_file():
@@ -125,9 +125,9 @@ def _read_captions(path: str, vocab: ConceptVocab, field: str) -> Iterator[Any]:
 def _read_annotated(corpus: str, rows: int) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
     """Names, pixels and COCO boxes (x0, y0, x1, y1 pixels) of the first `rows` images (by file name) of CORPUS,
     a folder holding `images/` and `annotations.json` as `cmcaug synth` writes one."""
-    from cmcaug.detect import AnnotationDetector
+    from cmcaug.build.detect import AnnotationDetector
     from cmcaug.errors import InputError
-    from cmcaug.images import ImageDecodeError, decode_image, list_images
+    from cmcaug.build.images import ImageDecodeError, decode_image, list_images
     from cmcaug.synth import ANNOTATIONS, IMAGES_DIR
 
     root = Path(corpus)

@@ -33,13 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cmcaug.concepts import ConceptVocab
-    from cmcaug.grounding import GroundingTagger
-    from cmcaug.tags import tag_corpus
+    from cmcaug.text.grounding import GroundingTagger
+    from cmcaug.text.tags import tag_corpus
 
     from .render import summary, table
 
     if args.bank:
-        from cmcaug.bank import PatchBank
+        from cmcaug.bank.reader import PatchBank
 
         vocab = PatchBank.open(args.bank, validate=False).vocab
     else:

@@ -18,11 +18,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ConceptVocab": "cmcaug.concepts",
-    "PatchBank": "cmcaug.bank",
-    "build_bank": "cmcaug.build",
-    "GroundingTagger": "cmcaug.grounding",
-    "GroundedSpan": "cmcaug.grounding",
-    "align_spans": "cmcaug.align",
+    "PatchBank": "cmcaug.bank.reader",
+    "build_bank": "cmcaug.build.pipeline",
+    "GroundingTagger": "cmcaug.text.grounding",
+    "GroundedSpan": "cmcaug.text.grounding",
+    "align_spans": "cmcaug.text.align",
     "SplicePlan": "cmcaug.plan",
     "SpliceOutput": "cmcaug.kernels",
     "splice": "cmcaug.kernels",
@@ -39,11 +39,11 @@ _EXPORTS = {
 __all__ = ["BankFormatError", "CMCAugError", "InputError", "MissingDependencyError", *_EXPORTS]
 
 if TYPE_CHECKING:
-    from .align import align_spans
-    from .bank import PatchBank
-    from .build import build_bank
+    from .text.align import align_spans
+    from .bank.reader import PatchBank
+    from .build.pipeline import build_bank
     from .concepts import ConceptVocab
-    from .grounding import GroundedSpan, GroundingTagger
+    from .text.grounding import GroundedSpan, GroundingTagger
     from .kernels import SpliceOutput, normalize_patches, splice
     from .plan import SplicePlan
     from .timix import MixResult, TextAwarePatchPredictor, mixed_contrastive_loss, soft_targets, text_aware_mix

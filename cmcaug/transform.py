@@ -19,7 +19,7 @@ Reproducibility: every draw for sample i is a pure function of (seed, epoch, i) 
 do not depend on `num_workers`, on batch composition, or on the run, and `set_epoch` works with
 `persistent_workers=True` (the epoch lives in shared memory). Items carry their dataset index through
 `cmc.dataset(items)`, as `{"index": i, ...}` dicts or tag-text rows (`row_id`), or as `(i, item)` pairs
-(`cmcaug.items`); an item without one is keyed by a hash of its caption instead (still deterministic;
+(`cmcaug.inputs`); an item without one is keyed by a hash of its caption instead (still deterministic;
 duplicate captions then share a view).
 """
 from __future__ import annotations
@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 from . import draws, mlm
-from .align import align_span_arrays
+from .text.align import align_span_arrays
 from .errors import InputError
-from .items import IndexedItems, Item, item_spans, parse_item
+from .inputs import IndexedItems, Item, item_spans, parse_item
 from .plan import SplicePlan
-from .tokenize import tokenize_with_offsets
+from .text.tokenize import tokenize_with_offsets
 
 if TYPE_CHECKING:
     from .kernels import SpliceOutput
@@ -147,7 +147,7 @@ class CMCTransform:
     """Cross-modal CutMix views of captions against a `PatchBank`; see the module docstring for the loop.
 
     `tokenizer`: an HF fast tokenizer, open_clip's tokenizer, or a callable `texts -> (ids, offsets)`
-    (`cmcaug.tokenize.tokenize_with_offsets`). `tagger`: a `GroundingTagger` over the bank's vocabulary, used
+    (`cmcaug.text.tokenize.tokenize_with_offsets`). `tagger`: a `GroundingTagger` over the bank's vocabulary, used
     for items that arrive without spans. `ratio`: probability that each grounded word (whose concept has
     patches) is replaced; `max_replacements`: cap per caption. `max_length`: tokens per caption and per
     spliced row (default: the tokenizer's limit); a patch that would push a row past it is not spliced in.
@@ -215,7 +215,7 @@ class CMCTransform:
         """Captions, tag rows, or a `cmcaug tag-text` table or file, as a dataset whose items carry their index.
 
         A tags table or file recorded with another vocabulary than the bank's is refused (its concept ids
-        would name other concepts). See `cmcaug.items.IndexedItems`.
+        would name other concepts). See `cmcaug.inputs.IndexedItems`.
         """
         return IndexedItems.of(items, self.bank.vocab)
 

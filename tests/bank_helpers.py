@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from cmcaug import bank_format as fmt
-from cmcaug.bank_writer import write_bank
+from cmcaug.bank import format as fmt
+from cmcaug.bank.writer import write_bank
 from cmcaug.concepts import ConceptVocab
 
 VOCAB = ConceptVocab({"dog": ["puppy", "hound"], "cat": ["kitten"], "hot dog": [], "kite": [], "teddy bear": ["teddy"]})

@@ -1,4 +1,4 @@
-"""Character spans -> token ranges (`cmcaug.align`), on hand-made offsets and against the rule span by span.
+"""Character spans -> token ranges (`cmcaug.text.align`), on hand-made offsets and against the rule span by span.
 
 Real tokenizers' offsets are tested in test_tokenize.py."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmcaug.align import align_batch, align_span_arrays, align_spans
+from cmcaug.text.align import align_batch, align_span_arrays, align_spans
 from cmcaug.errors import InputError
-from cmcaug.grounding import GroundedSpan
+from cmcaug.text.grounding import GroundedSpan
 
 # -- align_spans on hand-made offsets --------------------------------------------------------------
 

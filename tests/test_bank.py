@@ -14,8 +14,8 @@ import pytest
 import torch
 from bank_helpers import EMPTY_CONCEPT, VOCAB, expected_order, random_inputs, rehash, write_random_bank
 
-from cmcaug import bank_format as fmt
-from cmcaug.bank import PatchBank
+from cmcaug.bank import format as fmt
+from cmcaug.bank.reader import PatchBank
 from cmcaug.errors import BankFormatError, InputError
 
 
@@ -80,7 +80,7 @@ def test_sample_follows_the_input_kind_and_shape(bank: PatchBank) -> None:
 
 def test_empty_concept_draws_minus_one_and_is_reported(bank: PatchBank, caplog: pytest.LogCaptureFixture) -> None:
     empty = VOCAB.id(EMPTY_CONCEPT)
-    with caplog.at_level(logging.WARNING, logger="cmcaug.bank"):
+    with caplog.at_level(logging.WARNING, logger="cmcaug.bank.reader"):
         ids = bank.sample([0, empty, 1, empty], generator=0)
     assert ids[1] == ids[3] == -1 and (ids[[0, 2]] >= 0).all()
     assert EMPTY_CONCEPT in caplog.text

@@ -14,10 +14,10 @@ from bank_helpers import EMPTY_CONCEPT, VOCAB, expected_order, file_hashes, rand
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmcaug import bank_format as fmt
-from cmcaug import bank_writer
-from cmcaug.bank import PatchBank
-from cmcaug.bank_writer import write_bank
+from cmcaug.bank import format as fmt
+from cmcaug.bank import writer as bank_writer
+from cmcaug.bank.reader import PatchBank
+from cmcaug.bank.writer import write_bank
 from cmcaug.errors import InputError
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from cmcaug.build import build_bank
-from cmcaug.build_options import DEFAULT_CONF, EMBEDDERS, BuildOptions, RayOptions, Rule, resolve_conf
+from cmcaug.build.pipeline import build_bank
+from cmcaug.build.options import DEFAULT_CONF, EMBEDDERS, BuildOptions, RayOptions, Rule, resolve_conf
 from cmcaug.cli.main import build_parser
-from cmcaug.detect import UltralyticsDetector
-from cmcaug.distributed import build_bank_distributed
+from cmcaug.build.detect import UltralyticsDetector
+from cmcaug.build.distributed import build_bank_distributed
 from cmcaug.errors import InputError
 
 FLAGS = {"patch_size": "--patch-size", "min_box": "--min-box", "conf": "--conf", "max_per_concept": "--max-per-concept",

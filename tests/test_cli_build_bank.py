@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from bank_helpers import file_hashes
 
-from cmcaug.bank import PatchBank
-from cmcaug.build import build_bank
+from cmcaug.bank.reader import PatchBank
+from cmcaug.build.pipeline import build_bank
 from cmcaug.cli.main import main
 from cmcaug.synth import make_corpus
 

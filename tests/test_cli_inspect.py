@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from bank_helpers import EMPTY_CONCEPT, VOCAB, write_random_bank
 
-from cmcaug import bank_format as fmt
-from cmcaug.bank import PatchBank
+from cmcaug.bank import format as fmt
+from cmcaug.bank.reader import PatchBank
 from cmcaug.cli import main as cli
 
 

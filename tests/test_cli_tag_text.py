@@ -1,4 +1,4 @@
-"""`cmcaug tag-text` and the corpus tagger behind it (`cmcaug.tags.tag_corpus`): formats, streaming,
+"""`cmcaug tag-text` and the corpus tagger behind it (`cmcaug.text.tags.tag_corpus`): formats, streaming,
 row ids, bad rows, the tags file's schema and metadata, and `--bank`."""
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 from cmcaug.cli.main import main
 from cmcaug.concepts import ConceptVocab
 from cmcaug.errors import InputError
-from cmcaug.grounding import GroundingTagger
+from cmcaug.text.grounding import GroundingTagger
 from cmcaug.synth import make_corpus
-from cmcaug.tags import TAGS_SCHEMA, UNREADABLE, read_captions, tag_corpus
+from cmcaug.text.tags import TAGS_SCHEMA, UNREADABLE, read_captions, tag_corpus
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_every_input_is_checked_before_any_work(tmp_path, lookup):
 
 
 def test_vocabulary_from_a_bank(tmp_path, capsys):
-    from cmcaug.bank_writer import write_bank
+    from cmcaug.bank.writer import write_bank
 
     vocab = ConceptVocab({"dog": ["puppy"], "kite": []})
     patches = pa.table({"concept_id": pa.array([0, 1], pa.int32()), "image": ["a.png", "b.png"],

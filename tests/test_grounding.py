@@ -23,10 +23,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmcaug import grounding
+from cmcaug.text import grounding
 from cmcaug.concepts import ConceptVocab
 from cmcaug.errors import InputError, MissingDependencyError
-from cmcaug.grounding import GroundedSpan, GroundingTagger
+from cmcaug.text.grounding import GroundedSpan, GroundingTagger
 
 EVAL_SET = resources.files("cmcaug").joinpath("data/grounding_eval.jsonl")  # shipped: `cmcaug bench grounding` reads it
 
@@ -223,9 +223,9 @@ def test_bad_arguments_and_missing_models(monkeypatch):
 
 
 def test_exports_and_importing_cmcaug_does_not_import_spacy():
-    code = ("import sys, cmcaug, cmcaug.grounding, cmcaug.align, cmcaug.tags\n"
-            "assert cmcaug.GroundingTagger is cmcaug.grounding.GroundingTagger\n"
-            "assert cmcaug.GroundedSpan is cmcaug.grounding.GroundedSpan\n"
-            "assert cmcaug.align_spans is cmcaug.align.align_spans\n"
+    code = ("import sys, cmcaug, cmcaug.text.grounding, cmcaug.text.align, cmcaug.text.tags\n"
+            "assert cmcaug.GroundingTagger is cmcaug.text.grounding.GroundingTagger\n"
+            "assert cmcaug.GroundedSpan is cmcaug.text.grounding.GroundedSpan\n"
+            "assert cmcaug.align_spans is cmcaug.text.align.align_spans\n"
             "sys.exit('spacy' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

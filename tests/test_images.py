@@ -11,7 +11,7 @@ from image_zoo import encode, exif_rotated_jpeg, halves, write_shard, write_zoo,
 from PIL import Image
 
 from cmcaug.errors import InputError
-from cmcaug.images import (
+from cmcaug.build.images import (
     FAILURE_REASONS,
     ImageDecodeError,
     ImageRef,

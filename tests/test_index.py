@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from bank_helpers import unit_rows
 
-from cmcaug import bank_format as fmt
+from cmcaug.bank import format as fmt
 from cmcaug.errors import InputError
-from cmcaug.index import FLAT_MAX, SQ8_MIN, build_index, load_index, plan_index, save_index, search_index
+from cmcaug.bank.index import FLAT_MAX, SQ8_MIN, build_index, load_index, plan_index, save_index, search_index
 
 
 def clustered(n: int, d: int = 16, clusters: int = 40, seed: int = 0) -> np.ndarray:

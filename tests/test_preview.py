@@ -1,5 +1,5 @@
-"""Pictures: patch grids and bank previews (cmcaug.preview: layout, exact tile contents, labels, bad input) and
-TiMix mix sheets (cmcaug.mix_pictures: outlines exactly on the windows; on a shapes-world corpus, the windows
+"""Pictures: patch grids and bank previews (cmcaug.viz.patch_grids: layout, exact tile contents, labels, bad input) and
+TiMix mix sheets (cmcaug.viz.mixes: outlines exactly on the windows; on a shapes-world corpus, the windows
 with the most and least box coverage), through the library and the CLI, which reads the corpus. CMC view
 pictures are tested in test_views.py."""
 from __future__ import annotations
@@ -13,14 +13,14 @@ import pytest
 import torch
 from png_helpers import read
 
-from cmcaug._sheets import LABEL_HEIGHT, PAD
-from cmcaug.bank import PatchBank
-from cmcaug.bank_writer import write_bank
+from cmcaug.viz._sheets import LABEL_HEIGHT, PAD
+from cmcaug.bank.reader import PatchBank
+from cmcaug.bank.writer import write_bank
 from cmcaug.cli.main import main
 from cmcaug.concepts import ConceptVocab
 from cmcaug.errors import InputError
-from cmcaug.mix_pictures import _WINDOW, preview_timix, render_mix
-from cmcaug.preview import preview_bank, render_patch_grid
+from cmcaug.viz.mixes import _WINDOW, preview_timix, render_mix
+from cmcaug.viz.patch_grids import preview_bank, render_patch_grid
 
 
 def coded_patches(n: int, side: int) -> np.ndarray:

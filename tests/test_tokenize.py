@@ -1,4 +1,4 @@
-"""Tokenizing with offsets (`cmcaug.tokenize`), against real tokenizers built offline.
+"""Tokenizing with offsets (`cmcaug.text.tokenize`), against real tokenizers built offline.
 
 Tokenizers: a BERT WordPiece tokenizer from a vocabulary written here, a byte-level BPE trained here
 (RoBERTa/GPT-2 style, no pad token), CLIP's BPE as an HF fast tokenizer built from the vocabulary that
@@ -20,9 +20,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmcaug.align import align_spans
+from cmcaug.text.align import align_spans
 from cmcaug.errors import InputError
-from cmcaug.tokenize import OpenClipOffsets, tokenize_with_offsets, tokenize_words
+from cmcaug.text.tokenize import OpenClipOffsets, tokenize_with_offsets, tokenize_words
 
 CAPTIONS = [
     "Two dogs chase a red frisbee.",

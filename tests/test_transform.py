@@ -289,7 +289,7 @@ def test_empty_batch_is_refused(bank, tokenizer):
 
 
 def test_captions_are_tagged_on_the_fly(bank, tokenizer):
-    from cmcaug.grounding import GroundingTagger
+    from cmcaug.text.grounding import GroundingTagger
 
     tagger = GroundingTagger(bank.vocab, mode="lookup")
     cmc = CMCTransform(bank, tokenizer, tagger=tagger, ratio=1.0)
@@ -341,8 +341,8 @@ def test_views_are_identical_across_worker_counts_and_epochs(bank, tokenizer):
 def test_dataset_reads_a_tag_text_file(bank, tokenizer, tmp_path):
     from torch.utils.data import DataLoader
 
-    from cmcaug.grounding import GroundingTagger
-    from cmcaug.tags import tag_corpus
+    from cmcaug.text.grounding import GroundingTagger
+    from cmcaug.text.tags import tag_corpus
 
     (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS) + "\n", encoding="utf-8")
     tag_corpus([tmp_path / "captions.txt"], tmp_path / "tags.parquet", GroundingTagger(bank.vocab, mode="lookup"), progress=False)

@@ -15,8 +15,8 @@ from PIL import Image
 from png_helpers import read
 from transform_helpers import token_runs
 
-from cmcaug.tokenize import tokenize_words
-from cmcaug.bank import PatchBank
+from cmcaug.text.tokenize import tokenize_words
+from cmcaug.bank.reader import PatchBank
 from cmcaug.cli.main import main
 from cmcaug.errors import InputError
 
@@ -24,8 +24,8 @@ from cmcaug.errors import InputError
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[PatchBank, Path, list[dict]]:
     """A shapes-world corpus, its bank (built from the COCO boxes) and its captions as tag rows."""
-    from cmcaug.build import build_bank
-    from cmcaug.grounding import GroundingTagger
+    from cmcaug.build.pipeline import build_bank
+    from cmcaug.text.grounding import GroundingTagger
     from cmcaug.synth import make_corpus
 
     root = tmp_path_factory.mktemp("world")
@@ -68,7 +68,7 @@ def marked(section: ET.Element, kind: str) -> list[str]:
 
 @pytest.mark.parametrize("patch_tokens", [1, 2])
 def test_cmc_view_page_marks_the_replaced_words_and_inlines_their_patches(world, tmp_path: Path, patch_tokens: int) -> None:
-    from cmcaug.view_pictures import render_cmc_views
+    from cmcaug.viz.cmc_views import render_cmc_views
 
     bank, _, rows = world
     batch = collate(bank, rows, patch_tokens=patch_tokens)
@@ -117,7 +117,7 @@ def read_png(data: bytes) -> np.ndarray:
 
 
 def test_cmc_view_without_tokenizer_shows_ids_and_the_png_variant(world, tmp_path: Path) -> None:
-    from cmcaug.view_pictures import render_cmc_views
+    from cmcaug.viz.cmc_views import render_cmc_views
 
     bank, _, rows = world
     batch = collate(bank, rows, ratio=1.0)
@@ -132,9 +132,9 @@ def test_cmc_view_without_tokenizer_shows_ids_and_the_png_variant(world, tmp_pat
 
 def test_cmc_view_with_open_clip_tokens(world, tmp_path: Path) -> None:
     open_clip = pytest.importorskip("open_clip")
-    from cmcaug.tokenize import tokenize_with_offsets
+    from cmcaug.text.tokenize import tokenize_with_offsets
     from cmcaug.transform import CMCTransform
-    from cmcaug.view_pictures import render_cmc_views
+    from cmcaug.viz.cmc_views import render_cmc_views
 
     bank, _, rows = world
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
@@ -149,7 +149,7 @@ def test_cmc_view_with_open_clip_tokens(world, tmp_path: Path) -> None:
 
 
 def test_cmc_view_refuses_another_tokenizer_and_bad_options(world, tmp_path: Path) -> None:
-    from cmcaug.view_pictures import preview_captions, render_cmc_views
+    from cmcaug.viz.cmc_views import preview_captions, render_cmc_views
 
     bank, _, rows = world
     batch = collate(bank, rows)
@@ -165,7 +165,7 @@ def test_cmc_view_refuses_another_tokenizer_and_bad_options(world, tmp_path: Pat
 
 
 def test_preview_captions_reads_only_the_rows_it_shows(world, tmp_path: Path) -> None:
-    from cmcaug.view_pictures import preview_captions
+    from cmcaug.viz.cmc_views import preview_captions
 
     bank, _, rows = world
 
@@ -178,8 +178,8 @@ def test_preview_captions_reads_only_the_rows_it_shows(world, tmp_path: Path) ->
 
 
 def test_preview_cli_renders_cmc_views_of_caption_files(world, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from cmcaug.grounding import GroundingTagger
-    from cmcaug.tags import tag_corpus
+    from cmcaug.text.grounding import GroundingTagger
+    from cmcaug.text.tags import tag_corpus
 
     bank, captions, rows = world
     out = tmp_path / "views.html"

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from cmcaug.bank import PatchBank
-from cmcaug.bank_writer import write_bank
+from cmcaug.bank.reader import PatchBank
+from cmcaug.bank.writer import write_bank
 from cmcaug.concepts import ConceptVocab
 from cmcaug.transform import CMCBatch
 

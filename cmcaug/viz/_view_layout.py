@@ -1,5 +1,5 @@
 """What a CMC view picture shows per caption, read off a collated batch's plan: the layout that
-`cmcaug.view_pictures` draws as HTML or PNG.
+`cmcaug.viz.cmc_views` draws as HTML or PNG.
 
 A `Row` holds the caption with its `Mark`s (replaced words, and grounded words kept as text) and the view
 as the model reads it, `Token` by token, a bank patch slot where a patch replaced its words. Where the plan
@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import InputError
-from .items import parse_item
-from .tokenize import tokenize_with_offsets
+from ..errors import InputError
+from ..inputs import parse_item
+from ..text.tokenize import tokenize_with_offsets
 
 if TYPE_CHECKING:
-    from .concepts import ConceptVocab
-    from .transform import CMCBatch
+    from ..concepts import ConceptVocab
+    from ..transform import CMCBatch
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,12 +38,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import errors
-from .build import BuildJob, BuildStats, ModelSpec, build_bank, process_batch
-from .build_options import RayOptions
-from .deps import require
+from .. import errors
+from .pipeline import BuildJob, BuildStats, ModelSpec, build_bank, process_batch
+from .options import RayOptions
+from .._deps import require
 from .detect import UltralyticsDetector
-from .errors import CMCAugError, InputError
+from ..errors import CMCAugError, InputError
 from .images import DecodedImage, ImageRef, decode_stream
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ through spaCy's lemmas. The lookup table misses some of COCO's (frisbees, tvs, b
 as the verb "calve"), the rule lemmatizer makes "vases" "vas", and a plural the tagger takes for a verb
 ("Teddy bears/VBZ") gets no lemma; the lemmatizers know plurals `pluralize` does not write ("cacti").
 
-Offsets always index the caption as given: spaCy sees the caption after `caption_text.clean_text`
+Offsets always index the caption as given: spaCy sees the caption after `_clean.clean_text`
 (HTML entities unescaped, blanks made one space) and spans are mapped back through that edit;
 punctuation glued between letters ("cat|dog") splits words.
 """
@@ -29,12 +29,12 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-from .caption_text import clean_text
-from .concepts import ConceptVocab
-from .deps import require
-from .errors import InputError, MissingDependencyError
-from .form_matcher import FormMatcher, lookup_inflections, rule_inflections, vocab_words
-from .object_nouns import ObjectNounFilter
+from ._clean import clean_text
+from ..concepts import ConceptVocab
+from .._deps import require
+from ..errors import InputError, MissingDependencyError
+from ._form_matcher import FormMatcher, lookup_inflections, rule_inflections, vocab_words
+from ._object_nouns import ObjectNounFilter
 
 log = logging.getLogger(__name__)
 

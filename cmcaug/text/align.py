@@ -12,7 +12,7 @@ with `return_offsets_mapping=True`):
 
 `align_span_arrays` is the one implementation: a whole batch at once, vectorized (what `CMCTransform`
 calls per batch); `align_spans` and `align_batch` are its list-in, list-out forms. Offsets for any
-tokenizer come from `cmcaug.tokenize.tokenize_with_offsets`.
+tokenizer come from `cmcaug.text.tokenize.tokenize_with_offsets`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .tokenize import as_pairs
 
 TokenRange = tuple[int, int]

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from . import bank_format as fmt
-from .errors import BankFormatError, InputError
+from ..bank import format as fmt
+from ..errors import BankFormatError, InputError
 
 BUILD_DIR = ".build"
 CRASH_ENV = "CMCAUG_BUILD_CRASH_AT"  # test hook: "shard:N", "finalize:before", "finalize:written", "finalize:renamed"

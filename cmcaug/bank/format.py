@@ -1,6 +1,6 @@
 """The patch bank's on-disk format (version 1): file names, schemas, and the checks both sides share.
 
-The writer (`bank_writer.py`) and the reader (`bank.py`) import everything about the layout from here,
+The writer (`writer.py`) and the reader (`reader.py`) import everything about the layout from here,
 so the two cannot drift apart. See DESIGN.md "Patch bank on disk":
 
     manifest.json     format, version, N, P, d, index spec, provenance, stats, sha256 + size of each file
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .errors import BankFormatError
+from ..errors import BankFormatError
 
 FORMAT = "cmcaug-bank"
 VERSION = 1

@@ -1,6 +1,6 @@
 """Tokenizing with offsets: every token's character range in the original text, for any tokenizer.
 
-Grounded words are character spans; `cmcaug.align` maps them onto tokens from each token's `(start, end)`.
+Grounded words are character spans; `cmcaug.text.align` maps them onto tokens from each token's `(start, end)`.
 `tokenize_with_offsets` produces those offsets for a batch, right-padded into a `TokenizedBatch`: for HF
 fast tokenizers directly, for open_clip's `SimpleTokenizer` (which returns none) by decoding its
 byte-pair tokens back to bytes and walking them along the original text (`OpenClipOffsets`), and for any
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def as_pairs(values: Any) -> list[tuple[int, int]]:

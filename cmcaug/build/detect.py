@@ -26,9 +26,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .bank_format import sha256_file
-from .deps import require
-from .errors import InputError
+from ..bank.format import sha256_file
+from .._deps import require
+from ..errors import InputError
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 A bank is only as good as its patches, and the fastest check is to look at them: `preview_bank` draws
 one row per concept with a few sampled patches, `render_patch_grid` any stack of patches with labels.
-TiMix mixes are drawn by `cmcaug.mix_pictures`, CMC views by `cmcaug.view_pictures`.
+TiMix mixes are drawn by `cmcaug.viz.mixes`, CMC views by `cmcaug.viz.cmc_views`.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._sheets import as_patches, compose, save_png
-from .errors import InputError
+from ..errors import InputError
 
 if TYPE_CHECKING:
-    from .bank import PatchBank
+    from ..bank.reader import PatchBank
 
 
 def render_patch_grid(

@@ -24,10 +24,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from . import __version__
-from . import bank_format as fmt
-from .concepts import ConceptVocab
-from .errors import InputError
+from .. import __version__
+from . import format as fmt
+from ..concepts import ConceptVocab
+from ..errors import InputError
 from .index import build_index, plan_index, save_index
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def write_bank(
     (float32), in any row order; `pixels` uint8 [N, P, P, 3] and `embeddings` float16/float32 [N, d]
     (L2-normalized) are row-aligned with it and may be np.memmap. `provenance` and `stats` must be
     JSON-serializable; they go into the manifest as they are. `index_kind` forces "flat", "ivf" or
-    "ivf-sq8" (default: chosen by size, see `cmcaug.index`). An empty bank (N = 0) is valid.
+    "ivf-sq8" (default: chosen by size, see `cmcaug.bank.index`). An empty bank (N = 0) is valid.
     Files in `path` other than the bank's own (e.g. `.build/`) are left alone.
     """
     if not isinstance(vocab, ConceptVocab):

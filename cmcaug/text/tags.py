@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, TextIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import InputError
+from ..errors import InputError
 from .grounding import GroundingTagger
 
 log = logging.getLogger(__name__)

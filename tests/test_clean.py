@@ -4,7 +4,7 @@ How grounded spans come through it end to end is in tests/test_grounding.py.
 """
 from __future__ import annotations
 
-from cmcaug.caption_text import clean_text
+from cmcaug.text._clean import clean_text
 
 
 def test_clean_text_maps_every_character_back():

@@ -20,8 +20,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
-from .concepts import ConceptVocab
-from .errors import MissingDependencyError
+from ..concepts import ConceptVocab
+from ..errors import MissingDependencyError
 
 Inflections = Mapping[str, Iterable[str]]  # a form word -> the other words spaCy lemmatizes to it
 

@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import bank_format as fmt
-from .concepts import ConceptVocab
-from .errors import BankFormatError, InputError
+from . import format as fmt
+from ..concepts import ConceptVocab
+from ..errors import BankFormatError, InputError
 from .index import load_index, search_index
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ class PatchBank:
 
         `embeddings` is [Q, d] or [d] (numpy or torch; L2-normalize them for cosine similarity).
         `concept` restricts hits to that concept and scores every one of its patches (exact, except for
-        the 8-bit codes of banks of 4M+ patches, see `cmcaug.index`). k' = min(k, number
+        the 8-bit codes of banks of 4M+ patches, see `cmcaug.bank.index`). k' = min(k, number
         of candidates), so an empty bank or concept gives [Q, 0]; an approximate (IVF) search may still
         leave slots with id -1 and score -inf. `nprobe` overrides the IVF default for unrestricted searches.
         """

@@ -4,8 +4,8 @@
 data URIs, no external assets) or a PNG: per caption, the caption with the replaced words marked (and
 the grounded words that stayed text underlined, given their spans), then the view as the model reads
 it, token by token, with each bank patch inline where it replaced its word, labelled with its concept
-(the layout: `cmcaug._view_layout`). `preview_captions` collates captions with `CMCTransform` and renders
-them; its default tokenizer, `cmcaug.tokenize.tokenize_words`, needs no vocabulary file, so it needs no
+(the layout: `cmcaug.viz._view_layout`). `preview_captions` collates captions with `CMCTransform` and renders
+them; its default tokenizer, `cmcaug.text.tokenize.tokenize_words`, needs no vocabulary file, so it needs no
 model download.
 """
 from __future__ import annotations
@@ -24,14 +24,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ._sheets import resized, save_png
 from ._view_layout import Row, layout
-from .errors import InputError
-from .items import item_spans, parse_item
-from .tokenize import tokenize_words
+from ..errors import InputError
+from ..inputs import item_spans, parse_item
+from ..text.tokenize import tokenize_words
 
 if TYPE_CHECKING:
-    from .bank import PatchBank
-    from .concepts import ConceptVocab
-    from .transform import CMCBatch
+    from ..bank.reader import PatchBank
+    from ..concepts import ConceptVocab
+    from ..transform import CMCBatch
 
 
 def _colour(concept: int, lightness: float) -> tuple[int, int, int]:
@@ -207,7 +207,7 @@ def _resolve_tokenizer(tokenizer: Any) -> Any:
     if tokenizer == "words":
         return tokenize_words
     if tokenizer == "open_clip":
-        from .deps import require
+        from .._deps import require
 
         return require("open_clip", "The open_clip tokenizer").get_tokenizer("ViT-B-32")  # BPE ships in the wheel
     if isinstance(tokenizer, str):
@@ -235,7 +235,7 @@ def preview_captions(
     `tokenizer`: "words" (`tokenize_words`), "open_clip" (open_clip's ViT-B-32 byte-pair tokenizer, whose
     vocabulary ships with the package, so nothing is downloaded), or any tokenizer `CMCTransform` takes.
     """
-    from .transform import CMCTransform
+    from ..transform import CMCTransform
 
     if rows < 1:
         raise InputError(f"rows must be at least 1, got {rows}")
@@ -244,7 +244,7 @@ def preview_captions(
         raise InputError("preview_captions needs at least one caption, got none")
     tagger = None
     if any(item.spans is None for item in items):  # spaCy loads only when some caption needs it
-        from .grounding import GroundingTagger
+        from ..text.grounding import GroundingTagger
 
         tagger = GroundingTagger(bank.vocab, mode=mode)
     spans = item_spans(items, tagger)

@@ -15,10 +15,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from ._sheets import as_images, compose, resized, save_png
-from .errors import InputError
+from ..errors import InputError
 
 if TYPE_CHECKING:
-    from .timix import MixResult
+    from ..timix import MixResult
 
 _WINDOW = (255, 0, 200)  # window outlines: a magenta that photos rarely hold
 
@@ -97,8 +97,8 @@ def preview_timix(
     runs with its defaults (flip partners, one window side per batch) and `label_mode`, drawing from a
     generator seeded with `seed`. `title` opens the heading (say, "TiMix on corpus/").
     """
-    from .relevance import patch_box_coverage
-    from .timix import text_aware_mix
+    from ..relevance import patch_box_coverage
+    from ..timix import text_aware_mix
 
     if patch_size < 1 or image_size < patch_size or image_size % patch_size:
         raise InputError(f"need an image_size that is a positive multiple of patch_size, got image_size {image_size}, "

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from .deps import require
-from .errors import InputError
+from .._deps import require
+from ..errors import InputError
 
 FLAT_MAX = 50_000
 SQ8_MIN = 4_000_000

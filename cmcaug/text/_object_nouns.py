@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .concepts import ConceptVocab
-from .form_matcher import Pattern, glued_hyphen, match_key, rule_lemmas, vocab_words
+from ..concepts import ConceptVocab
+from ._form_matcher import Pattern, glued_hyphen, match_key, rule_lemmas, vocab_words
 
 _NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
 _PLURAL_TAGS = frozenset({"NNS", "NNPS"})

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .build_options import EMBEDDERS
-from .errors import InputError
+from .options import EMBEDDERS
+from ..errors import InputError
 
 if TYPE_CHECKING:
     from .detect import Detector

@@ -1,0 +1,7 @@
+"""The offline stage: an image corpus becomes a patch bank (`build_bank`, `cmcaug build-bank`).
+
+`options` (every build option and its valid range, once), `images` (listing and robust decoding of
+folders, list files and tar shards), `detect` (YOLO or COCO boxes), `embed` (patch embedders), `pipeline`
+(detect, crop, embed, shard, finalize: resumable and independent of the worker count), `_state` (the
+resumable state in BANK/.build/) and `distributed` (the same pipeline on a Ray cluster).
+"""
