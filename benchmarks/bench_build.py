@@ -31,10 +31,10 @@ import numpy as np
 
 from cmcaug.bank.reader import PatchBank
 from cmcaug.bank.writer import write_bank
-from cmcaug.build.pipeline import build_bank
-from cmcaug.concepts import ConceptVocab
 from cmcaug.build.detect import AnnotationDetector, Detector, UltralyticsDetector
 from cmcaug.build.images import decode_stream, list_images
+from cmcaug.build.pipeline import build_bank
+from cmcaug.concepts import ConceptVocab
 from cmcaug.synth import make_corpus
 
 from . import common

@@ -39,13 +39,13 @@ _EXPORTS = {
 __all__ = ["BankFormatError", "CMCAugError", "InputError", "MissingDependencyError", *_EXPORTS]
 
 if TYPE_CHECKING:
-    from .text.align import align_spans
     from .bank.reader import PatchBank
     from .build.pipeline import build_bank
     from .concepts import ConceptVocab
-    from .text.grounding import GroundedSpan, GroundingTagger
     from .kernels import SpliceOutput, normalize_patches, splice
     from .plan import SplicePlan
+    from .text.align import align_spans
+    from .text.grounding import GroundedSpan, GroundingTagger
     from .timix import MixResult, TextAwarePatchPredictor, mixed_contrastive_loss, soft_targets, text_aware_mix
     from .transform import CMCBatch, CMCTransform
 

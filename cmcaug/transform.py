@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from . import draws, mlm
-from .text.align import align_span_arrays
 from .errors import InputError
 from .inputs import IndexedItems, Item, item_spans, parse_item
 from .plan import SplicePlan
+from .text.align import align_span_arrays
 from .text.tokenize import tokenize_with_offsets
 
 if TYPE_CHECKING:

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmcaug.text.align import align_batch, align_span_arrays, align_spans
 from cmcaug.errors import InputError
+from cmcaug.text.align import align_batch, align_span_arrays, align_spans
 from cmcaug.text.grounding import GroundedSpan
 
 # -- align_spans on hand-made offsets --------------------------------------------------------------

@@ -15,8 +15,8 @@ import pytest
 from cmcaug.cli.main import main
 from cmcaug.concepts import ConceptVocab
 from cmcaug.errors import InputError
-from cmcaug.text.grounding import GroundingTagger
 from cmcaug.synth import make_corpus
+from cmcaug.text.grounding import GroundingTagger
 from cmcaug.text.tags import TAGS_SCHEMA, UNREADABLE, read_captions, tag_corpus
 
 

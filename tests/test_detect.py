@@ -10,8 +10,8 @@ import pytest
 
 from cmcaug.bank.format import sha256_file
 from cmcaug.build.detect import AnnotationDetector, Detector, UltralyticsDetector, clip_box
-from cmcaug.errors import InputError
 from cmcaug.build.images import ImageDecodeError, decode_image, list_images, load_image
+from cmcaug.errors import InputError
 from cmcaug.synth import make_corpus
 
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from bank_helpers import file_hashes, stop_after
 
-from cmcaug.build.pipeline import build_bank, run_local
 from cmcaug.build._state import BUILD_DIR
-from cmcaug.cli.main import main
 from cmcaug.build.detect import UltralyticsDetector
 from cmcaug.build.distributed import RayRunner, build_bank_distributed
+from cmcaug.build.pipeline import build_bank, run_local
+from cmcaug.cli.main import main
 from cmcaug.errors import InputError, MissingDependencyError
 from cmcaug.synth import make_corpus
 

@@ -23,9 +23,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmcaug.text import grounding
 from cmcaug.concepts import ConceptVocab
 from cmcaug.errors import InputError, MissingDependencyError
+from cmcaug.text import grounding
 from cmcaug.text.grounding import GroundedSpan, GroundingTagger
 
 EVAL_SET = resources.files("cmcaug").joinpath("data/grounding_eval.jsonl")  # shipped: `cmcaug bench grounding` reads it

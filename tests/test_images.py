@@ -10,7 +10,6 @@ import pytest
 from image_zoo import encode, exif_rotated_jpeg, halves, write_shard, write_zoo, zoo
 from PIL import Image
 
-from cmcaug.errors import InputError
 from cmcaug.build.images import (
     FAILURE_REASONS,
     ImageDecodeError,
@@ -20,6 +19,7 @@ from cmcaug.build.images import (
     list_images,
     load_image,
 )
+from cmcaug.errors import InputError
 
 
 def test_conversions_to_upright_rgb() -> None:

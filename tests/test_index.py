@@ -10,8 +10,8 @@ import pytest
 from bank_helpers import unit_rows
 
 from cmcaug.bank import format as fmt
-from cmcaug.errors import InputError
 from cmcaug.bank.index import FLAT_MAX, SQ8_MIN, build_index, load_index, plan_index, save_index, search_index
+from cmcaug.errors import InputError
 
 
 def clustered(n: int, d: int = 16, clusters: int = 40, seed: int = 0) -> np.ndarray:

@@ -13,12 +13,12 @@ import pytest
 import torch
 from png_helpers import read
 
-from cmcaug.viz._sheets import LABEL_HEIGHT, PAD
 from cmcaug.bank.reader import PatchBank
 from cmcaug.bank.writer import write_bank
 from cmcaug.cli.main import main
 from cmcaug.concepts import ConceptVocab
 from cmcaug.errors import InputError
+from cmcaug.viz._sheets import LABEL_HEIGHT, PAD
 from cmcaug.viz.mixes import _WINDOW, preview_timix, render_mix
 from cmcaug.viz.patch_grids import preview_bank, render_patch_grid
 

@@ -20,8 +20,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmcaug.text.align import align_spans
 from cmcaug.errors import InputError
+from cmcaug.text.align import align_spans
 from cmcaug.text.tokenize import OpenClipOffsets, tokenize_with_offsets, tokenize_words
 
 CAPTIONS = [

@@ -15,18 +15,18 @@ from PIL import Image
 from png_helpers import read
 from transform_helpers import token_runs
 
-from cmcaug.text.tokenize import tokenize_words
 from cmcaug.bank.reader import PatchBank
 from cmcaug.cli.main import main
 from cmcaug.errors import InputError
+from cmcaug.text.tokenize import tokenize_words
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[PatchBank, Path, list[dict]]:
     """A shapes-world corpus, its bank (built from the COCO boxes) and its captions as tag rows."""
     from cmcaug.build.pipeline import build_bank
-    from cmcaug.text.grounding import GroundingTagger
     from cmcaug.synth import make_corpus
+    from cmcaug.text.grounding import GroundingTagger
 
     root = tmp_path_factory.mktemp("world")
     corpus = make_corpus(root / "corpus", 12, seed=0, image_size=64)

@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import format as fmt
 from ..concepts import ConceptVocab
 from ..errors import BankFormatError, InputError
+from . import format as fmt
 from .index import load_index, search_index
 
 log = logging.getLogger(__name__)

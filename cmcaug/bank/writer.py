@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from .. import __version__
-from . import format as fmt
 from ..concepts import ConceptVocab
 from ..errors import InputError
+from . import format as fmt
 from .index import build_index, plan_index, save_index
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..bank.format import sha256_file
 from .._deps import require
+from ..bank.format import sha256_file
 from ..errors import InputError
 
 

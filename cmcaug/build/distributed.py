@@ -39,12 +39,12 @@ import numpy as np
 import pyarrow as pa
 
 from .. import errors
-from .pipeline import BuildJob, BuildStats, ModelSpec, build_bank, process_batch
-from .options import RayOptions
 from .._deps import require
-from .detect import UltralyticsDetector
 from ..errors import CMCAugError, InputError
+from .detect import UltralyticsDetector
 from .images import DecodedImage, ImageRef, decode_stream
+from .options import RayOptions
+from .pipeline import BuildJob, BuildStats, ModelSpec, build_bank, process_batch
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .options import EMBEDDERS
 from ..errors import InputError
+from .options import EMBEDDERS
 
 if TYPE_CHECKING:
     from .detect import Detector

@@ -33,14 +33,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..bank.writer import write_bank
-from .options import BuildOptions, resolve_conf
+from ..concepts import ConceptVocab
+from ..errors import InputError
 from ._state import (BUILD_DIR, clear_leftovers, crash_point, digest, encode_shard, load_shard, missing_batches,
                           open_build, remove_build, save_shard, shard_path)
-from ..concepts import ConceptVocab
 from .detect import AnnotationDetector, Detector, UltralyticsDetector
 from .embed import Embedder, make_embedder
-from ..errors import InputError
 from .images import DEFAULT_MAX_PIXELS, FAILURE_REASONS, DecodedImage, ImageRef, decode_stream, list_images
+from .options import BuildOptions, resolve_conf
 
 log = logging.getLogger(__name__)
 

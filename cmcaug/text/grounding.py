@@ -29,10 +29,10 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-from ._clean import clean_text
-from ..concepts import ConceptVocab
 from .._deps import require
+from ..concepts import ConceptVocab
 from ..errors import InputError, MissingDependencyError
+from ._clean import clean_text
 from ._form_matcher import FormMatcher, lookup_inflections, rule_inflections, vocab_words
 from ._object_nouns import ObjectNounFilter
 

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ._sheets import resized, save_png
-from ._view_layout import Row, layout
 from ..errors import InputError
 from ..inputs import item_spans, parse_item
 from ..text.tokenize import tokenize_words
+from ._sheets import resized, save_png
+from ._view_layout import Row, layout
 
 if TYPE_CHECKING:
     from ..bank.reader import PatchBank

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ._sheets import as_images, compose, resized, save_png
 from ..errors import InputError
+from ._sheets import as_images, compose, resized, save_png
 
 if TYPE_CHECKING:
     from ..timix import MixResult

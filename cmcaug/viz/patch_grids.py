@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._sheets import as_patches, compose, save_png
 from ..errors import InputError
+from ._sheets import as_patches, compose, save_png
 
 if TYPE_CHECKING:
     from ..bank.reader import PatchBank
