@@ -31,9 +31,9 @@ import numpy as np
 
 from cmcaug.bank.reader import PatchBank
 from cmcaug.bank.writer import write_bank
-from cmcaug.build.detect import AnnotationDetector, Detector, UltralyticsDetector
-from cmcaug.build.images import decode_stream, list_images
-from cmcaug.build.pipeline import build_bank
+from cmcaug.builder.detect import AnnotationDetector, Detector, UltralyticsDetector
+from cmcaug.builder.images import decode_stream, list_images
+from cmcaug.builder.pipeline import build_bank
 from cmcaug.concepts import ConceptVocab
 from cmcaug.synth import make_corpus
 

@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Any
 
-from cmcaug.build.options import DEFAULT_CONF, EMBEDDERS, BuildOptions, RayOptions
+from cmcaug.builder.options import DEFAULT_CONF, EMBEDDERS, BuildOptions, RayOptions
 
 EPILOG = """\
 inputs:
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"cmcaug build-bank: error: {problem}", file=sys.stderr)
         return 2
-    from cmcaug.build.pipeline import build_bank, empty_bank_warning
+    from cmcaug.builder.pipeline import build_bank, empty_bank_warning
 
     from .render import summary, table
 
@@ -159,13 +159,13 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, workers=args.workers, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
         progress=not args.no_progress, ignore_unmatched_annotations=args.ignore_unmatched_annotations, device=args.device,
     )
-    logger = logging.getLogger("cmcaug.build.pipeline")
+    logger = logging.getLogger("cmcaug.builder.pipeline")
     logger.addFilter(_held_back)
     try:
         if args.ray is None:
             result = build_bank(args.images, args.output, **options)
         else:
-            from cmcaug.build.distributed import build_bank_distributed
+            from cmcaug.builder.distributed import build_bank_distributed
 
             result = build_bank_distributed(args.images, args.output, address=args.ray or None, num_cpus_per_task=args.ray_cpus,
                                             num_gpus_per_task=args.ray_gpus, actors=args.ray_actors, **options)

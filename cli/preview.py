@@ -125,8 +125,8 @@ def _read_captions(path: str, vocab: ConceptVocab, field: str) -> Iterator[Any]:
 def _read_annotated(corpus: str, rows: int) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
     """Names, pixels and COCO boxes (x0, y0, x1, y1 pixels) of the first `rows` images (by file name) of CORPUS,
     a folder holding `images/` and `annotations.json` as `cmcaug synth` writes one."""
-    from cmcaug.build.detect import AnnotationDetector
-    from cmcaug.build.images import ImageDecodeError, decode_image, list_images
+    from cmcaug.builder.detect import AnnotationDetector
+    from cmcaug.builder.images import ImageDecodeError, decode_image, list_images
     from cmcaug.errors import InputError
     from cmcaug.synth import ANNOTATIONS, IMAGES_DIR
 

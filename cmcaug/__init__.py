@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ConceptVocab": "cmcaug.concepts",
     "PatchBank": "cmcaug.bank.reader",
-    "build_bank": "cmcaug.build.pipeline",
+    "build_bank": "cmcaug.builder.pipeline",
     "GroundingTagger": "cmcaug.text.grounding",
     "GroundedSpan": "cmcaug.text.grounding",
     "align_spans": "cmcaug.text.align",
@@ -40,7 +40,7 @@ __all__ = ["BankFormatError", "CMCAugError", "InputError", "MissingDependencyErr
 
 if TYPE_CHECKING:
     from .bank.reader import PatchBank
-    from .build.pipeline import build_bank
+    from .builder.pipeline import build_bank
     from .concepts import ConceptVocab
     from .kernels import SpliceOutput, normalize_patches, splice
     from .plan import SplicePlan

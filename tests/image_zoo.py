@@ -1,7 +1,7 @@
 """The corrupt-image zoo: one small file for every kind of image a real corpus holds, good or broken.
 
 File names say the expected outcome: `ok_*` decodes to upright RGB, `bad_<reason>*` fails with that
-reason (`cmcaug.build.images.FAILURE_REASONS`). Used by the decoding tests and by the build tests, which
+reason (`cmcaug.builder.images.FAILURE_REASONS`). Used by the decoding tests and by the build tests, which
 check that none of them stops a build.
 """
 from __future__ import annotations

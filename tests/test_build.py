@@ -17,9 +17,9 @@ from import_helpers import assert_loads_none_of
 from PIL import Image
 
 from cmcaug.bank.reader import PatchBank
-from cmcaug.build.detect import UltralyticsDetector
-from cmcaug.build.images import FAILURE_REASONS
-from cmcaug.build.pipeline import build_bank, crop_patch, run_local, select_per_concept
+from cmcaug.builder.detect import UltralyticsDetector
+from cmcaug.builder.images import FAILURE_REASONS
+from cmcaug.builder.pipeline import build_bank, crop_patch, run_local, select_per_concept
 from cmcaug.concepts import ConceptVocab
 from cmcaug.errors import InputError
 from cmcaug.synth import is_foreground, make_corpus
@@ -103,7 +103,7 @@ def test_drop_reasons_and_the_corrupt_image_zoo(corpus: Path, tmp_path: Path, ca
         a["score"] = 0.1
     (tmp_path / "coco.json").write_text(json.dumps(coco))
     vocab = ConceptVocab({n: s for n, s in json.loads((corpus / "vocab.json").read_text()).items() if n != "circle"})
-    with caplog.at_level(logging.WARNING, logger="cmcaug.build.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="cmcaug.builder.pipeline"):
         result = build_bank(images, tmp_path / "bank", annotations=tmp_path / "coco.json", vocab=vocab, min_box=24,
                             batch_size=4, progress=False)
     assert "not in the vocabulary, so their boxes are dropped as unknown_concept: circle" in caplog.text
@@ -192,7 +192,7 @@ def test_a_subset_of_an_annotation_file(corpus: Path, tmp_path: Path, caplog: py
     with pytest.raises(InputError, match=refused):
         build(corpus, tmp_path / "refused", inputs=images)
     assert not (tmp_path / "refused").exists()
-    with caplog.at_level(logging.INFO, logger="cmcaug.build.pipeline"):
+    with caplog.at_level(logging.INFO, logger="cmcaug.builder.pipeline"):
         subset = build(corpus, tmp_path / "bank", inputs=images, ignore_unmatched_annotations=True)
     assert subset.stats["images"]["annotated_not_among_inputs"] == len(outside) > 0
     assert f"annotates {len(outside)} image(s) that are not among the inputs" in caplog.text
@@ -265,14 +265,14 @@ def test_heavy_dependencies_load_lazily() -> None:
     """Importing the package, its offline-stage exports and modules and the CLI (parser included) loads none
     of spaCy, ultralytics, FAISS or Ray: each is imported by the call that needs it."""
     assert_loads_none_of(("spacy", "ultralytics", "faiss", "ray"), (
-        "import cmcaug, cmcaug.kernels, cmcaug.build.pipeline, cmcaug.bank.reader, cmcaug.build.detect, "
-        "cmcaug.build.embed, cmcaug.bank.index, cmcaug.build.distributed, cmcaug.synth, cmcaug.viz.patch_grids, "
+        "import cmcaug, cmcaug.kernels, cmcaug.builder.pipeline, cmcaug.bank.reader, cmcaug.builder.detect, "
+        "cmcaug.builder.embed, cmcaug.bank.index, cmcaug.builder.distributed, cmcaug.synth, cmcaug.viz.patch_grids, "
         "cmcaug.viz.mixes, cmcaug.viz.cmc_views, cmcaug.cli.main as cli; cli.build_parser(); "
         "from cmcaug import PatchBank, ConceptVocab, build_bank"))
 
 
 def test_empty_bank_is_built_with_a_warning(corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="cmcaug.build.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="cmcaug.builder.pipeline"):
         result = build(corpus, tmp_path / "bank", min_box=10_000)
     assert result.stats["boxes"]["kept"] == 0 and len(PatchBank.open(tmp_path / "bank")) == 0
     assert "holds 0 patches" in caplog.text and f"{result.stats['boxes']['found']} dropped small" in caplog.text

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from import_helpers import assert_loads_none_of
 
-from cmcaug.build.detect import UltralyticsDetector
-from cmcaug.build.distributed import build_bank_distributed
-from cmcaug.build.options import DEFAULT_CONF, EMBEDDERS, BuildOptions, RayOptions, Rule, resolve_conf
-from cmcaug.build.pipeline import build_bank
+from cmcaug.builder.detect import UltralyticsDetector
+from cmcaug.builder.distributed import build_bank_distributed
+from cmcaug.builder.options import DEFAULT_CONF, EMBEDDERS, BuildOptions, RayOptions, Rule, resolve_conf
+from cmcaug.builder.pipeline import build_bank
 from cmcaug.cli.main import build_parser
 from cmcaug.errors import InputError
 

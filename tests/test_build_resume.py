@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from bank_helpers import file_hashes
 
-from cmcaug.build._state import BUILD_DIR, CRASH_ENV
-from cmcaug.build.pipeline import build_bank
+from cmcaug.builder._state import BUILD_DIR, CRASH_ENV
+from cmcaug.builder.pipeline import build_bank
 from cmcaug.errors import BankFormatError, InputError
 from cmcaug.synth import make_corpus
 

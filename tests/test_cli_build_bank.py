@@ -12,7 +12,7 @@ import pytest
 from bank_helpers import file_hashes
 
 from cmcaug.bank.reader import PatchBank
-from cmcaug.build.pipeline import build_bank
+from cmcaug.builder.pipeline import build_bank
 from cmcaug.cli.main import main
 from cmcaug.synth import make_corpus
 

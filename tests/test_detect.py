@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cmcaug.bank.format import sha256_file
-from cmcaug.build.detect import AnnotationDetector, Detector, UltralyticsDetector, clip_box
-from cmcaug.build.images import ImageDecodeError, decode_image, list_images, load_image
+from cmcaug.builder.detect import AnnotationDetector, Detector, UltralyticsDetector, clip_box
+from cmcaug.builder.images import ImageDecodeError, decode_image, list_images, load_image
 from cmcaug.errors import InputError
 from cmcaug.synth import make_corpus
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from bank_helpers import file_hashes, stop_after
 
-from cmcaug.build._state import BUILD_DIR
-from cmcaug.build.detect import UltralyticsDetector
-from cmcaug.build.distributed import RayRunner, build_bank_distributed
-from cmcaug.build.pipeline import build_bank, run_local
+from cmcaug.builder._state import BUILD_DIR
+from cmcaug.builder.detect import UltralyticsDetector
+from cmcaug.builder.distributed import RayRunner, build_bank_distributed
+from cmcaug.builder.pipeline import build_bank, run_local
 from cmcaug.cli.main import main
 from cmcaug.errors import InputError, MissingDependencyError
 from cmcaug.synth import make_corpus

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from cmcaug.build.detect import AnnotationDetector, UltralyticsDetector
-from cmcaug.build.embed import DetectorEmbedder, PixelEmbedder, make_embedder
+from cmcaug.builder.detect import AnnotationDetector, UltralyticsDetector
+from cmcaug.builder.embed import DetectorEmbedder, PixelEmbedder, make_embedder
 from cmcaug.errors import InputError
 
 

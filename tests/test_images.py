@@ -10,7 +10,7 @@ import pytest
 from image_zoo import encode, exif_rotated_jpeg, halves, write_shard, write_zoo, zoo
 from PIL import Image
 
-from cmcaug.build.images import (
+from cmcaug.builder.images import (
     FAILURE_REASONS,
     ImageDecodeError,
     ImageRef,

@@ -4,7 +4,7 @@
      │                 ├──► text    (grounding, tags, tokenize, align)
      │                 ├──► bank    (format, reader, writer, index: the contract between the stages)
      │                 └──► kernels (torch and triton only)
-     └──► build (offline: images -> bank) ──► bank
+     └──► builder (offline: images -> bank) ──► bank
 
 All of them may use the shared modules (errors, concepts, _deps); nothing but the CLI imports the
 offline stage. Every import counts, those inside functions and under TYPE_CHECKING included: a lazy
@@ -59,7 +59,7 @@ def imports(name: str) -> set[str]:
 
 
 def layer(name: str) -> str:
-    for prefix in ("cmcaug.kernels", "cmcaug.cli", "cmcaug.benchmarks", "cmcaug.bank", "cmcaug.build",
+    for prefix in ("cmcaug.kernels", "cmcaug.cli", "cmcaug.benchmarks", "cmcaug.bank", "cmcaug.builder",
                    "cmcaug.text", "cmcaug.viz"):
         if name == prefix or name.startswith(prefix + "."):
             return prefix.removeprefix("cmcaug.")
@@ -73,7 +73,7 @@ ALLOWED = {
     "kernels": set(),
     "bank": set(),
     "text": set(),
-    "build": {"bank"},
+    "builder": {"bank"},
     "online": {"kernels", "bank", "text", "online"},
     "viz": {"kernels", "bank", "text", "online"},
     "shared": set(),

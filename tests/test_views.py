@@ -24,7 +24,7 @@ from cmcaug.text.tokenize import tokenize_words
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[PatchBank, Path, list[dict]]:
     """A shapes-world corpus, its bank (built from the COCO boxes) and its captions as tag rows."""
-    from cmcaug.build.pipeline import build_bank
+    from cmcaug.builder.pipeline import build_bank
     from cmcaug.synth import make_corpus
     from cmcaug.text.grounding import GroundingTagger
 

@@ -4,15 +4,15 @@
       -> one shard per batch under BANK/.build/ -> finalize with `write_bank` -> remove .build/
 
 The middle part (decode -> detect -> crop -> embed -> shard bytes) runs in a *batch runner*: `run_local`
-(threads and models in this process) by default, or `cmcaug.build.distributed.RayRunner` on a Ray cluster.
+(threads and models in this process) by default, or `cmcaug.builder.distributed.RayRunner` on a Ray cluster.
 Runners call the same `process_batch` and may finish batches in any order; this module writes the shards.
-Every runner reads the options from one `cmcaug.build.options.BuildOptions`, checked before any work.
+Every runner reads the options from one `cmcaug.builder.options.BuildOptions`, checked before any work.
 
 Determinism: batch b always holds images [b*B, (b+1)*B) of the key-sorted list and its shard depends on
 nothing else, and the finalize step reads shards in batch order, so neither `workers`, the runner nor a
 resume changes a byte of the bank. `max_per_concept` draws from a generator seeded by (seed, concept).
 
-Resume: the shards and `state.json` under BANK/.build/ are the build's state (`cmcaug.build._state`); a
+Resume: the shards and `state.json` under BANK/.build/ are the build's state (`cmcaug.builder._state`); a
 build killed at any point and re-run with `resume=True` redoes only the batches without a shard.
 """
 from __future__ import annotations
@@ -336,7 +336,7 @@ def build_bank(
     patches per concept are kept (a draw seeded by `seed`, which also seeds a yaml model's random
     weights). `workers` decode threads (default: min(8, CPUs)) never change the result. Images over
     `max_pixels` pixels are skipped as decompression bombs. `runner` runs the batches (default
-    `run_local`; `cmcaug.build.distributed.build_bank_distributed` passes a Ray one) and never changes the
+    `run_local`; `cmcaug.builder.distributed.build_bank_distributed` passes a Ray one) and never changes the
     result either, so a build can be resumed with another runner. Same as `cmcaug build-bank`.
 
     With `ignore_unmatched_annotations`, annotations of images that are not among the inputs are left

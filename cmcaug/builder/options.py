@@ -2,7 +2,7 @@
 
 - `BuildOptions`: every `build_bank` option but the box source, the vocabulary and the runner; the ones that
   change a bank's bytes are what a resume compares (`BuildOptions.fingerprinted`).
-- `RayOptions`: the Ray runner's resources (`cmcaug.build.distributed.RayRunner`).
+- `RayOptions`: the Ray runner's resources (`cmcaug.builder.distributed.RayRunner`).
 - `Rule`: what one option accepts, kept in its field's metadata. Building either class checks every field
   against its rule (`InputError: patch_size must be >= 8, got 4`), and `cmcaug build-bank` makes its flags'
   types, choices and defaults from the same fields (`argument --patch-size: must be >= 8, got 4`).
@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import InputError
 
-EMBEDDERS = ("pixels", "detector")  # the names `cmcaug.build.embed.make_embedder` knows
+EMBEDDERS = ("pixels", "detector")  # the names `cmcaug.builder.embed.make_embedder` knows
 DEFAULT_CONF = 0.25
 
 
@@ -139,7 +139,7 @@ class BuildOptions(_Checked):
 
 @dataclass(frozen=True, kw_only=True)
 class RayOptions(_Checked):
-    """What each Ray task and actor of a distributed build asks for (`cmcaug.build.distributed.RayRunner`)."""
+    """What each Ray task and actor of a distributed build asks for (`cmcaug.builder.distributed.RayRunner`)."""
 
     num_cpus_per_task: float = _option(Rule(float, low=0, above=True), 1.0)
     num_gpus_per_task: float = _option(Rule(float, low=0), 0.0)
