@@ -10,11 +10,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._checkout import find_subpackages_beside
+from ._version import __version__
 from .errors import BankFormatError, CMCAugError, InputError, MissingDependencyError
 
 find_subpackages_beside(__path__[0])  # a source checkout: kernels/, cli/, benchmarks/ from this same tree
 
-__version__ = "0.1.0"
 
 _EXPORTS = {
     "ConceptVocab": "cmcaug.concepts",

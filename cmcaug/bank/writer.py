@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..concepts import ConceptVocab
 from ..errors import InputError
 from . import format as fmt
