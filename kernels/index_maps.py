@@ -18,7 +18,8 @@ class SpliceMaps(Protocol):
     `text_destination`, M and K from `patch_destination`; all maps share one device.
 
     Each source row has at most one destination (so the backward is a gather) and the maps agree with each
-    other; `SplicePlan.build` guarantees both, and the kernels trust them.
+    other; `SplicePlan` checks hand-made maps when it is made (`build` makes them valid by construction),
+    and the kernels trust them.
     """
 
     source_index: torch.Tensor       # int32 [B, L_out]: >= 0 text row b*L + j; < 0 patch row -s - 1; PAD_SOURCE

@@ -15,7 +15,9 @@ import torch
 from bank_helpers import EMPTY_CONCEPT, VOCAB, expected_order, random_inputs, rehash, write_random_bank
 
 from cmcaug.bank import format as fmt
+from cmcaug.bank import reader
 from cmcaug.bank.reader import PatchBank
+from cmcaug.bank.writer import write_bank
 from cmcaug.errors import BankFormatError, InputError
 
 
@@ -181,6 +183,12 @@ def fresh(tmp_path: Path) -> Path:
     return tmp_path / "bank"
 
 
+def _files_edit(entries: dict) -> Callable[[Path], None]:
+    def edit(bank: Path) -> None:
+        _manifest_edit(files={**json.loads((bank / fmt.MANIFEST).read_text())["files"], **entries})(bank)
+    return edit
+
+
 def _manifest_edit(**changes: object) -> Callable[[Path], None]:
     def edit(bank: Path) -> None:
         manifest = json.loads((bank / fmt.MANIFEST).read_text())
@@ -224,6 +232,23 @@ def _change_concepts(column: str, change: Callable[[np.ndarray], np.ndarray]) ->
     return _write_parquet(fmt.CONCEPTS, lambda t: _set(t, column, change(t.column(column).to_numpy())))
 
 
+def _index_of_another_bank(**kwargs: object) -> Callable[[Path], None]:
+    """Put the index of another bank (written with `kwargs`) in place, and make the manifest vouch for it."""
+    def edit(bank: Path) -> None:
+        other = bank.parent / "other"
+        write_bank(other, **random_inputs(**{k: v for k, v in kwargs.items() if k != "index_kind"}), index_kind=kwargs.get("index_kind"))
+        (bank / fmt.INDEX).write_bytes((other / fmt.INDEX).read_bytes())
+        rehash(bank)
+    return edit
+
+
+def _manifest_index(**changes: object) -> Callable[[Path], None]:
+    def edit(bank: Path) -> None:
+        spec = json.loads((bank / fmt.MANIFEST).read_text())["index"]
+        _manifest_edit(index={**spec, **changes})(bank)
+    return edit
+
+
 def _flip_byte(bank: Path) -> None:
     data = bytearray((bank / fmt.EMBEDDINGS).read_bytes())
     data[-1] ^= 0xFF
@@ -234,10 +259,28 @@ CORRUPTIONS = {
     "no manifest": (lambda b: (b / fmt.MANIFEST).unlink(), fmt.MANIFEST, "missing"),
     "manifest not json": (lambda b: (b / fmt.MANIFEST).write_text("{not json"), fmt.MANIFEST, "not valid JSON"),
     "manifest not object": (lambda b: (b / fmt.MANIFEST).write_text("[1, 2]"), fmt.MANIFEST, "JSON object"),
+    "manifest nested deep": (lambda b: (b / fmt.MANIFEST).write_text("[" * 100_000), fmt.MANIFEST, "not valid JSON"),
+    "manifest huge number": (lambda b: (b / fmt.MANIFEST).write_text("[" + "9" * 5000 + "]"), fmt.MANIFEST, "not valid JSON"),
     "wrong format": (_manifest_edit(format="other"), fmt.MANIFEST, "not a cmcaug patch bank"),
     "newer version": (_manifest_edit(version=2), fmt.MANIFEST, "upgrade cmcaug"),
     "manifest field": (_manifest_edit(patch_size="6"), fmt.MANIFEST, "patch_size"),
     "files entry": (_manifest_edit(files={}), fmt.MANIFEST, "files"),
+    "files entry not a dict": (_files_edit({fmt.PIXELS: 7}), fmt.MANIFEST, "pixels.npy"),
+    "files entry bytes": (_files_edit({fmt.INDEX: {"sha256": "0", "bytes": True}}), fmt.MANIFEST, "bytes"),
+    "unknown files entry": (_files_edit({"notes.txt": 5}), fmt.MANIFEST, "notes.txt"),
+    "index spec empty": (_manifest_edit(index={}), fmt.MANIFEST, "index kind"),
+    "index kind": (_manifest_index(kind="hnsw"), fmt.MANIFEST, "index kind"),
+    "index metric": (_manifest_index(metric="l2"), fmt.MANIFEST, "metric"),
+    "index nlist type": (_manifest_index(nlist="0"), fmt.MANIFEST, "integers"),
+    "index nprobe of flat": (_manifest_index(nprobe=3), fmt.MANIFEST, "nlist = nprobe = 0"),
+    "index nprobe over nlist": (_manifest_index(kind="ivf", factory="IVF1,SQfp16", nlist=1, nprobe=2), fmt.MANIFEST, "nprobe <= nlist"),
+    "index factory": (_manifest_index(factory="IVF4,SQ8"), fmt.MANIFEST, "factory 'SQfp16'"),
+    "index of a bigger bank": (_index_of_another_bank(n=100), fmt.INDEX, "100 vectors of dim 12.*60 vectors"),
+    "index of another dim": (_index_of_another_bank(n=60, dim=8), fmt.INDEX, "dim 8.*dim 12"),
+    "index of another type": (_index_of_another_bank(n=60, index_kind="ivf"), fmt.INDEX, "index IVF1,SQfp16.*records SQfp16"),
+    "index of another bank, same shape": (_index_of_another_bank(n=60, seed=1), fmt.INDEX, "vector 0 is .* away from row 0 of the bank's"),
+    "index not an index": (_replace_bytes(fmt.INDEX, lambda data: b"not an index"), fmt.INDEX, "FAISS cannot read it"),
+    **{f"index truncated to {keep}": (_truncate(fmt.INDEX, keep=keep), fmt.INDEX, "FAISS cannot read it") for keep in (0, 10, 40, -1)},
     **{f"missing {name}": (lambda b, n=name: (b / n).unlink(), name, "missing") for name in fmt.DATA_FILES},
     "truncated, manifest disagrees": (_truncate(fmt.PIXELS, fix_manifest=False), fmt.PIXELS, "truncated|bytes"),
     "checksum mismatch": (_flip_byte, fmt.EMBEDDINGS, "sha256"),
@@ -279,12 +322,42 @@ def test_no_validate_skips_checksums_but_not_structure(fresh: Path) -> None:
         PatchBank.open(fresh, validate=False)
 
 
-def test_bad_index_is_reported_on_first_search(fresh: Path) -> None:
-    (fresh / fmt.INDEX).write_bytes(b"not an index")
-    rehash(fresh)
-    bank = PatchBank.open(fresh)
-    with pytest.raises(BankFormatError, match="index.faiss"):
+@pytest.mark.parametrize("case", ["index not an index", "index truncated to -1", "index of another type", "index of a bigger bank",
+                                  "index of another bank, same shape"])
+def test_no_validate_leaves_the_index_to_the_first_search(fresh: Path, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    corrupt, name, problem = CORRUPTIONS[case]
+    corrupt(fresh)
+    with monkeypatch.context() as patched:
+        patched.setattr(reader, "open_index", _never("validate=False read the index"))
+        bank = PatchBank.open(fresh, validate=False)
+    with pytest.raises(BankFormatError, match=problem) as info:
         bank.search(np.ones(12), k=1)
+    assert str(fresh / name) in str(info.value)
+
+
+def test_validate_keeps_the_index_it_checked(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bank = PatchBank.open(fresh)
+    monkeypatch.setattr(reader, "open_index", _never("search read the index again"))
+    assert bank.search(bank.embeddings([7]).float(), k=1)[1].tolist() == [[7]]
+
+
+def _never(what: str) -> Callable:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError(what)
+    return fail
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivf-sq8"])
+def test_validate_reads_ivf_indexes(tmp_path: Path, kind: str) -> None:
+    """A genuine IVF index passes (8-bit codes within their error); one of another bank of the same shape does not."""
+    for name, seed in (("bank", 0), ("other", 1)):
+        write_bank(tmp_path / name, **random_inputs(n=400, dim=12, seed=seed), index_kind=kind)
+    bank = PatchBank.open(tmp_path / "bank")
+    assert bank.manifest["index"]["kind"] == kind and bank._index.ntotal == 400
+    (tmp_path / "bank" / fmt.INDEX).write_bytes((tmp_path / "other" / fmt.INDEX).read_bytes())
+    rehash(tmp_path / "bank")
+    with pytest.raises(BankFormatError, match=r"index.faiss: its vector 0 is .* away from row 0"):
+        PatchBank.open(tmp_path / "bank")
 
 
 def test_missing_folder_is_refused(tmp_path: Path) -> None:
@@ -312,3 +385,22 @@ def test_pickled_bank_reopens_from_another_working_directory(tmp_path: Path, mon
 def test_inputs_fixture_is_unsorted() -> None:
     ids = random_inputs().get("patches").column("concept_id").to_numpy()
     assert (np.diff(ids) < 0).any()  # otherwise the sort tests would prove nothing
+
+
+def test_a_bank_published_over_after_opening_is_not_read_through_by_path(tmp_path) -> None:
+    """The memory maps keep the opened files; lazy reads by path (records, index, a worker's reopen) refuse
+    once another bank has been published in the folder."""
+    import pickle
+
+    folder = tmp_path / "bank"
+    write_random_bank(folder, n=40, seed=0)
+    bank = PatchBank.open(folder, validate=False)
+    worker_copy = pickle.dumps(bank)
+    write_random_bank(folder, n=60, seed=1)  # write_bank publishes over the folder's bank
+    with pytest.raises(BankFormatError, match="changed after it was opened"):
+        bank.records([0])
+    with pytest.raises(BankFormatError, match="changed after it was opened"):
+        bank.search(bank.embeddings([0]).float(), k=1)
+    with pytest.raises(BankFormatError, match="changed after it was opened"):
+        pickle.loads(worker_copy)
+    assert len(PatchBank.open(folder)) == 60  # reopened: the new bank

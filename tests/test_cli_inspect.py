@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from bank_helpers import EMPTY_CONCEPT, VOCAB, write_random_bank
+from bank_helpers import EMPTY_CONCEPT, VOCAB, rehash, write_random_bank
 
 from cmcaug.bank import format as fmt
 from cmcaug.bank.reader import PatchBank
@@ -63,6 +63,16 @@ def test_corrupt_bank_exits_4_unless_checksums_are_skipped(inspect, bank_path: P
     code, out, err = inspect(str(bank_path))
     assert code == 4 and out == ""
     assert err.startswith("cmcaug inspect: error: ") and "pixels.npy" in err and "sha256" in err
+    assert inspect(str(bank_path), "--no-validate")[0] == 0
+
+
+def test_index_of_another_bank_exits_4_unless_validation_is_skipped(inspect, bank_path: Path, tmp_path: Path) -> None:
+    """inspect reads no index with --no-validate (it never searches); validation reads and refuses it."""
+    write_random_bank(tmp_path / "other", n=80)
+    (bank_path / fmt.INDEX).write_bytes((tmp_path / "other" / fmt.INDEX).read_bytes())
+    rehash(bank_path)
+    code, out, err = inspect(str(bank_path))
+    assert code == 4 and out == "" and "index.faiss" in err and "80 vectors" in err
     assert inspect(str(bank_path), "--no-validate")[0] == 0
 
 

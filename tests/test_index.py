@@ -1,6 +1,8 @@
-"""FAISS index: type by size, exact flat search, IVF recall, exact id-range filter, deterministic bytes."""
+"""FAISS index: type by size, exact flat search, IVF recall, exact id-range filter, deterministic bytes, and the
+checks of an index read from a bank (its spec, type, size, dimension, ids)."""
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,8 +12,10 @@ import pytest
 from bank_helpers import unit_rows
 
 from cmcaug.bank import format as fmt
-from cmcaug.bank.index import FLAT_MAX, SQ8_MIN, build_index, load_index, plan_index, save_index, search_index
-from cmcaug.errors import InputError
+from cmcaug.bank.index import (
+    FLAT_MAX, SQ8_MIN, build_index, check_index_contents, check_spec, load_index, open_index, plan_index, save_index, search_index,
+)
+from cmcaug.errors import BankFormatError, InputError
 
 
 def clustered(n: int, d: int = 16, clusters: int = 40, seed: int = 0) -> np.ndarray:
@@ -108,3 +112,70 @@ def test_bytes_do_not_depend_on_thread_count(tmp_path: Path, one_thread: None) -
     save_index(build_index(vectors, spec), tmp_path / "again.faiss")
     hashes = {fmt.sha256_file(tmp_path / f"{name}.faiss") for name in ("one", "two", "again")}
     assert len(hashes) == 1
+
+
+# -- checking an index read from a bank --------------------------------------------------------------
+@pytest.mark.parametrize("n, kind", [(0, None), (100, None), (FLAT_MAX, None), (SQ8_MIN, None), (100, "ivf-sq8")])
+def test_every_planned_spec_passes_its_check(n: int, kind: str | None) -> None:
+    check_spec(plan_index(n, kind))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"kind": None}, "index kind"),
+    ({"metric": "l2"}, "metric"),
+    ({"nlist": 3.0}, "integers"),
+    ({"nprobe": True}, "integers"),
+    ({"nprobe": 0}, "1 <= nprobe <= nlist"),
+    ({"nprobe": 10**12}, "1 <= nprobe <= nlist"),
+    ({"factory": "IVF9,SQfp16"}, "factory 'IVF10,SQfp16'"),
+    ({"kind": "ivf-sq8"}, "factory 'IVF10,SQ8'"),
+    ({"kind": "flat"}, "nlist = nprobe = 0"),
+])
+def test_bad_specs_are_refused(change: dict, message: str) -> None:
+    spec = {**plan_index(1000, "ivf"), "nlist": 10, "factory": "IVF10,SQfp16", "nprobe": 2}
+    check_spec(spec)
+    with pytest.raises(InputError, match=re.escape(message)):
+        check_spec({**spec, **change})
+
+
+def _ivf_with_ids(vectors: np.ndarray, ids: np.ndarray) -> faiss.IndexIVF:
+    spec = plan_index(len(vectors), "ivf")
+    index = faiss.index_factory(vectors.shape[1], spec["factory"], faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors.astype(np.float32))
+    index.add_with_ids(vectors.astype(np.float32), ids)
+    return index
+
+
+@pytest.mark.parametrize("ids, message", [
+    (np.arange(400)[::-1].copy(), "not ascending"),
+    (np.minimum(np.arange(400), 398), "not ascending|each of 0..399 once"),
+    (np.arange(400) + 1, "each of 0..399 once"),
+])
+def test_ivf_ids_must_be_the_row_numbers_ascending(tmp_path: Path, ids: np.ndarray, message: str) -> None:
+    vectors = clustered(400)
+    spec = plan_index(400, "ivf")
+    check_index_contents(build_index(vectors, spec), vectors, spec, tmp_path / "index.faiss")
+    with pytest.raises(BankFormatError, match=message) as info:
+        check_index_contents(_ivf_with_ids(vectors, ids), vectors, spec, tmp_path / "index.faiss")
+    assert str(tmp_path / "index.faiss") in str(info.value)
+
+
+def test_open_index_names_the_file_and_what_it_holds(tmp_path: Path) -> None:
+    vectors = clustered(300)
+    save_index(build_index(vectors, plan_index(300, "ivf")), tmp_path / "index.faiss")
+    with pytest.raises(BankFormatError, match=r"index IVF7,SQfp16 \(inner product\) of 300 vectors of dim 16, but the "
+                                              r"manifest records SQfp16 \(inner product\) of 300 vectors of dim 16"):
+        open_index(tmp_path / "index.faiss", plan_index(300), 300, 16)
+    (tmp_path / "index.faiss").write_bytes((tmp_path / "index.faiss").read_bytes()[:-1])
+    with pytest.raises(BankFormatError, match="FAISS cannot read it"):
+        open_index(tmp_path / "index.faiss", plan_index(300, "ivf"), 300, 16)
+
+
+@pytest.mark.parametrize("kind, change", [("flat", np.nan), ("flat", 0.01), ("ivf", 0.01)])
+def test_stored_vectors_must_be_the_embeddings(tmp_path: Path, kind: str, change: float) -> None:
+    vectors = clustered(400)
+    spec = plan_index(400, kind)
+    stored = vectors.copy()
+    stored[0, 0] += np.float16(change)
+    with pytest.raises(BankFormatError, match=r"vector 0 is (nan|0\.01\d*) away from row 0"):
+        check_index_contents(build_index(stored, spec), vectors, spec, tmp_path / "index.faiss")

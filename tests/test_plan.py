@@ -2,16 +2,22 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pickle
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from strategies import PlanSpec, plan_specs, random_spec, spliced_rows
 
+from cmcaug import plan as plan_module
 from cmcaug.errors import InputError
-from cmcaug.kernels import index_maps
+from cmcaug.kernels import index_maps, splice
 from cmcaug.plan import PAD_SOURCE, SplicePlan
+
+splice_module = importlib.import_module("cmcaug.kernels.splice")  # `cmcaug.kernels.splice` names the function
 
 
 def expected_maps(spec: PlanSpec) -> dict[str, np.ndarray]:
@@ -187,14 +193,115 @@ def test_build_errors(args: tuple, kwargs: dict, message: str) -> None:
         SplicePlan.build(*args, **kwargs)
 
 
-def test_hand_made_plans_with_inconsistent_maps_are_refused() -> None:
-    plan = SplicePlan.build([3, 2], [[(0, 1)], []])
-    with pytest.raises(InputError, match="2-D int32 tensor"):
-        dataclasses.replace(plan, source_index=plan.source_index.long())
-    with pytest.raises(InputError, match="disagree on the batch size"):
-        dataclasses.replace(plan, text_destination=plan.text_destination[:1])
-    with pytest.raises(InputError, match="one device"):
-        dataclasses.replace(plan, patch_destination=plan.patch_destination.to("meta"))
+# -- hand-made plans ---------------------------------------------------------------------------------
+def _fields(plan: SplicePlan) -> dict:
+    """The constructor arguments that remake `plan` (copies, so a test may change them)."""
+    values = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
+    return {name: value.copy() if isinstance(value, np.ndarray) else value.clone() for name, value in values.items()}
+
+
+def _set(name: str, position: tuple[int, int], value: int):
+    def change(fields: dict) -> None:
+        fields[name][position] = value
+    return change
+
+
+def _swap(name: str, a: tuple[int, int], b: tuple[int, int]):
+    def change(fields: dict) -> None:
+        fields[name][a], fields[name][b] = fields[name][b].clone(), fields[name][a].clone()
+    return change
+
+
+def _replace(name: str, make):
+    def change(fields: dict) -> None:
+        fields[name] = make(fields[name])
+    return change
+
+
+# The worked example's plan: B=3, L=5, L_out=6, M=3 slots of K=2; source_index row 0 is [0, -1, -2, -3, -4, 4].
+BAD_PLANS = {
+    "text row past B*L": (_set("source_index", (2, 0), 15), r"source_index\[2, 0\] reads text row 15, past the B\*L = 15 rows"),
+    "patch row past M*K": (_set("source_index", (2, 0), -7), r"source_index\[2, 0\] reads patch row 6, past the M\*K = 6 rows"),
+    "negative but not the sentinel": (_set("source_index", (2, 0), PAD_SOURCE + 1), "reads patch row 2147483646"),
+    "destination past B*L_out": (_set("text_destination", (2, 4), 18), r"text_destination\[2, 4\] = 18 is neither -1"),
+    "destination below -1": (_set("patch_destination", (0, 0), -2), r"patch_destination\[0, 0\] = -2 is neither -1"),
+    "a text row read twice": (_set("source_index", (2, 0), 0),
+                              r"source_index\[2, 0\] reads text row 0, whose text_destination is 0, not this output row \(12\)"),
+    "a text row read by nobody": (_set("source_index", (0, 5), PAD_SOURCE),
+                                  r"text_destination\[0, 4\] = 5, but that output row reads no text row, not 4"),
+    "inverse maps swapped": (_swap("patch_destination", (0, 0), (0, 1)),
+                             r"source_index\[0, 1\] reads patch row 0, whose patch_destination is 2, not"),
+    "slot in another row": (_replace("slots_per_row", lambda s: np.array([1, 2, 0])), r"slot 1, which slots_per_row puts in row 1"),
+    "slots do not add up": (_replace("slots_per_row", lambda s: np.array([2, 0, 0])), "sums to 2, but patch_destination has 3 slots"),
+    "row counts of another batch": (_replace("text_lengths", lambda s: s[:2]), r"text_lengths must be an integer NumPy array of shape \(3"),
+    "row counts not integers": (_replace("output_lengths", lambda s: s.astype(float)), "output_lengths must be an integer"),
+    "output length past L_out": (_replace("output_lengths", lambda s: s + 3), r"output_lengths must lie in \[0, 6\]"),
+    "int64 map": (_replace("source_index", lambda s: s.long()), "2-D int32 tensor"),
+    "batch sizes disagree": (_replace("text_destination", lambda s: s[:2]), "disagree on the batch size"),
+    "token map of another shape": (_replace("attention_mask", lambda s: s[:, :3]), "attention_mask must be a tensor shaped like"),
+    "maps on two devices": (_replace("patch_destination", lambda s: s.to("meta")), "one device"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PLANS)
+def test_hand_made_bad_plans_are_refused_by_the_constructor(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused when the plan is made, before any kernel could read out of bounds (the Triton gather does not check)."""
+    change, message = BAD_PLANS[case]
+    plan = SplicePlan.build([5, 3, 0], [[(1, 3), (3, 4)], [(0, 3)], []], patch_tokens=2)
+    fields = _fields(plan)
+    change(fields)
+    monkeypatch.setattr(splice_module, "_splice", _never("a kernel ran"))
+    with pytest.raises(InputError, match=message):
+        splice(torch.zeros(3, 5, 4), torch.zeros(3, 2, 4), SplicePlan(**fields))
+    with pytest.raises(InputError, match=message):
+        dataclasses.replace(plan, **fields)
+    SplicePlan(**fields, validate=False)  # the caller's opt-out: then the maps are the caller's promise
+
+
+def _never(what: str):
+    def fail(*args, **kwargs):
+        raise AssertionError(what)
+    return fail
+
+
+@settings(max_examples=300, deadline=None)
+@given(plan_specs(), st.data())
+def test_any_single_changed_index_is_refused(spec: PlanSpec, data: st.DataObject) -> None:
+    """Valid plans pass the constructor's checks as they are; changing any one entry of any index map breaks
+    the maps' pairing (or a range), and is refused."""
+    plan = spec.build()
+    fields = _fields(plan)
+    SplicePlan(**fields)
+    names = [name for name in ("source_index", "text_destination", "patch_destination") if fields[name].numel()]
+    assume(names)
+    name = data.draw(st.sampled_from(names))
+    flat = fields[name].view(-1)
+    i = data.draw(st.integers(0, flat.numel() - 1))
+    limit = max(plan.batch_size * max(plan.text_length, plan.output_length), plan.num_slots * plan.patch_tokens) + 2
+    value = data.draw(st.sampled_from([PAD_SOURCE, -1]) | st.integers(-limit, limit))
+    assume(value != int(flat[i]))
+    flat[i] = value
+    with pytest.raises(InputError):
+        SplicePlan(**fields)
+
+
+def test_build_to_and_pickling_skip_the_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plans from `build` (and their copies on other devices) are valid by construction: no check runs."""
+    monkeypatch.setattr(plan_module, "_check_plan", _never("a valid-by-construction plan was checked"))
+    plan = SplicePlan.build([5, 3, 0], [[(1, 3), (3, 4)], [(0, 3)], []], patch_tokens=2)
+    assert plan.to("cpu").num_slots == plan.to("meta").num_slots == 3
+    assert torch.equal(pickle.loads(pickle.dumps(plan)).source_index, plan.source_index)
+    with pytest.raises(AssertionError, match="was checked"):
+        SplicePlan(**_fields(plan))
+
+
+def test_hand_made_plan_derives_its_token_maps() -> None:
+    plan = SplicePlan.build([5, 3, 0], [[(1, 3), (3, 4)], [(0, 3)], []], patch_tokens=2)
+    fields = {name: value for name, value in _fields(plan).items() if name not in ("attention_mask", "modality_ids",
+                                                                                   "position_ids")}
+    remade = SplicePlan(**fields)
+    for name in ("attention_mask", "modality_ids", "position_ids"):
+        assert torch.equal(getattr(remade, name), getattr(plan, name)), name
 
 
 def test_remap_labels_errors() -> None:

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..errors import BankFormatError
+from ..errors import BankFormatError, InputError
+from .index import check_spec
 
 FORMAT = "cmcaug-bank"
 VERSION = 1
@@ -95,10 +96,21 @@ def check_manifest(manifest: Any, path: Path) -> None:
             f"{path}: expected num_patches >= 0, patch_size >= 1, embedding_dim >= 1, found "
             f"{manifest['num_patches']}, {manifest['patch_size']}, {manifest['embedding_dim']}"
         )
+    try:
+        check_spec(manifest["index"])
+    except InputError as exc:
+        raise BankFormatError(f"{path}: field 'index': {exc}; rebuild the bank") from exc
+    unknown = sorted(set(manifest["files"]) - set(DATA_FILES))
+    if unknown:
+        raise BankFormatError(f"{path}: files lists {unknown}, which are not files of a bank (expected {list(DATA_FILES)})")
     for name in DATA_FILES:
         entry = manifest["files"].get(name)
-        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)):
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _is_int(entry.get("bytes"))):
             raise BankFormatError(f"{path}: files[{name!r}] should be {{'sha256': hex, 'bytes': int}}, found {entry!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def open_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

@@ -24,7 +24,7 @@ import torch
 from ..concepts import ConceptVocab
 from ..errors import BankFormatError, InputError
 from . import format as fmt
-from .index import load_index, search_index
+from .index import check_index_contents, open_index, search_index
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,12 @@ class PatchBank:
         Always checked (fast, any size): manifest format/version/fields, every file present with the
         size the manifest records, npy headers (dtype, shape: N, P, d agree), concepts.parquet
         (ids 0..n-1, counts >= 0, offsets contiguous and summing to N), patches.parquet schema and
-        row count. `validate=True` also hashes every file against the manifest's sha256 and checks
-        that patches.parquet's concept_id column matches the offsets: this reads the whole bank
-        (seconds per GB), so long-running jobs that reopen a bank they trust pass `validate=False`.
+        row count, the index spec. `validate=True` also hashes every file against the manifest's sha256,
+        checks that patches.parquet's concept_id column matches the offsets, and reads index.faiss: its
+        type (the spec's factory, inner product), size (N) and dimension (d), its ids (0..N-1, ascending in
+        every IVF list) and 64 of its vectors against embeddings.npy. This reads the whole bank (seconds
+        per GB), so long-running jobs that reopen a bank they trust pass `validate=False`: such a bank
+        reads and checks index.faiss the same way on its first `search`.
         """
         path = Path(path).absolute()  # pickled banks reopen by path, maybe from another working directory
         manifest_path = path / fmt.MANIFEST
@@ -105,7 +108,7 @@ class PatchBank:
             raise BankFormatError(f"{manifest_path}: missing: {why}")
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a 5,000-digit number, deep nesting
             raise BankFormatError(f"{manifest_path}: not valid JSON ({exc}); rebuild the bank") from exc
         fmt.check_manifest(manifest, manifest_path)
         for name in fmt.DATA_FILES:
@@ -121,7 +124,22 @@ class PatchBank:
                 raise BankFormatError(f"{file}: sha256 checksum does not match {fmt.MANIFEST}; the file is corrupt or was changed")
         vocab, offsets, counts = _read_concepts(path / fmt.CONCEPTS, manifest["num_patches"])
         _check_patches(path / fmt.PATCHES, manifest["num_patches"], counts, read_ids=validate)
-        return cls(path, manifest, vocab, offsets, counts)
+        bank = cls(path, manifest, vocab, offsets, counts)
+        if validate:
+            bank._faiss_index()  # read and checked now, kept for searches
+        bank._check_unchanged()  # a build may have published over the folder while these files were checked
+        return bank
+
+    def _check_unchanged(self) -> None:
+        """Refuse to read on when the folder's manifest is no longer the one this bank opened: a build has
+        published another bank there since (the memory maps still show the old files; lazy reads by path would not)."""
+        try:
+            current = json.loads((self.path / fmt.MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            current = None
+        if current != self.manifest:
+            raise BankFormatError(f"{self.path / fmt.MANIFEST}: the bank in {self.path} changed after it was opened "
+                                  "(a build published another one there); open it again")
 
     def _map_arrays(self) -> None:
         n, p, d = self.manifest["num_patches"], self.manifest["patch_size"], self.manifest["embedding_dim"]
@@ -135,6 +153,8 @@ class PatchBank:
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path, self.manifest = state["path"], state["manifest"]
+        self._check_unchanged()  # a worker maps the files now: they must still be the pickled bank's
         self.__init__(state["path"], state["manifest"], ConceptVocab(state["vocab"]), state["offsets"], state["counts"])
 
     def __repr__(self) -> str:
@@ -220,6 +240,7 @@ class PatchBank:
         """Per patch: concept (name), concept_id, image, box (x0, y0, x1, y1 in source pixels), score."""
         flat = self._patch_ids(ids).reshape(-1)
         if self._records is None:
+            self._check_unchanged()
             self._records = _read_table(self.path / fmt.PATCHES, fmt.PATCHES_SCHEMA)
         rows = self._records.take(pa.array(flat)).to_pylist()
         for row in rows:
@@ -258,16 +279,13 @@ class PatchBank:
         return _like(embeddings, scores), _like(embeddings, ids)
 
     def _faiss_index(self) -> Any:
+        """The index, read and checked on first use against the manifest and the embeddings this bank mapped
+        (so an index.faiss swapped in by a later build of the folder is refused, not paired with them)."""
         if self._index is None:
-            file = self.path / fmt.INDEX
-            try:
-                index = load_index(file, self.manifest["index"])
-            except RuntimeError as exc:
-                raise BankFormatError(f"{file}: FAISS cannot read it ({str(exc).splitlines()[0]}); rebuild the bank") from exc
-            if index.ntotal != len(self) or index.d != self.embedding_dim:
-                raise BankFormatError(
-                    f"{file}: holds {index.ntotal} vectors of dim {index.d}, expected {len(self)} of dim {self.embedding_dim}"
-                )
+            self._check_unchanged()
+            file, spec = self.path / fmt.INDEX, self.manifest["index"]
+            index = open_index(file, spec, len(self), self.embedding_dim)
+            check_index_contents(index, self._embeddings, spec, file)
             self._index = index
         return self._index
 
