@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import common
 
-CPU_BENCHMARKS = ("grounding", "build", "transform")
+CPU_BENCHMARKS = ("grounding", "build", "transform", "tag_memory")
 GPU_BENCHMARKS = ("splice", "image_mix")
 BENCHMARKS = CPU_BENCHMARKS + GPU_BENCHMARKS  # NAME runs the module bench_<NAME>
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from cmcaug.text.grounding import DEFAULT_MAX_CHARS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -12,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "files, also .txt.gz/.jsonl.gz, streaming; find the words that name a concept of the vocabulary; write "
         "TAGS.parquet with one row per input row: row_id (0-based across all inputs, in the order given), source, "
         "source_row, caption, spans (list of {start, end, concept_id}; character offsets into the caption). "
-        "Empty lines, non-string values, unreadable JSON lines and over-long captions get no spans and are counted.",
+        "Empty lines, non-string values, unreadable rows (JSON that does not parse, text that is not UTF-8) and captions "
+        "longer than --max-chars get no spans and are counted; memory stays bounded whatever the input.",
     )
     parser.add_argument("corpus", nargs="+", metavar="CORPUS", help="caption files, read in the order given")
     parser.add_argument("-o", "--output", required=True, metavar="TAGS.parquet", help="tags file to write (replaced atomically)")
@@ -27,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--field", default="caption", help="JSON field / Parquet column holding the caption (default caption)")
     parser.add_argument("--n-process", type=int, default=1, metavar="N", help="worker processes (default 1)")
     parser.add_argument("--batch-size", type=int, default=256, metavar="N", help="captions per spaCy batch (default 256)")
+    parser.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS, metavar="N",
+                        help=f"longest caption tagged, in characters; longer ones are counted as too_long (default "
+                        f"{DEFAULT_MAX_CHARS:,}; tagger mode needs about 5 KB of memory per character)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -44,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         vocab = PatchBank.open(args.bank, validate=False).vocab
     else:
         vocab = ConceptVocab.load(args.vocab)
-    with GroundingTagger(vocab, model=args.model, mode=args.mode, batch_size=args.batch_size, n_process=args.n_process) as tagger:
+    with GroundingTagger(vocab, model=args.model, mode=args.mode, batch_size=args.batch_size, n_process=args.n_process,
+                         max_chars=args.max_chars) as tagger:
         stats = tag_corpus(args.corpus, args.output, tagger, field=args.field, progress=not args.no_progress)
     per_concept = stats.pop("spans_per_concept")
     print(summary("tag-text", stats))

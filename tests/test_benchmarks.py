@@ -118,3 +118,9 @@ def test_results_go_under_the_working_directory_unless_out_says_otherwise(tmp_pa
     parser = common.argument_parser("bench_x", "Measures x.")
     assert parser.parse_args([]).out == tmp_path / "cmcaug-bench-results"
     assert parser.parse_args(["--out", str(tmp_path)]).out == tmp_path
+
+
+def test_tag_memory_smoke_writes_into_out(tmp_path, results_dir_untouched) -> None:
+    assert main(["bench", "tag_memory", "--smoke", "--out", str(tmp_path)]) == 0
+    [result] = tmp_path.glob("tag-memory-smoke-*.json")
+    assert json.loads(result.read_text())["rows"]

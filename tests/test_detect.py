@@ -54,10 +54,11 @@ def test_annotations_match_keys_and_give_xyxy_boxes(corpus: Path, images: list[n
     assert json.loads(json.dumps(det.describe()))["sha256"] == sha256_file(corpus / "annotations.json")
 
 
-def test_box_policy_clip_partial_refuse_outside(tmp_path: Path) -> None:
+def test_box_policy_clip_partial_refuse_outside_skip_unusable(tmp_path: Path) -> None:
     det = AnnotationDetector(coco(tmp_path, [ann([-10, 40, 30, 30], score=0.4), ann([0, 0, 5, 5], iscrowd=1)]))
     found = det.detect([np.zeros((50, 100, 3), np.uint8)], ["a.png"])[0]
-    assert found.boxes.tolist() == [[0, 40, 20, 50]] and found.scores.tolist() == [pytest.approx(0.4)]  # clipped; crowd ignored
+    assert found.boxes.tolist() == [[0, 40, 20, 50]] and found.scores.tolist() == [pytest.approx(0.4)]  # clipped; crowd skipped
+    assert found.dropped == {"crowd": 1}
     with pytest.raises(InputError, match="outside its 100x50 image"):
         AnnotationDetector(coco(tmp_path, [ann([120, 10, 5, 5])]))
     undeclared = [{"id": 1, "file_name": "a.png"}]
@@ -66,8 +67,10 @@ def test_box_policy_clip_partial_refuse_outside(tmp_path: Path) -> None:
         det.detect([np.zeros((40, 40, 3), np.uint8)], ["a.png"])
     with pytest.raises(InputError, match="not a box"):
         clip_box([5, 5, 5, 9], 10, 10, "x")
-    with pytest.raises(InputError, match="not a box"):
-        AnnotationDetector(coco(tmp_path, [ann([1, 1, float("nan"), 2])]))
+    nan = coco(tmp_path, [ann([1, 1, float("nan"), 2])])
+    assert AnnotationDetector(nan).detect([np.zeros((50, 100, 3), np.uint8)], ["a.png"])[0].dropped == {"box_not_finite": 1}
+    with pytest.raises(InputError, match="box_not_finite"):
+        AnnotationDetector(nan, strict=True)
 
 
 def test_annotation_errors(tmp_path: Path) -> None:

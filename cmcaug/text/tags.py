@@ -9,11 +9,21 @@ file has one row per input row, in input order, so it joins back to the corpus b
 | `row_id` | int64 | 0-based index of the row across all inputs, in the order given |
 | `source` | string | the input file the row came from (as given) |
 | `source_row` | int64 | 0-based line (txt, jsonl) or row (parquet) within that file |
-| `caption` | string | the caption; null when the value was not a string (or the JSON line was unreadable) |
+| `caption` | string | the caption; null when the row was not tagged for any reason but `empty` |
 | `spans` | list<struct<start: int32, end: int32, concept_id: int32>> | grounded spans, character offsets into `caption` |
 
-Rows that are not tagged keep an empty `spans` list: empty or blank captions, values that are not
-strings, and captions longer than the tagger's `max_chars`; each kind is counted in the returned stats.
+Rows that are not tagged keep an empty `spans` list, each kind counted in the returned stats: `empty`
+(empty or blank captions), `not_text` (values that are not strings), `unreadable` (a JSON line that
+does not parse; a caption that is not valid UTF-8: undecodable bytes, or a JSON escape of a lone
+surrogate such as "\\ud800") and `too_long` (longer than the tagger's `max_chars`). Their captions are
+not written: an over-long one could be any size, and an unreadable one has no UTF-8 spelling.
+
+Memory does not grow with the input: text files are read a line at a time and an over-long line is
+skipped in pieces, never held whole (a `.jsonl` line may hold up to `json_line_chars(max_chars)`
+characters, room for an escaped caption of `max_chars` and the object's other fields); Parquet is read
+in record batches of at most `PARQUET_BATCH_BYTES` of the caption column (a batch holds one row
+at least, so the longest Parquet value is read whole).
+
 The schema metadata records the vocabulary (`cmcaug.vocab`, JSON) and the tagger (`cmcaug.tagger`), so a
 reader can check that concept ids mean what its bank means by them. The file appears atomically: it is
 written under a temporary name and renamed when complete.
@@ -34,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import InputError
-from .grounding import GroundingTagger
+from .grounding import LONE_SURROGATE, GroundingTagger
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +52,16 @@ SPAN_TYPE = pa.struct([("start", pa.int32()), ("end", pa.int32()), ("concept_id"
 TAGS_SCHEMA = pa.schema([("row_id", pa.int64()), ("source", pa.string()), ("source_row", pa.int64()),
                          ("caption", pa.string()), ("spans", pa.list_(SPAN_TYPE))])
 SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
-UNREADABLE = object()  # what `read_captions` yields for a JSON line that does not parse
+UNREADABLE = object()  # what `read_captions` yields for a JSON line that does not parse or a caption that is not UTF-8
+TOO_LONG = object()  # what `read_captions` yields for a caption (or .jsonl line) over its `max_chars`
+PARQUET_BATCH_BYTES = 64 << 20  # of the caption column per record batch read: 8,192 rows of COCO captions are 0.5 MB
+_SKIP_CHARS = 1 << 20  # an over-long line is skipped this many characters at a time
+
+
+def json_line_chars(max_chars: int) -> int:
+    """The longest `.jsonl` line read for captions of `max_chars`: 16 characters a caption character (a JSON
+    escape of an emoji takes 12), and at least 1 Mi, for the object's other fields."""
+    return max(16 * max_chars, 1 << 20)
 
 
 def _kind(path: Path) -> str:
@@ -54,43 +73,74 @@ def _kind(path: Path) -> str:
 
 
 def _open_text(path: Path) -> TextIO:
+    """`path` as text; a byte that is not UTF-8 becomes a lone surrogate (U+DC80..U+DCFF), which `read_captions` finds."""
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
-    return open(path, encoding="utf-8-sig", errors="replace")  # noqa: SIM115 - closed by the caller's `with`
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="surrogateescape")
+    return open(path, encoding="utf-8-sig", errors="surrogateescape")  # noqa: SIM115 - closed by the caller's `with`
 
 
 class CaptionRow(NamedTuple):
     """One row of a caption corpus: the input file (as given), the row's 0-based line (txt, jsonl) or row
-    (parquet) within it, and whatever the row holds (`UNREADABLE` for a JSON line that does not parse)."""
+    (parquet) within it, and whatever the row holds (`UNREADABLE` or `TOO_LONG`: see `read_captions`)."""
 
     source: str
     source_row: int
     value: Any
 
 
-def read_captions(paths: Sequence[str | Path], field: str = "caption", *, batch_rows: int = 8192) -> Iterator[CaptionRow]:
+def read_captions(paths: Sequence[str | Path], field: str = "caption", *, batch_rows: int = 8192,
+                  max_chars: int | None = None) -> Iterator[CaptionRow]:
     """Every row of every caption file of `paths`, in order: `.txt` lines, the `field` of `.jsonl` objects, the
     `field` column of `.parquet` files (`.txt.gz` and `.jsonl.gz` too).
 
-    Streams, so a corpus larger than memory works: text line by line (a leading byte-order mark skipped,
-    undecodable UTF-8 bytes read as U+FFFD), Parquet in record batches of `batch_rows`. A row's value is
-    not checked: it may be None, a number or a blank string (a JSON object without `field` gives None).
+    Streams, so a corpus larger than memory works: text line by line (a leading byte-order mark skipped),
+    Parquet in record batches of at most `batch_rows`. A row's value is not checked beyond this: it may be
+    None, a number or a blank string (a JSON object without `field` gives None). It is `UNREADABLE` for a
+    JSON line that does not parse and for a caption that is not valid UTF-8 (an undecodable byte, or a JSON
+    escape of a lone surrogate), and with `max_chars`, `TOO_LONG` for a caption longer than that (or a
+    `.jsonl` line longer than `json_line_chars(max_chars)`), which a text file never holds in memory whole.
     """
     for raw in paths:
         path = Path(raw)
         kind = _kind(path)
         if not path.is_file():
             raise InputError(f"{path}: no such caption file")
-        if kind == ".parquet":
-            yield from _read_parquet(path, str(raw), field, batch_rows)
+        values = _read_parquet(path, field, batch_rows) if kind == ".parquet" else _read_text(path, kind, field, max_chars)
+        for row, value in enumerate(values):
+            yield CaptionRow(str(raw), row, _checked(value, max_chars, path, row))
+
+
+def _checked(value: Any, max_chars: int | None, path: Path, row: int) -> Any:
+    """`value`, or `TOO_LONG` / `UNREADABLE` for a string over `max_chars` / holding a lone surrogate."""
+    if not isinstance(value, str):
+        return value
+    if max_chars is not None and len(value) > max_chars:
+        return TOO_LONG
+    if not value.isascii() and LONE_SURROGATE.search(value):
+        log.warning("%s:%d: not valid UTF-8 (an undecodable byte, or an escaped lone surrogate); the row gets no tags",
+                    path, row + 1)
+        return UNREADABLE
+    return value
+
+
+def _read_text(path: Path, kind: str, field: str, max_chars: int | None) -> Iterator[Any]:
+    """Each line of a text file (the `field` of each object in a `.jsonl` file), over-long lines as `TOO_LONG`."""
+    json_lines = kind.startswith(".jsonl")
+    limit = max_chars if max_chars is None or not json_lines else json_line_chars(max_chars)
+    with _open_text(path) as f:
+        for row, line in enumerate(_lines(f, limit)):
+            yield _json_field(line, field, path, row) if json_lines and line is not TOO_LONG else line
+
+
+def _lines(f: TextIO, limit: int | None) -> Iterator[Any]:
+    """Each line of `f` without its newline; `TOO_LONG` for a line over `limit` characters, skipped in pieces."""
+    while line := f.readline(-1 if limit is None else limit + 1):
+        if limit is None or len(line) <= limit or line.endswith("\n"):
+            yield line[:-1] if line.endswith("\n") else line
             continue
-        with _open_text(path) as f:
-            for row, line in enumerate(f):
-                line = line[:-1] if line.endswith("\n") else line
-                if kind.startswith(".txt"):
-                    yield CaptionRow(str(raw), row, line)
-                    continue
-                yield CaptionRow(str(raw), row, _json_field(line, field, path, row))
+        while line and not line.endswith("\n"):
+            line = f.readline(_SKIP_CHARS)
+        yield TOO_LONG
 
 
 def _json_field(line: str, field: str, path: Path, row: int) -> Any:
@@ -114,12 +164,28 @@ def _parquet_file(path: Path, field: str) -> pq.ParquetFile:
     return file
 
 
-def _read_parquet(path: Path, source: str, field: str, batch_rows: int) -> Iterator[CaptionRow]:
-    row = 0
-    for batch in _parquet_file(path, field).iter_batches(batch_size=batch_rows, columns=[field]):
-        for value in batch.column(0).to_pylist():
-            yield CaptionRow(source, row, value)
-            row += 1
+def _batch_rows(file: pq.ParquetFile, field: str, batch_rows: int) -> int:
+    """`batch_rows`, or fewer so that a record batch of column `field` holds about `PARQUET_BATCH_BYTES`, from the
+    row group whose values are the longest on average (the row groups' uncompressed sizes)."""
+    meta, widest = file.metadata, 1.0
+    for group in map(meta.row_group, range(meta.num_row_groups)):
+        for column in map(group.column, range(group.num_columns)):
+            if column.path_in_schema == field and group.num_rows:
+                widest = max(widest, column.total_uncompressed_size / group.num_rows)
+    return max(1, min(batch_rows, int(PARQUET_BATCH_BYTES / widest)))
+
+
+def _read_parquet(path: Path, field: str, batch_rows: int) -> Iterator[Any]:
+    """The `field` column's values, in record batches (`_batch_rows`); a value that is not UTF-8 is read as
+    bytes and decoded with surrogateescape, so that only its row is unreadable."""
+    file = _parquet_file(path, field)
+    for batch in file.iter_batches(batch_size=_batch_rows(file, field, batch_rows), columns=[field]):
+        try:
+            values = batch.column(0).to_pylist()
+        except UnicodeDecodeError:
+            values = [v if v is None else v.decode("utf-8", "surrogateescape")
+                      for v in batch.column(0).cast(pa.large_binary()).to_pylist()]
+        yield from values
 
 
 def _check_inputs(paths: Sequence[str | Path], field: str) -> int | None:
@@ -215,9 +281,10 @@ def tag_corpus(paths: Sequence[str | Path], output: str | Path, tagger: Groundin
     pending: deque[tuple[int, str, int, str | None]] = deque()
 
     def to_tag() -> Iterator[str]:
-        for row_id, (source, source_row, value) in enumerate(read_captions(paths, field, batch_rows=batch_rows)):
-            kind = ("unreadable" if value is UNREADABLE else "not_text" if not isinstance(value, str)
-                    else "empty" if not value.strip() else "too_long" if len(value) > tagger.max_chars else "tagged")
+        rows = read_captions(paths, field, batch_rows=batch_rows, max_chars=tagger.max_chars)
+        for row_id, (source, source_row, value) in enumerate(rows):
+            kind = ("unreadable" if value is UNREADABLE else "too_long" if value is TOO_LONG
+                    else "not_text" if not isinstance(value, str) else "empty" if not value.strip() else "tagged")
             counts["captions"] += 1
             counts[kind] += 1
             pending.append((row_id, source, source_row, value if isinstance(value, str) else None))
