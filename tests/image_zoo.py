@@ -2,7 +2,8 @@
 
 File names say the expected outcome: `ok_*` decodes to upright RGB, `bad_<reason>*` fails with that
 reason (`cmcaug.builder.images.FAILURE_REASONS`). Used by the decoding tests and by the build tests, which
-check that none of them stops a build.
+check that none of them stops a build. `write_zoo` adds what only a file system holds: a dangling link,
+a FIFO, a file over the size cap, a name that is not UTF-8 and a damaged shard with a link member.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from cmcaug.builder.options import DEFAULT_MAX_FILE_BYTES
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -90,14 +93,39 @@ def zoo() -> dict[str, bytes]:
 
 
 def write_zoo(folder: Path) -> dict[str, str | None]:
-    """Write the zoo into `folder`, plus `bad_unreadable.jpg`, a link to a file that does not exist
-    (listed like any image, fails when read). Returns file name -> expected failure reason (None: decodes)."""
+    """Write the zoo into `folder`, plus what only a file system holds: a link to a file that does not exist
+    (listed like any image, fails when read), a FIFO (reading it would wait forever), a sparse file one
+    byte over the default size cap, a good image whose name is not UTF-8, and a shard with a good member,
+    a link member and its end cut off. Returns key -> expected failure reason (None: decodes)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in zoo().items():
         (folder / name).write_bytes(data)
     os.symlink(folder / "deleted-meanwhile.jpg", folder / "bad_unreadable.jpg")
-    names = [*zoo(), "bad_unreadable.jpg"]
-    return {n: None if n.startswith("ok_") else n.removeprefix("bad_").split(".")[0].removesuffix("_huge") for n in names}
+    os.mkfifo(folder / "bad_not_regular_file.jpg")
+    with open(folder / "bad_file_too_big.jpg", "wb") as f:
+        f.truncate(DEFAULT_MAX_FILE_BYTES + 1)
+    (folder / os.fsdecode(b"bad_name_not_utf8_\xff.jpg")).write_bytes(zoo()["ok_rgb.jpg"])
+    write_damaged_shard(folder / "bad_shard.tar", zoo()["ok_rgb.jpg"])
+    expected = {n: None if n.startswith("ok_") else n.removeprefix("bad_").split(".")[0].removesuffix("_huge")
+                for n in [*zoo(), "bad_unreadable.jpg", "bad_not_regular_file.jpg", "bad_file_too_big.jpg"]}
+    return expected | {"bad_name_not_utf8_\\udcff.jpg": "name_not_utf8", "bad_shard.tar/0.jpg": None,
+                       "bad_shard.tar/1.jpg": "not_regular_file", "bad_shard.tar": "damaged_shard"}
+
+
+def write_damaged_shard(path: Path, image: bytes) -> Path:
+    """A shard whose download stopped early: `0.jpg` (whole), `1.jpg` (a symlink to it), then `2.jpg` cut
+    off in the middle of its data."""
+    whole, link, cut = (tarfile.TarInfo(name) for name in ("0.jpg", "1.jpg", "2.jpg"))
+    whole.size = cut.size = len(image)
+    link.type, link.linkname = tarfile.SYMTYPE, "0.jpg"
+    with tarfile.open(path, "w") as tar:
+        tar.addfile(whole, io.BytesIO(image))
+        tar.addfile(link)
+        tar.addfile(cut, io.BytesIO(image))
+    with tarfile.open(path) as tar:
+        end = tar.getmember("2.jpg").offset_data + len(image) // 2
+    os.truncate(path, end)
+    return path
 
 
 def write_shard(path: Path, images: dict[str, bytes], suffix: str = ".jpg") -> Path:

@@ -18,8 +18,8 @@ from cmcaug.cli.main import build_parser
 from cmcaug.errors import InputError
 
 FLAGS = {"patch_size": "--patch-size", "min_box": "--min-box", "conf": "--conf", "max_per_concept": "--max-per-concept",
-         "batch_size": "--batch-size", "workers": "--workers", "num_cpus_per_task": "--ray-cpus", "num_gpus_per_task": "--ray-gpus",
-         "actors": "--ray-actors"}
+         "batch_size": "--batch-size", "workers": "--workers", "max_file_bytes": "--max-file-bytes",
+         "num_cpus_per_task": "--ray-cpus", "num_gpus_per_task": "--ray-gpus", "actors": "--ray-actors"}
 DESTS = {"num_cpus_per_task": "ray_cpus", "num_gpus_per_task": "ray_gpus", "actors": "ray_actors"}  # the rest: the option's name
 
 
@@ -79,7 +79,7 @@ def test_the_cli_takes_choices_and_defaults_from_the_options(capsys: pytest.Capt
         parse("--embedder", "clip")
     assert refused.value.code == 2 and "argument --embedder: invalid choice: 'clip'" in capsys.readouterr().err
     args, defaults = parse(), BuildOptions()
-    for name in ("patch_size", "min_box", "max_per_concept", "embedder", "batch_size", "workers", "seed"):
+    for name in ("patch_size", "min_box", "max_per_concept", "embedder", "batch_size", "workers", "seed", "max_file_bytes"):
         assert getattr(args, name) == getattr(defaults, name)
     assert (args.ray_cpus, args.ray_gpus, args.ray_actors) == dataclasses.astuple(RayOptions())
     assert args.conf is None and defaults.conf == DEFAULT_CONF  # None: build_bank resolves it (resolve_conf)
@@ -104,9 +104,10 @@ def test_options_are_frozen_keyword_only_and_converted() -> None:
     with pytest.raises(TypeError):
         BuildOptions(64)  # type: ignore[misc]
     assert isinstance(options.patch_size, int) and isinstance(options.min_box, float) and isinstance(options.conf, float)
-    # what a resume compares, exactly as state.json and the manifest have always stored it
+    # what a resume compares, as state.json and the manifest store it (max_file_bytes since issue 12)
     assert json.dumps(options.fingerprinted(), sort_keys=True) == (
-        '{"batch_size": 5, "conf": 1.0, "max_per_concept": 3, "max_pixels": 89478485, "min_box": 4.0, "patch_size": 32, "seed": 7}')
+        '{"batch_size": 5, "conf": 1.0, "max_file_bytes": 268435456, "max_per_concept": 3, "max_pixels": 89478485, '
+        '"min_box": 4.0, "patch_size": 32, "seed": 7}')
 
 
 def test_conf_defaults_to_the_detectors_own() -> None:

@@ -7,19 +7,26 @@
   against its rule (`InputError: patch_size must be >= 8, got 4`), and `cmcaug build-bank` makes its flags'
   types, choices and defaults from the same fields (`argument --patch-size: must be >= 8, got 4`).
 - `EMBEDDERS`, `DEFAULT_CONF` and `resolve_conf`: the embedder names and how `conf=None` is resolved.
+- `DEFAULT_MAX_PIXELS`, `DEFAULT_MAX_FILE_BYTES`: the largest image a build decodes, the most bytes it
+  reads of one image file or tar member (`cmcaug.builder.images` applies them).
 
 Light on purpose: the CLI imports this module to build its parser, so it must not load NumPy, Pillow or torch.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import MISSING, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InputError
 
 EMBEDDERS = ("pixels", "detector")  # the names `cmcaug.builder.embed.make_embedder` knows
 DEFAULT_CONF = 0.25
+# Pillow's own decompression-bomb threshold (about 89 megapixels); larger images are skipped as "too_large".
+DEFAULT_MAX_PIXELS = 89_478_485
+# 256 MiB: the raw RGB size of an image at the pixel limit (3 x 89,478,485 bytes), so no compressed image
+# the pixel limit lets through is refused for its bytes, and a decode thread holds at most that of one file.
+DEFAULT_MAX_FILE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -75,16 +82,9 @@ def resolve_conf(conf: float | None, detector: Any) -> float:
     return DEFAULT_CONF if own is None else float(own)
 
 
-def _option(rule: Rule, default: Any = MISSING, *, compared: bool = False, **kwargs: Any) -> Any:
+def _option(rule: Rule, default: Any, *, compared: bool = False) -> Any:
     """A field with its `rule`; `compared`: a resume compares it, because it changes the bank's bytes."""
-    return field(default=default, metadata={"rule": rule, "compared": compared}, **kwargs)
-
-
-def _image_reader_limit() -> int:
-    """`images.DEFAULT_MAX_PIXELS`, imported only when an options object is made (it loads NumPy and Pillow)."""
-    from .images import DEFAULT_MAX_PIXELS
-
-    return DEFAULT_MAX_PIXELS
+    return field(default=default, metadata={"rule": rule, "compared": compared})
 
 
 class _Checked:
@@ -108,8 +108,9 @@ class BuildOptions(_Checked):
     """The options of one `build_bank` call, checked when made; the same meaning as `build_bank`'s arguments.
 
     `conf` is the threshold in force (`resolve_conf` turns `build_bank`'s `conf=None` into it); `workers`,
-    `device`, `progress` and `ignore_unmatched_annotations` never change a byte of the bank, so a resume
-    does not compare them; `embedder` is compared by what the embedder describes.
+    `device`, `progress`, `ignore_unmatched_annotations` and `strict` never change a byte of the bank, so a resume
+    does not compare them; `embedder` is compared by what the embedder describes. `max_pixels` and
+    `max_file_bytes` decide which images are skipped (as "too_large" and "file_too_big"), so a resume compares them.
     """
 
     patch_size: int = _option(Rule(int, low=8), 64, compared=True)
@@ -118,7 +119,8 @@ class BuildOptions(_Checked):
     max_per_concept: int | None = _option(Rule(int, low=1), None, compared=True)
     batch_size: int = _option(Rule(int, low=1), 16, compared=True)
     seed: int = _option(Rule(int), 0, compared=True)
-    max_pixels: int = _option(Rule(int), compared=True, default_factory=_image_reader_limit)
+    max_pixels: int = _option(Rule(int), DEFAULT_MAX_PIXELS, compared=True)
+    max_file_bytes: int = _option(Rule(int, low=1), DEFAULT_MAX_FILE_BYTES, compared=True)
     embedder: str = _option(Rule(str, choices=EMBEDDERS), "pixels")
     workers: int | None = _option(Rule(int, low=0), None)  # decode threads; None: the runner's default
     device: str | None = None  # a YOLO detector's ultralytics device
@@ -126,6 +128,7 @@ class BuildOptions(_Checked):
     overwrite: bool = False
     progress: bool = True
     ignore_unmatched_annotations: bool = False
+    strict: bool = False  # refuse unusable annotations instead of skipping and counting them (AnnotationDetector)
 
     def __post_init__(self) -> None:
         super().__post_init__()
