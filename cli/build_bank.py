@@ -23,6 +23,15 @@ resume:
   writes. --resume on a missing bank starts one; on a finished bank of the same inputs and options it
   does nothing.
 
+overwrite, failures and concurrent builds:
+  the new bank is staged whole in BANK/.build/ and then published in one step (manifest.json last). Until
+  then a bank already in BANK (--overwrite) stays readable and byte for byte unchanged: a build that
+  fails (bad input, a full disk) or is killed leaves it as it was, and --resume continues the new one.
+  A build killed while publishing is finished by the next --resume or --overwrite. A build holds
+  BANK/.lock from start to end; a second build of the same BANK stops at once (exit 6) and names the
+  process holding it. Nothing is read or written through a symbolic link inside BANK: a link there is
+  refused (exit 4).
+
 ray:
   --ray runs the read -> decode -> detect -> crop -> embed batches as Ray Data tasks and actors (one
   detector per actor) and writes the same bank, byte for byte, as a run without it; either can resume
@@ -60,8 +69,13 @@ exit codes:
        lacks; --embedder detector without --detector; a Ray worker whose detector or embedder
        differs from this machine's; --ray-gpus on a cluster without GPUs
   4    malformed bank or build state: an unreadable BANK/manifest.json or BANK/.build shard
-       (rerun with --overwrite)
+       (rerun with --overwrite); a symbolic link, FIFO or device inside BANK or BANK/.build
   5    a missing dependency: ultralytics (for --detector), ray (for --ray) or faiss
+  6    BANK is being written by another build (the message names its pid, host and start time): wait
+       for it to finish, or stop it
+  7    the file system refused a write (disk full, quota, file too large, permissions, I/O error; the
+       message names the file): the bank already in BANK is unchanged and the finished batches are
+       kept in BANK/.build/: free space and rerun with --resume
   130  interrupted (Ctrl-C): rerun with --resume to continue
 """
 
@@ -98,6 +112,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--annotations", metavar="COCO.json", help="COCO-format boxes instead of a detector")
     parser.add_argument("--ignore-unmatched-annotations", action="store_true",
                         help="skip and count the annotations of images not among IMAGES (a build from part of a COCO file)")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse an annotation with a non-finite or empty box or a non-finite score (default: skip it "
+                        "and count it among the dropped boxes)")
     parser.add_argument("--device", metavar="DEVICE",
                         help="where YOLO runs: cpu, 0, cuda:0, ... (default: ultralytics' choice, a GPU if there is one)")
     parser.add_argument("--vocab", metavar="FILE", help='concept vocabulary JSON {"name": [synonyms...]}, or "default" for the built-in COCO-80 (default: the class names)')
@@ -111,9 +128,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="pixels: model-free colour/layout descriptor (default); detector: pooled YOLO backbone features")
     _add(parser, "--batch-size", BuildOptions, "batch_size", help="images per detector batch and build shard (default %(default)s)")
     _add(parser, "--workers", BuildOptions, "workers", metavar="N", help="decode threads (default min(8, CPUs)); never changes the bank")
+    _add(parser, "--max-file-bytes", BuildOptions, "max_file_bytes", metavar="BYTES",
+         help="skip image files and tar members larger than this, unread, as file_too_big (default %(default)s: 256 MiB)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted build in BANK/.build/")
-    mode.add_argument("--overwrite", action="store_true", help="replace an existing bank in BANK")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing bank in BANK (kept intact until the new one is published)")
     parser.add_argument("--seed", type=int, default=BuildOptions.seed,
                         help="seed of the --max-per-concept draw and of yaml models (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -136,6 +155,8 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         return "--device is where YOLO runs, so it needs --detector (--annotations runs no model)"
     if args.ignore_unmatched_annotations and args.annotations is None:
         return "--ignore-unmatched-annotations needs --annotations"
+    if args.strict and args.annotations is None:
+        return "--strict needs --annotations"
     return None
 
 
@@ -158,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         min_box=args.min_box, conf=args.conf, max_per_concept=args.max_per_concept, embedder=args.embedder,
         batch_size=args.batch_size, workers=args.workers, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
         progress=not args.no_progress, ignore_unmatched_annotations=args.ignore_unmatched_annotations, device=args.device,
+        max_file_bytes=args.max_file_bytes, strict=args.strict,
     )
     logger = logging.getLogger("cmcaug.builder.pipeline")
     logger.addFilter(_held_back)

@@ -1,7 +1,9 @@
 """`cmcaug` entry point: parses arguments, hands each subcommand to its module, maps errors to exit codes.
 
 Exit codes: 0 success, 1 unexpected internal error, 2 bad usage (argparse), 3 bad input (`InputError`),
-4 malformed bank (`BankFormatError`), 5 missing optional dependency (`MissingDependencyError`), 130 interrupted.
+4 malformed bank (`BankFormatError`), 5 missing optional dependency (`MissingDependencyError`), 6 the bank
+folder is being written by another process (`BankLockedError`), 7 the file system refused a write: disk
+full, quota, file too large, permissions, I/O error (`StorageError`), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -13,12 +15,12 @@ import sys
 from collections.abc import Sequence
 
 from cmcaug import __version__
-from cmcaug.errors import BankFormatError, CMCAugError, InputError, MissingDependencyError
+from cmcaug.errors import BankFormatError, BankLockedError, CMCAugError, InputError, MissingDependencyError, StorageError
 
 # Each module defines register(subparsers) -> None and run(args) -> int.
 COMMANDS = ("synth", "build_bank", "inspect_bank", "tag_text", "preview", "bench")
 
-EXIT_CODES = {InputError: 3, BankFormatError: 4, MissingDependencyError: 5}
+EXIT_CODES = {InputError: 3, BankFormatError: 4, MissingDependencyError: 5, BankLockedError: 6, StorageError: 7}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._checkout import find_subpackages_beside
 from ._version import __version__
-from .errors import BankFormatError, CMCAugError, InputError, MissingDependencyError
+from .errors import BankFormatError, BankLockedError, CMCAugError, InputError, MissingDependencyError, StorageError
 
 find_subpackages_beside(__path__[0])  # a source checkout: kernels/, cli/, benchmarks/ from this same tree
 
@@ -36,7 +36,8 @@ _EXPORTS = {
     "TextAwarePatchPredictor": "cmcaug.timix",
 }
 
-__all__ = ["BankFormatError", "CMCAugError", "InputError", "MissingDependencyError", *_EXPORTS]
+__all__ = ["BankFormatError", "BankLockedError", "CMCAugError", "InputError", "MissingDependencyError", "StorageError",
+           *_EXPORTS]
 
 if TYPE_CHECKING:
     from .bank.reader import PatchBank

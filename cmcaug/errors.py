@@ -19,3 +19,12 @@ class BankFormatError(CMCAugError):
 
 class MissingDependencyError(CMCAugError, ImportError):
     """An optional heavy dependency (spaCy, ultralytics, FAISS, Ray, ...) is needed but not installed."""
+
+
+class BankLockedError(CMCAugError):
+    """Another process is writing the same bank folder; the message names it (pid, host, start time)."""
+
+
+class StorageError(CMCAugError, OSError):
+    """The file system refused a write (disk full, quota, file too large, permissions, I/O error); the
+    message names the file and says what was kept, and the original `OSError` is its `__cause__`."""

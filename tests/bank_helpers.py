@@ -1,8 +1,12 @@
-"""Small random patch banks for the bank, writer, index and inspect tests (real files, real FAISS), and
-the bank-folder digest that the build tests compare, and a batch runner that dies like a killed build."""
+"""Small random patch banks for the bank, writer, index and inspect tests (real files, real FAISS), the
+bank-folder digest that the build tests compare, a batch runner that dies like a killed or failed build,
+and a full disk at one chosen write."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from cmcaug.bank import format as fmt
+from cmcaug.bank._folder import Folder
 from cmcaug.bank.writer import write_bank
 from cmcaug.concepts import ConceptVocab
 
@@ -65,13 +70,15 @@ def rehash(bank: Path) -> None:
     (bank / fmt.MANIFEST).write_text(fmt.manifest_json(manifest))
 
 
-def file_hashes(bank: Path) -> dict[str, str]:
-    """sha256 of every entry of a bank folder, hidden ones included; a folder (a leftover .build/) shows as "dir"."""
-    return {p.name: fmt.sha256_file(p) if p.is_file() else "dir" for p in sorted(bank.iterdir())}
+def file_hashes(bank: Path, hidden: bool = True) -> dict[str, str]:
+    """sha256 of every entry of a bank folder, hidden ones included unless `hidden=False` (then: the bank's
+    own files only, not .build/ or .lock); a folder (a leftover .build/) shows as "dir"."""
+    return {p.name: fmt.sha256_file(p) if p.is_file() else "dir" for p in sorted(bank.iterdir()) if hidden or p.name[0] != "."}
 
 
-def stop_after(n: int, runner):
-    """A build batch runner that hands over `n` shards of `runner`, then dies like a killed build."""
+def stop_after(n: int, runner, error: BaseException | type[BaseException] = KeyboardInterrupt):
+    """A build batch runner that hands over `n` shards of `runner`, then raises `error` (by default it dies
+    like a killed build)."""
     def run(job, batches):
         results = runner(job, batches)
         try:
@@ -79,6 +86,32 @@ def stop_after(n: int, runner):
                 yield next(results)
         finally:
             results.close()
-        raise KeyboardInterrupt
+        raise error
 
     return run
+
+
+class FullDisk:
+    """A file on a full disk: every write fails with ENOSPC."""
+
+    def __init__(self, file) -> None:
+        self._file = file
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+
+def fill_disk_at(monkeypatch, folder: str, name: str) -> None:
+    """Make the write of file `name` in a folder named `folder` (".build", "shards", "staged", ".staging")
+    fail as on a full disk; `monkeypatch.undo()` frees the space again."""
+    writing = Folder.writing
+
+    @contextlib.contextmanager
+    def full_at_write(self: Folder, file_name: str):
+        with writing(self, file_name) as file:
+            yield FullDisk(file) if (self.path.name, file_name) == (folder, name) else file
+
+    monkeypatch.setattr(Folder, "writing", full_at_write)

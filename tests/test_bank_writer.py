@@ -1,7 +1,10 @@
-"""write_bank: sorted layout, offsets, deterministic bytes, streaming from memmaps, input checks, publish order."""
+"""write_bank: sorted layout, offsets, deterministic bytes, streaming from memmaps, input checks, publish order,
+a full disk, the lock, and links planted in the bank folder."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -9,16 +12,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from bank_helpers import EMPTY_CONCEPT, VOCAB, expected_order, file_hashes, random_inputs, unit_rows, write_random_bank
+from bank_helpers import (EMPTY_CONCEPT, VOCAB, expected_order, file_hashes, fill_disk_at, random_inputs, unit_rows,
+                          write_random_bank)
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cmcaug.bank import format as fmt
 from cmcaug.bank import writer as bank_writer
+from cmcaug.bank._folder import Folder
+from cmcaug.bank._publish import bank_lock
 from cmcaug.bank.reader import PatchBank
 from cmcaug.bank.writer import write_bank
-from cmcaug.errors import InputError
+from cmcaug.errors import BankFormatError, BankLockedError, InputError, StorageError
 
 
 def test_round_trip_sorted_by_concept_image_box(tmp_path: Path) -> None:
@@ -149,6 +155,49 @@ def test_failed_write_leaves_the_previous_bank_intact(tmp_path: Path) -> None:
         write_bank(tmp_path / "bank", **bad)
     assert file_hashes(tmp_path / "bank") == before
     PatchBank.open(tmp_path / "bank")
+
+
+@pytest.mark.parametrize("name", [*fmt.DATA_FILES, ".manifest.json.tmp"])
+def test_full_disk_leaves_the_previous_bank_intact(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_random_bank(tmp_path / "bank", n=30)
+    before = file_hashes(tmp_path / "bank")
+    fill_disk_at(monkeypatch, bank_writer.STAGING, name)
+    with pytest.raises(StorageError, match=f"cannot write .*/bank/.staging/{name}: No space left on device") as failed:
+        write_random_bank(tmp_path / "bank", n=60, seed=3)
+    assert failed.value.__cause__.errno == errno.ENOSPC
+    assert file_hashes(tmp_path / "bank") == before  # no .staging/ (its space is free again), no .lock
+    PatchBank.open(tmp_path / "bank")
+
+
+def test_one_writer_at_a_time(tmp_path: Path) -> None:
+    write_random_bank(tmp_path / "bank", n=30)
+    before = file_hashes(tmp_path / "bank")
+    with Folder.open(tmp_path / "bank") as bank, bank_lock(bank, "a test"):
+        with pytest.raises(BankLockedError, match=f"bank is being written by another process .a test, pid {os.getpid()} on "):
+            write_random_bank(tmp_path / "bank", n=60, seed=3)
+        assert file_hashes(tmp_path / "bank", hidden=False) == before
+    write_random_bank(tmp_path / "bank", n=60, seed=3)  # the lock is free again
+    assert len(PatchBank.open(tmp_path / "bank")) == 60 and not (tmp_path / "bank" / ".lock").exists()
+
+
+def test_links_in_the_bank_folder_are_replaced_never_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / fmt.PIXELS).write_bytes(b"precious")
+    before = (victim / fmt.PIXELS).stat().st_mtime_ns
+    bank = tmp_path / "bank"
+    bank.mkdir()
+    (bank / ".staging").symlink_to(victim)
+    for name in (fmt.PIXELS, fmt.MANIFEST):
+        (bank / name).symlink_to(victim / fmt.PIXELS)
+    inputs = write_random_bank(bank, n=30)
+    assert sorted(p.name for p in victim.iterdir()) == [fmt.PIXELS] and (victim / fmt.PIXELS).read_bytes() == b"precious"
+    assert (victim / fmt.PIXELS).stat().st_mtime_ns == before
+    assert not any(p.is_symlink() for p in bank.iterdir()) and len(PatchBank.open(bank)) == len(inputs["pixels"])
+    (bank / ".lock").symlink_to(victim / fmt.PIXELS)
+    with pytest.raises(BankFormatError, match=r"bank/\.lock is a symbolic link; cmcaug never reads or writes a bank through one"):
+        write_random_bank(bank, n=30)
+    assert (victim / fmt.PIXELS).read_bytes() == b"precious"
 
 
 def _edit(inputs: dict, **changes: object) -> dict:

@@ -59,7 +59,12 @@ def progress(out: Path) -> tuple[int, bool]:
     return len([s for s in shards(out) if s.endswith(".npz")]), (out / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("point", ["shard:2", "finalize:before", "finalize:written", "finalize:renamed"])
+POINTS = ["shard:2", "finalize:before", "finalize:staged", "publish:unpublished", "publish:moved", "finalize:written",
+          "finalize:renamed"]
+STAGED_WHOLE = {"finalize:staged", "publish:unpublished", "publish:moved"}  # a resume publishes the staged bank as it is
+
+
+@pytest.mark.parametrize("point", POINTS)
 def test_sigkill_at_named_points(point: str, corpus: Path, reference: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "bank"
     killed = subprocess.run(cli_args(corpus, out), env={**os.environ, CRASH_ENV: point}, capture_output=True, timeout=120)
@@ -71,10 +76,11 @@ def test_sigkill_at_named_points(point: str, corpus: Path, reference: dict[str, 
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert "batches resumed: 2" in resumed.stdout and "boxes kept" in resumed.stdout
     else:
-        assert published == (point != "finalize:before")
+        assert published == (point in ("finalize:written", "finalize:renamed"))
         assert (out / BUILD_DIR).exists() == (point != "finalize:renamed")
         result = build(corpus, out, resume=True)
-        assert result.resumed_batches == (BATCHES if point != "finalize:renamed" else 0)
+        finished = point in STAGED_WHOLE or point == "finalize:renamed"
+        assert result.already_built == finished and result.resumed_batches == (0 if finished else BATCHES)
     assert file_hashes(out) == reference
 
 

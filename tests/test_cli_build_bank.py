@@ -73,7 +73,9 @@ def test_exit_codes(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
         assert exc.value.code == 2
     with pytest.raises(SystemExit) as exc:
         main(["build-bank", "--help"])
-    assert exc.value.code == 0 and "exit codes:" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert exc.value.code == 0 and "exit codes:" in help_text
+    assert "\n  6    BANK is being written by another build" in help_text and "\n  7    the file system refused a write" in help_text
 
 
 def test_bad_annotations_exit_3_with_a_message(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,5 +1,6 @@
 """`build_bank_distributed`: the Ray build writes the local build's bank byte for byte, resumes (and is
-resumed by) the local build, carries worker errors back as cmcaug errors, and refuses bad options.
+resumed by) the local build, holds the bank's lock on the driver, carries worker errors back as cmcaug
+errors, and refuses bad options.
 
 One small local Ray (2 CPUs, no dashboard, no usage stats, private temp dir) serves the whole module,
 because starting Ray takes seconds; the module is one xdist group so only one worker starts it.
@@ -7,6 +8,7 @@ because starting Ray takes seconds; the module is one xdist group so only one wo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -16,12 +18,14 @@ from pathlib import Path
 import pytest
 from bank_helpers import file_hashes, stop_after
 
+from cmcaug.bank._folder import Folder
+from cmcaug.bank._publish import bank_lock
 from cmcaug.builder._state import BUILD_DIR
 from cmcaug.builder.detect import UltralyticsDetector
 from cmcaug.builder.distributed import RayRunner, build_bank_distributed
 from cmcaug.builder.pipeline import build_bank, run_local
 from cmcaug.cli.main import main
-from cmcaug.errors import InputError, MissingDependencyError
+from cmcaug.errors import BankLockedError, InputError, MissingDependencyError
 from cmcaug.synth import make_corpus
 
 pytestmark = [
@@ -98,6 +102,25 @@ def test_resume_across_runners(cluster, corpus: Path, reference, tmp_path: Path)
     assert resumed.resumed_batches == 2 and file_hashes(ray_first) == reference[0]
     again = build_bank_distributed(corpus / "images", ray_first, resume=True, **options(corpus))
     assert again.already_built and file_hashes(ray_first) == reference[0]
+
+
+def test_the_driver_holds_the_bank_lock_for_the_whole_build(cluster, corpus: Path, reference, tmp_path: Path) -> None:
+    """A second build of BANK while a Ray build runs is refused, and a Ray build of a locked BANK too."""
+    out, on_ray = tmp_path / "bank", RayRunner(actors=1)
+
+    def runner(job, batches):
+        results = on_ray(job, batches)
+        yield next(results)
+        with pytest.raises(BankLockedError, match=f"is being written by another process .cmcaug build-bank, pid {os.getpid()} on"):
+            build_bank(corpus / "images", out, resume=True, **options(corpus))
+        yield from results
+
+    build_bank(corpus / "images", out, runner=runner, **options(corpus))  # what build_bank_distributed runs
+    assert file_hashes(out) == reference[0]
+    with Folder.open(out) as bank, bank_lock(bank, "another build"):
+        with pytest.raises(BankLockedError, match="another build, pid"):
+            build_bank_distributed(corpus / "images", out, overwrite=True, **options(corpus))
+    assert file_hashes(out) == reference[0]
 
 
 def test_yolo_detector_and_embedder_made_per_actor(cluster, corpus: Path, tmp_path: Path) -> None:

@@ -2,21 +2,25 @@
 
 The writer sorts patches by (concept_id, image, box, score) with a stable sort, so each concept's patches
 are one contiguous id range and the output does not depend on the order rows arrived in (e.g. on how
-many build workers there were). Every file is first written under a hidden temporary name; then a stale
-`manifest.json` is removed, the files are renamed into place, and `manifest.json` is written last: its
-appearance publishes the bank, so a reader never sees a half-written one. The bytes of every file are a
-pure function of the inputs (no timestamps, no temporary paths), and big inputs (np.memmap) are
-streamed in chunks of about 64 MiB rather than loaded whole.
+many build workers there were). `BankContents` checks the rows and stages the bank's files in a folder of
+their own, each flushed to disk, manifest.json last; `cmcaug.bank._publish.publish` then swaps them into
+the bank folder, so a reader never sees a half-written bank and a failed write leaves the previous bank
+as it was. The bytes of every file are a pure function of the inputs (no timestamps, no temporary
+paths). Every file is written with `file.write` through a descriptor (`cmcaug.bank._folder`), never
+through a memory map, so a full disk is an `OSError` (`StorageError`), not a SIGBUS; big inputs
+(np.memmap) are streamed in chunks of about 64 MiB rather than loaded whole.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import logging
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -28,10 +32,13 @@ from .._version import __version__
 from ..concepts import ConceptVocab
 from ..errors import InputError
 from . import format as fmt
+from ._folder import Folder
+from ._publish import bank_lock, publish
 from .index import build_index, plan_index, save_index
 
 log = logging.getLogger(__name__)
 
+STAGING = ".staging"  # where write_bank stages a bank inside its folder
 _CHUNK_BYTES = 64 << 20
 _NORM_TOLERANCE = 1e-2
 
@@ -92,20 +99,30 @@ def _gathered(source: np.ndarray, order: np.ndarray, dtype: np.dtype, bar: tqdm)
         yield rows, fmt.gather_rows(source, rows, dtype)
 
 
-def _write_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype, blocks: Iterator[np.ndarray]) -> str:
+def write_npy(file: BinaryIO, shape: tuple[int, ...], dtype: np.dtype, blocks: Iterable[np.ndarray]) -> str:
     """Write a `.npy` file block by block (header first), never holding the whole array; return its sha256,
     hashed on the way so the manifest need not read the bank's largest files back."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
                                                   "shape": shape})
     digest = hashlib.sha256(header.getvalue())
-    with open(path, "wb") as f:
-        f.write(header.getvalue())
-        for block in blocks:
-            data = np.ascontiguousarray(block).data
-            digest.update(data)
-            f.write(data)
+    file.write(header.getvalue())
+    for block in blocks:
+        data = np.ascontiguousarray(block, dtype).data
+        digest.update(data)
+        file.write(data)
     return digest.hexdigest()
+
+
+def map_npy(file: BinaryIO) -> np.ndarray:
+    """The `.npy` file that `write_npy` wrote into `file`, memory-mapped read-only through that same open file."""
+    file.flush()
+    file.seek(0)
+    np.lib.format.read_magic(file)
+    shape, _, dtype = np.lib.format.read_array_header_1_0(file)
+    if not math.prod(shape):
+        return np.zeros(shape, dtype)  # an empty file region cannot be mapped
+    return np.memmap(file, dtype, "r", file.tell(), shape)
 
 
 def _checked_embeddings(chunks: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[np.ndarray]:
@@ -132,13 +149,78 @@ def _concepts_table(vocab: ConceptVocab, concept_ids: np.ndarray) -> pa.Table:
     }, schema=fmt.CONCEPTS_SCHEMA)
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') bytes to disk, so the publish order survives a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _file_entry(file: BinaryIO, sha256: str | None = None) -> dict[str, Any]:
+    """A manifest's record of a file just written: its sha256 (read back unless given) and size."""
+    file.flush()
+    if sha256 is None:
+        file.seek(0)
+        digest = hashlib.sha256()
+        while block := file.read(1 << 22):
+            digest.update(block)
+        sha256 = digest.hexdigest()
+    return {"sha256": sha256, "bytes": os.fstat(file.fileno()).st_size}
+
+
+@dataclass(frozen=True)
+class BankContents:
+    """A bank's checked contents (`check`), ready to be written into a folder (`stage`)."""
+
+    vocab: ConceptVocab
+    table: pa.Table  # the patches, sorted
+    order: np.ndarray  # input row of each sorted row
+    pixels: np.ndarray
+    embeddings: np.ndarray
+    manifest: dict[str, Any]  # all but "files"
+
+    @classmethod
+    def check(cls, *, vocab: ConceptVocab, patches: pa.Table, pixels: np.ndarray, embeddings: np.ndarray,
+              provenance: dict[str, Any], stats: dict[str, Any], index_kind: str | None = None) -> BankContents:
+        """`write_bank`'s arguments, checked (`InputError` naming what is wrong) and sorted; nothing is written."""
+        if not isinstance(vocab, ConceptVocab):
+            raise InputError(f"vocab must be a ConceptVocab, got {type(vocab).__name__}")
+        table, order = _sorted_patches(patches, len(vocab))
+        _check_arrays(pixels, embeddings, table.num_rows)
+        manifest: dict[str, Any] = {
+            "format": fmt.FORMAT, "version": fmt.VERSION, "writer": f"cmcaug {__version__}",
+            "num_patches": table.num_rows, "patch_size": pixels.shape[1], "embedding_dim": embeddings.shape[1],
+            "embedding_dtype": str(fmt.EMBEDDING_DTYPE), "num_concepts": len(vocab),
+            "sort_order": ["concept_id", "image", "box", "score"],
+            "index": plan_index(table.num_rows, index_kind), "provenance": provenance, "stats": stats,
+        }
+        try:
+            fmt.manifest_json(manifest)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"provenance and stats must be JSON-serializable without NaN: {exc}") from exc
+        return cls(vocab, table, order, pixels, embeddings, manifest)
+
+    def stage(self, folder: Folder, progress: bool = False) -> dict[str, Any]:
+        """Write the bank's files into the empty `folder`, each flushed to disk, manifest.json last (so a
+        folder holding a manifest holds a whole bank); return the manifest."""
+        manifest, n, spec = dict(self.manifest), self.table.num_rows, self.manifest["index"]
+        p, d = manifest["patch_size"], manifest["embedding_dim"]
+        files: dict[str, dict[str, Any]] = {}
+        concepts = _concepts_table(self.vocab, self.table.column("concept_id").to_numpy())
+        for name, table in ((fmt.CONCEPTS, concepts), (fmt.PATCHES, self.table)):
+            with folder.writing(name) as file:
+                pq.write_table(table, file, **fmt.PARQUET_OPTIONS)
+                files[name] = _file_entry(file)
+        with tqdm(total=n, desc="bank pixels", unit="patch", disable=not progress) as bar, folder.writing(fmt.PIXELS) as file:
+            blocks = (block for _, block in _gathered(self.pixels, self.order, fmt.PIXEL_DTYPE, bar))
+            files[fmt.PIXELS] = _file_entry(file, write_npy(file, (n, p, p, 3), fmt.PIXEL_DTYPE, blocks))
+        with tqdm(total=n, desc="bank embeddings", unit="patch", disable=not progress) as bar, \
+                folder.writing(fmt.EMBEDDINGS) as file:
+            blocks = _checked_embeddings(_gathered(self.embeddings, self.order, fmt.EMBEDDING_DTYPE, bar))
+            files[fmt.EMBEDDINGS] = _file_entry(file, write_npy(file, (n, d), fmt.EMBEDDING_DTYPE, blocks))
+            sorted_embeddings = map_npy(file)
+        log.info("building a %s index over %d embeddings", spec["factory"], n)
+        with folder.writing(fmt.INDEX) as file:
+            save_index(build_index(sorted_embeddings, spec), file)
+            files[fmt.INDEX] = _file_entry(file)
+        manifest["files"] = {name: files[name] for name in fmt.DATA_FILES}
+        folder.fsync()  # the data files' names reach the disk before the manifest that vouches for them
+        folder.write(fmt.MANIFEST, fmt.manifest_json(manifest).encode())
+        folder.fsync()
+        return manifest
 
 
 def write_bank(
@@ -161,56 +243,24 @@ def write_bank(
     JSON-serializable; they go into the manifest as they are. `index_kind` forces "flat", "ivf" or
     "ivf-sq8" (default: chosen by size, see `cmcaug.bank.index`). An empty bank (N = 0) is valid.
     Files in `path` other than the bank's own (e.g. `.build/`) are left alone.
-    """
-    if not isinstance(vocab, ConceptVocab):
-        raise InputError(f"vocab must be a ConceptVocab, got {type(vocab).__name__}")
-    table, order = _sorted_patches(patches, len(vocab))
-    _check_arrays(pixels, embeddings, table.num_rows)
-    n, p, d = table.num_rows, pixels.shape[1], embeddings.shape[1]
-    spec = plan_index(n, index_kind)
-    manifest: dict[str, Any] = {
-        "format": fmt.FORMAT, "version": fmt.VERSION, "writer": f"cmcaug {__version__}",
-        "num_patches": n, "patch_size": p, "embedding_dim": d, "embedding_dtype": str(fmt.EMBEDDING_DTYPE),
-        "num_concepts": len(vocab), "sort_order": ["concept_id", "image", "box", "score"],
-        "index": spec, "provenance": provenance, "stats": stats,
-    }
-    try:
-        fmt.manifest_json(manifest)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"provenance and stats must be JSON-serializable without NaN: {exc}") from exc
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    temps = {name: path / f".{name}.tmp" for name in (*fmt.DATA_FILES, fmt.MANIFEST)}
-    try:
-        pq.write_table(_concepts_table(vocab, table.column("concept_id").to_numpy()), temps[fmt.CONCEPTS], **fmt.PARQUET_OPTIONS)
-        pq.write_table(table, temps[fmt.PATCHES], **fmt.PARQUET_OPTIONS)
-        digests: dict[str, str] = {}  # the .npy files, hashed as they are written
-        with tqdm(total=n, desc="bank pixels", unit="patch", disable=not progress) as bar:
-            blocks = (block for _, block in _gathered(pixels, order, fmt.PIXEL_DTYPE, bar))
-            digests[fmt.PIXELS] = _write_npy(temps[fmt.PIXELS], (n, p, p, 3), fmt.PIXEL_DTYPE, blocks)
-        with tqdm(total=n, desc="bank embeddings", unit="patch", disable=not progress) as bar:
-            blocks = _checked_embeddings(_gathered(embeddings, order, fmt.EMBEDDING_DTYPE, bar))
-            digests[fmt.EMBEDDINGS] = _write_npy(temps[fmt.EMBEDDINGS], (n, d), fmt.EMBEDDING_DTYPE, blocks)
-        log.info("building a %s index over %d embeddings", spec["factory"], n)
-        sorted_embeddings = np.load(temps[fmt.EMBEDDINGS], mmap_mode="r", allow_pickle=False)
-        save_index(build_index(sorted_embeddings, spec), temps[fmt.INDEX])
-        del sorted_embeddings
-        manifest["files"] = {
-            name: {"sha256": digests.get(name) or fmt.sha256_file(temps[name]), "bytes": temps[name].stat().st_size}
-            for name in fmt.DATA_FILES
-        }
-        temps[fmt.MANIFEST].write_text(fmt.manifest_json(manifest), encoding="utf-8")
-        for temp in temps.values():
-            _fsync(temp)
-        (path / fmt.MANIFEST).unlink(missing_ok=True)
-        for name in fmt.DATA_FILES:
-            os.replace(temps[name], path / name)
-        _fsync(path)
-        os.replace(temps[fmt.MANIFEST], path / fmt.MANIFEST)
-        _fsync(path)
-    finally:
-        for temp in temps.values():
-            temp.unlink(missing_ok=True)
-    log.info("wrote bank %s: %d patches of %dx%d, %d concepts, %s index", path, n, p, p, len(vocab), spec["kind"])
+    The bank is staged whole in `path/.staging/`, then published over the bank already in `path` (see
+    `cmcaug.bank._publish`), holding `path/.lock` throughout (`BankLockedError` if another writer holds it).
+    Bad input is refused before anything is written; a write that fails (`StorageError`: a full disk) or
+    is killed before the publish leaves the bank that was in `path` byte for byte.
+    """
+    contents = BankContents.check(vocab=vocab, patches=patches, pixels=pixels, embeddings=embeddings,
+                                  provenance=provenance, stats=stats, index_kind=index_kind)
+    with Folder.open(Path(path), create=True) as bank, bank_lock(bank, "write_bank"):
+        bank.remove(STAGING)
+        with bank.folder(STAGING, create=True) as staging:
+            try:
+                manifest = contents.stage(staging, progress)
+            except BaseException:
+                bank.remove(STAGING)  # free the space the failed write took
+                raise
+            publish(staging, bank)
+        bank.remove(STAGING)
+    n, p = manifest["num_patches"], manifest["patch_size"]
+    log.info("wrote bank %s: %d patches of %dx%d, %d concepts, %s index", path, n, p, p, len(vocab), manifest["index"]["kind"])
     return manifest

@@ -1,7 +1,9 @@
 """The offline stage: an image corpus becomes a patch bank (`build_bank`, `cmcaug build-bank`).
 
 `options` (every build option and its valid range, once), `images` (listing and robust decoding of
-folders, list files and tar shards), `detect` (YOLO or COCO boxes), `embed` (patch embedders), `pipeline`
-(detect, crop, embed, shard, finalize: resumable and independent of the worker count), `_state` (the
-resumable state in BANK/.build/) and `distributed` (the same pipeline on a Ray cluster).
+folders, list files and tar shards, with `_tar`, reading a shard up to its damage, and `_budget`, the
+bytes decoded ahead), `detect` (YOLO or COCO boxes), `embed` (patch embedders), `pipeline` (detect,
+crop, embed, shard, finalize: resumable and independent of the worker count), `_state` (the build
+folder BANK/.build/: resumable state, shards, the staged bank) and `distributed` (the same pipeline on
+a Ray cluster).
 """

@@ -1,11 +1,11 @@
 """`build_bank_distributed`: the `build_bank` pipeline with its batches spread over a Ray cluster.
 
-    driver   list images, make and check the models, open BANK/.build/      (all `build_bank`'s own code)
+    driver   list images, make and check the models, lock BANK, open BANK/.build/   (`build_bank`'s own code)
     Ray Data one row per batch still to do (its image refs)
       -> map_batches(decode_batches)   tasks: read + decode each image (`images.load_image`)
       -> map_batches(PatchWorker)      actor pool: detector + embedder made once per actor;
                                        `build.process_batch` -> the batch's shard bytes
-    driver   writes each shard under BANK/.build/ as it arrives, in any order; finalizes with `write_bank`
+    driver   writes each shard under BANK/.build/ as it arrives, in any order; stages and publishes the bank
 
 Ray Data may fuse the two stages into the actors (it does when neither asks for a GPU); either way
 decoded pixels never leave Ray and only shard bytes reach the driver.
@@ -19,7 +19,9 @@ changing it; identical bytes also need the same device kind (CPU or GPU inferenc
 Resume: the build state is the local one (`BANK/.build/`, same shard format, same fingerprint), so a
 build interrupted on either path is resumed by either path, redoing only the batches without a shard.
 Requirements: every node reads the images (and annotations / weights files) at the driver's absolute
-paths (a shared file system); only the driver writes, so BANK need not be shared.
+paths (a shared file system); only the driver writes, so BANK need not be shared. The driver holds
+BANK/.lock for the whole build, so a second build of BANK, local or on Ray, is refused (`BankLockedError`),
+and a bank already in BANK is kept until the new one is published, as in a local build.
 """
 from __future__ import annotations
 
@@ -77,12 +79,14 @@ def _unpack(row: dict[str, Any]) -> list[DecodedImage]:
     return out
 
 
-def decode_batches(table: pa.Table, *, threads: int, max_pixels: int) -> pa.Table:
+def decode_batches(table: pa.Table, *, threads: int, max_pixels: int, max_file_bytes: int) -> pa.Table:
     """Ray stage 1: read and decode the images of each batch row (bad images become counted failures)."""
     rows = []
     for row in table.to_pylist():
-        refs = [ImageRef(*ref) for ref in zip(row["key"], row["path"], row["offset"], row["size"], strict=True)]
-        rows.append(_pack(row["batch"], list(decode_stream(refs, workers=threads, max_pixels=max_pixels))))
+        refs = [ImageRef(*ref) for ref in zip(row["key"], row["path"], row["offset"], row["size"], row["failure"],
+                                              strict=True)]
+        decoded = decode_stream(refs, workers=threads, max_pixels=max_pixels, max_file_bytes=max_file_bytes)
+        rows.append(_pack(row["batch"], list(decoded)))
     return pa.Table.from_pylist(rows, schema=_DECODED)
 
 
@@ -213,14 +217,16 @@ class RayRunner:
 
     def _dataset(self, ray: Any, job: BuildJob, batches: Sequence[int]) -> Any:
         rows = [{"batch": b, "key": [r.key for r in refs], "path": [os.path.abspath(r.path) for r in refs],
-                 "offset": [r.offset for r in refs], "size": [r.size for r in refs]}
+                 "offset": [r.offset for r in refs], "size": [r.size for r in refs],
+                 "failure": [r.failure for r in refs]}
                 for b in batches for refs in [job.images(b)]]
         cpus, gpus = self.options.num_cpus_per_task, self.options.num_gpus_per_task
         threads = int(cpus) if job.options.workers is None else job.options.workers
         spec, expected = _portable(job)
         dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), _MAX_BLOCKS))
         dataset = dataset.map_batches(decode_batches, batch_size=1, batch_format="pyarrow", num_cpus=cpus,
-                                      fn_kwargs={"threads": threads, "max_pixels": job.options.max_pixels})
+                                      fn_kwargs={"threads": threads, "max_pixels": job.options.max_pixels,
+                                                 "max_file_bytes": job.options.max_file_bytes})
         return dataset.map_batches(
             PatchWorker, batch_size=1, batch_format="pyarrow", compute=self._actor_pool(ray, len(rows)), num_cpus=cpus,
             num_gpus=gpus, fn_constructor_kwargs={"spec": spec, "expected": expected, "concept_of": job.concept_of},

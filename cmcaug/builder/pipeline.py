@@ -1,7 +1,8 @@
 """`build_bank`: image corpus -> concept patch bank, resumable and independent of the worker count.
 
     list images (sorted by key) -> decode pool -> detect in batches -> square crops -> embed
-      -> one shard per batch under BANK/.build/ -> finalize with `write_bank` -> remove .build/
+      -> one shard per batch under BANK/.build/ -> finalize: stage the bank in .build/staged/ (`BankContents`)
+      -> publish it into BANK -> remove .build/
 
 The middle part (decode -> detect -> crop -> embed -> shard bytes) runs in a *batch runner*: `run_local`
 (threads and models in this process) by default, or `cmcaug.builder.distributed.RayRunner` on a Ray cluster.
@@ -13,7 +14,9 @@ nothing else, and the finalize step reads shards in batch order, so neither `wor
 resume changes a byte of the bank. `max_per_concept` draws from a generator seeded by (seed, concept).
 
 Resume: the shards and `state.json` under BANK/.build/ are the build's state (`cmcaug.builder._state`); a
-build killed at any point and re-run with `resume=True` redoes only the batches without a shard.
+build killed at any point and re-run with `resume=True` redoes only the batches without a shard. The
+build holds BANK/.lock from start to end, and a bank already in BANK stays as it was until the new one
+is published (see `cmcaug.builder._state`).
 """
 from __future__ import annotations
 
@@ -32,11 +35,11 @@ import pyarrow as pa
 from PIL import Image
 from tqdm import tqdm
 
-from ..bank.writer import write_bank
+from ..bank._folder import Folder
+from ..bank.writer import BankContents
 from ..concepts import ConceptVocab
 from ..errors import InputError
-from ._state import (BUILD_DIR, clear_leftovers, crash_point, digest, encode_shard, load_shard, missing_batches,
-                          open_build, remove_build, save_shard, shard_path)
+from ._state import BuildFolder, crash_point, digest, encode_shard, locked_output, open_build, publish_build
 from .detect import AnnotationDetector, Detector, UltralyticsDetector
 from .embed import Embedder, make_embedder
 from .images import DEFAULT_MAX_PIXELS, FAILURE_REASONS, DecodedImage, ImageRef, decode_stream, list_images
@@ -100,10 +103,13 @@ def process_batch(first: int, decoded: Sequence[DecodedImage], detector: Detecto
         concept[known] = concept_of[det.labels[known]]
         sides = np.stack([det.boxes[:, 2] - det.boxes[:, 0], det.boxes[:, 3] - det.boxes[:, 1]], axis=1)
         unknown = concept < 0
-        low = ~unknown & (det.scores < options.conf)
-        small = ~unknown & ~low & ((sides.max(axis=1) < options.min_box) | (sides.min(axis=1) < 1))
-        dropped.update(unknown_concept=int(unknown.sum()), low_score=int(low.sum()), small=int(small.sum()))
-        keep = np.flatnonzero(~(unknown | low | small))
+        broken = ~unknown & ~(np.isfinite(det.scores) & np.isfinite(det.boxes).all(axis=1))  # any detector's NaN
+        low = ~unknown & ~broken & (det.scores < options.conf)
+        small = ~unknown & ~broken & ~low & ((sides.max(axis=1) < options.min_box) | (sides.min(axis=1) < 1))
+        dropped.update(unknown_concept=int(unknown.sum()), not_finite=int(broken.sum()), low_score=int(low.sum()),
+                       small=int(small.sum()))
+        dropped.update(det.dropped)  # what the detector skipped itself (unusable annotations, crowd regions)
+        keep = np.flatnonzero(~(unknown | broken | low | small))
         image = Image.fromarray(d.pixels) if keep.size else None
         for k in keep:
             crops.append(crop_patch(image, det.boxes[k], options.patch_size))
@@ -118,8 +124,9 @@ def process_batch(first: int, decoded: Sequence[DecodedImage], detector: Detecto
         "pixels": pixels, "embeddings": embedder.embed(pixels).astype(np.float16),
     }
     failed = Counter(d.failure for d in decoded if d.failure)
-    stats = {"read": len(decoded), "decoded": len(ok), "failed": dict(failed), "found": int(sum(len(f) for f in found)),
-             "dropped": dict(dropped)}
+    found_boxes = sum(len(f) + sum(f.dropped.values()) for f in found)  # found == kept + dropped
+    stats = {"read": len(decoded), "decoded": len(ok), "failed": dict(failed), "found": int(found_boxes),
+             "dropped": dict(+dropped)}  # reasons that happened; the summary adds the usual ones at 0
     return encode_shard(arrays, stats)
 
 
@@ -139,26 +146,18 @@ def select_per_concept(concept: np.ndarray, image: np.ndarray, box: np.ndarray, 
     return keep
 
 
-def _finalize(out: Path, build: Path, n_batches: int, keys: Sequence[str], vocab: ConceptVocab, options: BuildOptions,
-              dim: int, provenance: dict[str, Any], unmatched: int) -> dict[str, Any]:
-    """Gather the shards (in batch order) into the bank at `out`, keep `max_per_concept`, publish, remove `build`."""
-    meta = [load_shard(build, b, ("concept_id", "image", "box", "score")) for b in range(n_batches)]
+def _finalize(bank: Folder, build: BuildFolder, n_batches: int, keys: Sequence[str], vocab: ConceptVocab,
+              options: BuildOptions, dim: int, provenance: dict[str, Any], unmatched: int) -> dict[str, Any]:
+    """Gather the shards (in batch order) into the bank, keep `max_per_concept`, publish, remove `build`."""
+    meta = [build.load(b, ("concept_id", "image", "box", "score")) for b in range(n_batches)]
     concept = np.concatenate([m["concept_id"] for m in meta])
     image = np.concatenate([m["image"] for m in meta])
     box = np.concatenate([m["box"] for m in meta])
     keep = select_per_concept(concept, image, box, options.max_per_concept, options.seed)
     n, p = int(keep.sum()), options.patch_size
-    pixels = np.lib.format.open_memmap(build / "pixels.npy", "w+", np.uint8, (n, p, p, 3)) if n else np.zeros((0, p, p, 3), np.uint8)
-    embeddings = np.lib.format.open_memmap(build / "embeddings.npy", "w+", np.float16, (n, dim)) if n else np.zeros((0, dim), np.float16)
-    start, row = 0, 0
-    for b, m in enumerate(meta):
-        mask = keep[start:start + len(m["concept_id"])]
-        start, kept = start + len(mask), int(mask.sum())
-        if kept:
-            with np.load(shard_path(build, b), allow_pickle=False) as z:
-                pixels[row:row + kept] = z["pixels"][mask]
-                embeddings[row:row + kept] = z["embeddings"][mask]
-            row += kept
+    kept = np.split(keep, np.cumsum([len(m["concept_id"]) for m in meta])[:-1])
+    pixels = build.gather("pixels", kept, (p, p, 3), np.dtype(np.uint8))
+    embeddings = build.gather("embeddings", kept, (dim,), np.dtype(np.float16))
     counts = np.bincount(concept[keep], minlength=len(vocab))
     total: Counter[str] = Counter()
     failed: Counter[str] = Counter({r: 0 for r in FAILURE_REASONS})
@@ -182,12 +181,9 @@ def _finalize(out: Path, build: Path, n_batches: int, keys: Sequence[str], vocab
         "box": pa.FixedSizeListArray.from_arrays(pa.array(box[keep].ravel(), pa.float32()), 4),
         "score": pa.array(np.concatenate([m["score"] for m in meta])[keep], pa.float32()),
     })
-    clear_leftovers(out)
-    manifest = write_bank(out, vocab=vocab, patches=patches, pixels=pixels, embeddings=embeddings,
-                          provenance=provenance, stats=stats, progress=options.progress)
-    del pixels, embeddings
-    remove_build(out)
-    return manifest
+    contents = BankContents.check(vocab=vocab, patches=patches, pixels=pixels, embeddings=embeddings, provenance=provenance,
+                                  stats=stats)
+    return publish_build(bank, build, lambda staged: contents.stage(staged, options.progress))
 
 
 # -- batch runners ---------------------------------------------------------------------------------
@@ -209,7 +205,7 @@ class ModelSpec:
             raise InputError(f"device={options.device!r} is for a YOLO detector given as weights or a yaml (--detector); annotations "
                              "run no model, and a Detector object runs where it was made (UltralyticsDetector(..., device=...))")
         if self.annotations is not None:
-            det: Detector = AnnotationDetector(self.annotations)
+            det: Detector = AnnotationDetector(self.annotations, strict=options.strict)
         elif isinstance(self.detector, (str, Path)):
             det = UltralyticsDetector(self.detector, conf=options.conf, device=options.device, batch_size=options.batch_size,
                                       seed=options.seed)
@@ -257,7 +253,8 @@ def run_local(job: BuildJob, batches: Sequence[int]) -> Generator[tuple[int, byt
     this process, batch after batch."""
     workers = min(8, os.cpu_count() or 1) if job.options.workers is None else job.options.workers
     refs = [r for b in batches for r in job.images(b)]
-    stream = decode_stream(refs, workers=workers, max_pixels=job.options.max_pixels, prefetch=2 * max(job.batch_size, workers))
+    stream = decode_stream(refs, workers=workers, max_pixels=job.options.max_pixels,
+                           max_file_bytes=job.options.max_file_bytes, prefetch=2 * max(job.batch_size, workers))
     try:
         for b in batches:
             decoded = [next(stream) for _ in job.images(b)]
@@ -277,11 +274,11 @@ def empty_bank_warning(stats: dict[str, Any]) -> str:
             f"{'; ' + reasons if reasons else ''}); check conf, min_box, the vocabulary and the box source")
 
 
-def _run_batches(build: Path, job: BuildJob, todo: Sequence[int], runner: BatchRunner) -> float:
+def _run_batches(build: BuildFolder, job: BuildJob, todo: Sequence[int], runner: BatchRunner) -> float:
     """Run the batches `todo` with `runner`, saving each shard under `build` as it arrives, in any order;
     return the images/s of this run (the batches done before a resume are not counted)."""
     if len(todo) < job.n_batches:
-        log.info("resuming %s: %d of %d batches already done", build, job.n_batches - len(todo), job.n_batches)
+        log.info("resuming %s: %d of %d batches already done", build.path, job.n_batches - len(todo), job.n_batches)
     todo_images = sum(len(job.images(b)) for b in todo)
     pending = set(todo)
     started = time.perf_counter()
@@ -293,7 +290,7 @@ def _run_batches(build: Path, job: BuildJob, todo: Sequence[int], runner: BatchR
                 if b not in pending:
                     raise RuntimeError(f"the batch runner returned batch {b}, which was not asked for or came twice")
                 pending.discard(b)
-                save_shard(build, b, shard)
+                build.save(b, shard)
                 crash_point(f"shard:{count}")
                 bar.update(len(job.images(b)))
         finally:
@@ -322,41 +319,49 @@ def build_bank(
     seed: int = BuildOptions.seed,
     progress: bool = BuildOptions.progress,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_file_bytes: int = BuildOptions.max_file_bytes,
     runner: BatchRunner | None = None,
     ignore_unmatched_annotations: bool = BuildOptions.ignore_unmatched_annotations,
+    strict: bool = BuildOptions.strict,
     device: str | None = BuildOptions.device,
 ) -> BuildStats:
     """Build a patch bank at `out` from images (folders, image files, path lists, img2dataset .tar shards).
 
     Boxes come from `detector` (YOLO weights / yaml, any `Detector`, or a zero-argument function making
-    one) or `annotations` (COCO JSON).
-    Boxes are dropped when their class is not in `vocab` (default: the detector's class names), their
-    score is below `conf` (default: the detector's own `conf` when `detector` is a Detector that has one,
-    else 0.25), or their longer side is below `min_box` pixels; at most `max_per_concept`
-    patches per concept are kept (a draw seeded by `seed`, which also seeds a yaml model's random
-    weights). `workers` decode threads (default: min(8, CPUs)) never change the result. Images over
-    `max_pixels` pixels are skipped as decompression bombs. `runner` runs the batches (default
-    `run_local`; `cmcaug.builder.distributed.build_bank_distributed` passes a Ray one) and never changes the
-    result either, so a build can be resumed with another runner. Same as `cmcaug build-bank`.
+    one) or `annotations` (COCO JSON). Boxes are dropped when their class is not in `vocab` (default: the
+    detector's class names), their score is below `conf` (default: the detector's own `conf` when
+    `detector` is a Detector that has one, else 0.25), or their longer side is below `min_box` pixels; at
+    most `max_per_concept` patches per concept are kept (a draw seeded by `seed`, which also seeds a yaml
+    model's random weights). `workers` decode threads (default: min(8, CPUs)) never change the result.
+    Images over `max_pixels` pixels are skipped as decompression bombs, files and tar members over
+    `max_file_bytes` bytes unread ("file_too_big"). `runner` runs the batches (default `run_local`; Ray's
+    `build_bank_distributed` passes its own) and never changes the result either, so a build can be
+    resumed with another runner. Same as `cmcaug build-bank`.
 
-    With `ignore_unmatched_annotations`, annotations of images that are not among the inputs are left
-    out and counted (`stats["images"]["annotated_not_among_inputs"]`, present when not 0) instead of
-    refused: a build from part of a large COCO file. `device` is the YOLO detector's ultralytics device
-    ("cpu", "0", "cuda:0"; None: ultralytics' choice). Like `workers`, neither is part of what `resume`
-    compares: the flag only lets a build run that would fail without it (a subset build resumed without it
-    fails, naming it), and `device` says where YOLO runs; CPU and GPU boxes differ only by float rounding,
-    so a build may resume on another device, and a byte-identical bank needs the same kind of device. A
-    build that keeps no patch logs a warning whose record has `empty_bank=True`, for callers that report
-    it themselves (the CLI prints it once, after its tables).
+    With `ignore_unmatched_annotations`, annotations of images not among the inputs are left out and
+    counted (`stats["images"]["annotated_not_among_inputs"]`) instead of refused: a build from part of a
+    large COCO file. An annotation with a non-finite or empty box or a non-finite score is skipped and
+    counted among the dropped boxes, or refused with `strict`. `device` is the YOLO detector's ultralytics
+    device ("cpu", "0", "cuda:0"; None: ultralytics' choice). Like `workers`, these three are not part of
+    what `resume` compares: CPU and GPU boxes differ only by float rounding, so a build may resume on
+    another device (a byte-identical bank needs the same kind of device). A build that keeps no patch logs
+    a warning whose record has `empty_bank=True` (the CLI prints it once, after its tables).
+
+    With `overwrite`, the bank already in `out` stays readable and unchanged until the new one is published
+    in its place; a build that fails or is killed before that leaves it as it was. The build holds
+    `out/.lock` throughout: a second build of `out` raises `BankLockedError` naming this one. A write the
+    file system refuses (a full disk) raises `StorageError`; the finished batches stay for `resume`.
     """
     started = time.perf_counter()
     options = BuildOptions(
         patch_size=patch_size, min_box=min_box, conf=resolve_conf(conf, detector), max_per_concept=max_per_concept,
         embedder=embedder, batch_size=batch_size, workers=workers, resume=resume, overwrite=overwrite, seed=seed,
-        progress=progress, max_pixels=max_pixels, ignore_unmatched_annotations=ignore_unmatched_annotations, device=device)
-    if options.ignore_unmatched_annotations and annotations is None:
-        raise InputError("ignore_unmatched_annotations (--ignore-unmatched-annotations) is for annotations (--annotations), "
-                         "not a detector")
+        progress=progress, max_pixels=max_pixels, max_file_bytes=max_file_bytes,
+        ignore_unmatched_annotations=ignore_unmatched_annotations, strict=strict, device=device)
+    for flag, value in (("ignore_unmatched_annotations (--ignore-unmatched-annotations)", ignore_unmatched_annotations),
+                        ("strict (--strict)", strict)):
+        if value and annotations is None:
+            raise InputError(f"{flag} is for annotations (--annotations), not a detector")
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     refs: list[ImageRef] = list_images(inputs)
     keys = [r.key for r in refs]
@@ -378,17 +383,18 @@ def build_bank(
     }
     state = {"fingerprint": digest(description), "description": description}
     out = Path(out)
-    finished = open_build(out, state, options.resume, options.overwrite)
-    if finished is not None:
-        log.info("%s is already a finished bank of these inputs and options", out)
-        return BuildStats(out, finished.get("stats", {}), time.perf_counter() - started, 0.0, already_built=True, manifest=finished)
-
-    build = out / BUILD_DIR
-    job = BuildJob(refs, spec, det, emb, concept_of)
-    todo = missing_batches(build, job.n_batches)
-    images_per_s = _run_batches(build, job, todo, runner or run_local)
-    provenance = {**description, "fingerprint": state["fingerprint"]}
-    manifest = _finalize(out, build, job.n_batches, keys, vocab, options, emb.dim, provenance, unmatched)
+    with locked_output(out) as bank:  # the whole build, on any runner: a second build of `out` is refused
+        finished = open_build(bank, state, options.resume, options.overwrite)
+        if finished is not None:
+            log.info("%s is already a finished bank of these inputs and options", out)
+            return BuildStats(out, finished.get("stats", {}), time.perf_counter() - started, 0.0, already_built=True,
+                              manifest=finished)
+        job = BuildJob(refs, spec, det, emb, concept_of)
+        with BuildFolder(bank) as build:
+            todo = build.missing(job.n_batches)
+            images_per_s = _run_batches(build, job, todo, runner or run_local)
+            provenance = {**description, "fingerprint": state["fingerprint"]}
+            manifest = _finalize(bank, build, job.n_batches, keys, vocab, options, emb.dim, provenance, unmatched)
     if manifest["stats"]["boxes"]["kept"] == 0:
         log.warning("%s", empty_bank_warning(manifest["stats"]), extra={"empty_bank": True})
     return BuildStats(out, manifest["stats"], time.perf_counter() - started, images_per_s, job.n_batches - len(todo), manifest=manifest)
