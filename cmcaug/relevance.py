@@ -2,15 +2,18 @@
 
 TiMix needs, for every image patch, how relevant it is to the image's caption. Models with a cross-modal
 attention map can use it directly; for the rest, the TiMix authors train a small head on top of a vision
-encoder's patch tokens: each patch's own features, the mean-pooled features of the whole image and the
+encoder's patch features: each patch's own features, the mean-pooled features of the whole image and the
 caption's [CLS] embedding go through an MLP to two logits (irrelevant, relevant). Its labels come from
 grounding data: the patches a caption's boxes cover.
 
     head = TextAwarePatchPredictor(dim=768, text_dim=768)
-    logits = head(patch_tokens, text_cls)                     # [B, N, 2]; patch_tokens without [CLS]
+    logits = head(patch_features, text_cls)                     # [B, N, 2]; ViT patch features, no [CLS]
     labels = patch_labels_from_boxes(boxes, grid, image_size=(H, W))
-    loss = patch_alignment_loss(logits, labels)               # add to the pre-training loss
-    relevance = head.relevance(patch_tokens, text_cls, grid)  # [B, gh, gw] in [0, 1] -> text_aware_mix
+    loss = patch_alignment_loss(logits, labels)                 # add to the pre-training loss
+    relevance = head.relevance(patch_features, text_cls, grid)  # [B, gh, gw] in [0, 1] -> text_aware_mix
+
+An untrained head scores every patch near 0.5, so its windows are close to random: train it first.
+`examples/train_timix_relevance.py` does, on the shapes world, in seconds on a CPU.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ text-aware patch predictor (`TextAwarePatchPredictor`, in `cmcaug.relevance`); a
 One training step (features all-gathered across GPUs or not; see `soft_targets`):
 
     with torch.no_grad():
-        relevance = head.relevance(patch_tokens, text_cls, grid)     # or an attention map [B, gh, gw]
+        relevance = head.relevance(patch_features, text_cls, grid)   # or an attention map [B, gh, gw]
         p = (clean_image_features @ text_features.T / 0.07).softmax(1)
     res = text_aware_mix(images, relevance, patch_size=16, generator=g)
     loss = mixed_contrastive_loss(encode_image(res.images), text_features, soft_targets(p, res))
@@ -19,9 +19,12 @@ Draw, then apply:
 - `cmcaug.kernels.paste_windows` applies them (one Triton pass on CUDA) and draws nothing.
 
 Choices that differ from the published code (chaoyajiang/TiMiX, TPMix.py), on purpose:
-- any batch size: with "flip" the middle image of an odd batch (and any image that is its own partner)
-  is left unmixed with lam = 1, so B = 1 returns the input unchanged; no `.cuda()`, any device;
-- the window side k may be drawn per batch (the paper), per sample, or fixed; non-square patch grids work
+- any batch size: the published "flip" asserts an even batch; here an odd batch closes the middle three
+  images into a cycle, so every image of a batch of 2 or more is mixed. An image can still be left alone
+  (B = 1, partner="random" drawing it as its own partner, `prob` < 1, a window side of 0): it keeps
+  lam = 1 and is flagged in `MixResult.unmixed`. No `.cuda()`, any device;
+- the window side k may be drawn per batch (the paper), per sample, from lam ~ Beta(alpha, alpha) (timm's
+  CutMix), or fixed; images may be mixed with a probability `prob`; non-square patch grids work
   (k <= the shorter side); window sums come from one integral image for all B at once, in float64, and
   ties go to the top-most, then left-most window;
 - under torch.distributed the images are mixed within each rank (no pixels cross GPUs), and the
@@ -41,6 +44,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ._generator import beta, generator_device
 from .errors import InputError
 from .kernels import paste_windows
 from .losses import contrastive_logits, soft_info_nce
@@ -51,7 +55,7 @@ __all__ = [
     "mix_lambda", "mixed_contrastive_loss", "soft_targets", "text_aware_mix",
 ]
 
-Partner = Literal["flip", "roll", "random"] | torch.Tensor
+Partner = Literal["flip", "roll", "derangement", "random"] | torch.Tensor
 Window = Literal["per_batch", "per_sample"] | int | torch.Tensor | None
 
 
@@ -74,6 +78,14 @@ class MixResult:
     gathered_lam: torch.Tensor
     gathered_partner: torch.Tensor
 
+    @property
+    def unmixed(self) -> torch.Tensor:
+        """[B] bool: images returned as they came (no window pasted; lam = 1, partner = itself).
+
+        A batch of one is always unmixed; so is an image that `partner="random"` drew as its own partner,
+        one skipped by `prob`, or one given a window side of 0."""
+        return self.target_box[:, 2] == self.target_box[:, 0]
+
     def __repr__(self) -> str:
         b, c, h, w = self.images.shape
         return (f"MixResult(images=[{b}, {c}, {h}, {w}] {self.images.dtype}, patch_size={self.patch_size}, "
@@ -83,9 +95,9 @@ class MixResult:
 
 def text_aware_mix(
     images: torch.Tensor, relevance: torch.Tensor, *, patch_size: int, window: Window = None,
-    window_ratio: tuple[float, float] = (0.35, 0.75), partner: Partner = "flip",
-    label_mode: Literal["area", "relevance"] = "area", generator: torch.Generator | None = None,
-    inplace: bool = False, backend: str = "auto", validate: bool = True,
+    window_ratio: tuple[float, float] = (0.35, 0.75), alpha: float | None = None, prob: float = 1.0,
+    partner: Partner = "flip", label_mode: Literal["area", "relevance"] = "area",
+    generator: torch.Generator | None = None, inplace: bool = False, backend: str = "auto", validate: bool = True,
     group: torch.distributed.ProcessGroup | None = None,
 ) -> MixResult:
     """Mix each image with its partner where its caption cares least and the partner's caption most.
@@ -93,25 +105,46 @@ def text_aware_mix(
     images     [B, C, H, W] uint8 / float / bf16 on any device (not modified unless `inplace=True`).
     relevance  [B, H // patch_size, W // patch_size] patch-to-own-caption scores (higher = more relevant);
                probabilities, logits or attention weights all work for `label_mode="area"`.
-    window     None or "per_batch": one side k for the batch, uniform on
-               {ceil(r0 * s), ..., floor(r1 * s)} with (r0, r1) = `window_ratio` and s the shorter grid
-               side (the paper); "per_sample": one draw per image; an int: that k for all; a [B] tensor: those.
-    partner    "flip" (i <-> B-1-i, the paper), "roll" (image i-1 goes into image i, like
-               `images.roll(1, 0)`), "random" (a permutation drawn from `generator`), or a [B] index tensor.
+    window     None or "per_batch": one window side k for the batch (the paper); "per_sample": one draw per
+               image; an int: that k for all; a [B] tensor: those. Drawn sides are uniform on
+               {floor(r0 * s), ..., floor(r1 * s)} (at least 1), (r0, r1) = `window_ratio`, s the shorter
+               grid side: both bounds truncated, as the published TPMix does (`int(side * ratio)`). The
+               ratio bounds the *side*, so the window covers (k / s)^2 of a square grid: k in 5..12 for the
+               paper's (0.35, 0.75) on its 16 x 16 grid, 10 % to 56 % of the image; on a 7 x 7 grid k in
+               2..5, and the 5 x 5 window is half the image (lam = 0.49). For smaller pastes lower the
+               ratio: (0.2, 0.5) covers 4 % to 25 %.
+    alpha      draw k from lam ~ Beta(alpha, alpha) instead of `window_ratio` (timm's and torchvision's
+               CutMix): k = round(sqrt((1 - lam) * gh * gw)), clipped to [0, s], per batch or per sample as
+               `window` says; lam then reports the area kept, 1 - k^2 / (gh * gw) (timm's `correct_lam`).
+    prob       each image is mixed with probability `prob`, drawn per sample from `generator` (1: all
+               mixed, nothing drawn); the others keep their pixels and lam = 1.
+    partner    "flip" (i <-> B-1-i, the paper; on an odd B, around the middle image m, image m-1 gets the
+               window of m+1, m+1 that of m, m that of m-1); "roll" (image i-1 goes into image i, like
+               `images.roll(1, 0)`); "derangement" (a permutation without fixed points, uniform, from
+               `generator`); "random" (any permutation, uniform: images drawn as their own partner stay
+               unmixed); or a [B] index tensor. All but "random" mix every image of a batch of 2 or more.
     label_mode "area": lam = 1 - k^2 / (grid area) (the published code); "relevance": see `mix_lambda`.
     validate   check relevance values (finite; non-negative for "relevance"), explicit partners and window
                sides: host syncs; pass False in a tuned loop once inputs are known to be good.
     group      the torch.distributed group whose features will be all-gathered (default: the world group,
                when initialized). Then every rank must call this together (it all-gathers lam and partner).
+
+    Images left unmixed have partner[i] = i and lam = 1 (`MixResult.unmixed`); B = 1 leaves the only one.
     """
-    B, grid = _check_inputs(images, relevance, patch_size)
+    B, grid = _check_inputs(images, relevance, patch_size, prob)
     device = images.device
     scores = relevance.detach().to(device=device, dtype=torch.float64)
     if validate and B > 0:
         _check_relevance_values(scores, label_mode)
     partners = choose_partners(B, partner, generator=generator, device=device, validate=validate)
-    sides = draw_window_sides(grid, B, window, window_ratio, generator=generator, validate=validate).to(device)
-    sides = torch.where(partners == torch.arange(B, device=device), 0, sides)
+    sides = draw_window_sides(grid, B, window, window_ratio, alpha=alpha, generator=generator,
+                              validate=validate).to(device)
+    index = torch.arange(B, device=device)
+    skipped = partners == index
+    if prob < 1:
+        skipped |= (torch.rand(B, generator=generator, device=generator_device(generator)) >= prob).to(device)
+    sides = torch.where(skipped, 0, sides)
+    partners = torch.where(sides == 0, index, partners)
     target_box, source_box = find_windows(scores, partners, sides)
     lam = mix_lambda(scores, partners, target_box, source_box, label_mode)
     mixed = paste_windows(images, partners, target_box, source_box, patch_size=patch_size, inplace=inplace,
@@ -134,24 +167,42 @@ def choose_partners(batch_size: int, partner: Partner = "flip", *, generator: to
         return partner
     index = torch.arange(batch_size, device=device)
     if partner == "flip":
-        return index.flip(0)
+        flipped = index.flip(0)
+        if batch_size % 2 and batch_size > 1:  # flip would pair the middle image with itself
+            middle = batch_size // 2
+            flipped[middle], flipped[middle + 1] = middle - 1, middle
+        return flipped
     if partner == "roll":
         return (index - 1) % max(batch_size, 1)
-    if partner == "random":
-        draw_on = generator.device if generator is not None else "cpu"
-        return torch.randperm(batch_size, generator=generator, device=draw_on).to(device)
-    raise InputError(f"partner must be 'flip', 'roll', 'random' or a [B] index tensor, got {partner!r}")
+    if partner in ("random", "derangement"):
+        return _permutation(batch_size, partner == "derangement", generator).to(device)
+    raise InputError(f"partner must be 'flip', 'roll', 'derangement', 'random' or a [B] index tensor, got "
+                     f"{partner!r}")
+
+
+def _permutation(batch_size: int, without_fixed_points: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """A uniform random permutation, on the generator's device; uniform among those without a fixed point
+    when asked (rejection: about e draws on average, one host sync each). B < 2 has none: identity."""
+    draw_on = generator_device(generator)
+    index = torch.arange(batch_size, device=draw_on)
+    while True:
+        perm = torch.randperm(batch_size, generator=generator, device=draw_on)
+        if not without_fixed_points or batch_size < 2 or not bool((perm == index).any()):
+            return perm
 
 
 def draw_window_sides(grid: tuple[int, int], batch_size: int, window: Window = None,
-                      window_ratio: tuple[float, float] = (0.35, 0.75), *,
+                      window_ratio: tuple[float, float] = (0.35, 0.75), *, alpha: float | None = None,
                       generator: torch.Generator | None = None, validate: bool = True) -> torch.Tensor:
     """[B] int64 window sides in patches (on the generator's device, CPU by default); see `text_aware_mix`.
 
     `validate=False` skips the range check of a tensor of sides (a host sync when it is on a GPU)."""
     shortest = min(grid)
-    draw_on = generator.device if generator is not None else torch.device("cpu")
+    draw_on = generator_device(generator)
     if isinstance(window, (int, torch.Tensor)) and not isinstance(window, bool):
+        if alpha is not None:
+            raise InputError(f"alpha draws the window side, so window must be None, 'per_batch' or 'per_sample' "
+                             f"with it, got the fixed side(s) {window!r}")
         if isinstance(window, torch.Tensor) and (window.shape != (batch_size,) or window.is_floating_point()):
             raise InputError(f"window as a tensor must hold {batch_size} integer sides, got {window.dtype} "
                              f"{tuple(window.shape)}")
@@ -164,14 +215,17 @@ def draw_window_sides(grid: tuple[int, int], batch_size: int, window: Window = N
     r0, r1 = window_ratio
     if not 0 < r0 <= r1 <= 1:
         raise InputError(f"window_ratio must satisfy 0 < r0 <= r1 <= 1, got {window_ratio!r}")
-    low = min(max(1, math.ceil(r0 * shortest)), shortest)
-    high = max(low, min(shortest, math.floor(r1 * shortest)))
-    if window is None or window == "per_batch":
-        side = torch.randint(low, high + 1, (1,), generator=generator, device=draw_on)
-        return side.expand(batch_size).clone()
-    if window == "per_sample":
-        return torch.randint(low, high + 1, (batch_size,), generator=generator, device=draw_on)
-    raise InputError(f"window must be None, 'per_batch', 'per_sample', an int or a [B] tensor, got {window!r}")
+    if window not in (None, "per_batch", "per_sample"):
+        raise InputError(f"window must be None, 'per_batch', 'per_sample', an int or a [B] tensor, got {window!r}")
+    draws = batch_size if window == "per_sample" else 1
+    if alpha is None:
+        low = min(max(1, math.floor(r0 * shortest)), shortest)  # int(side * ratio) in the published TPMix
+        high = max(low, min(shortest, math.floor(r1 * shortest)))
+        sides = torch.randint(low, high + 1, (draws,), generator=generator, device=draw_on)
+    else:
+        cut = (1 - beta(alpha, draws, generator)) * (grid[0] * grid[1])
+        sides = cut.sqrt().round().clamp(max=shortest).long().to(draw_on)
+    return sides.expand(batch_size).clone()
 
 
 def _window_sums(integral: torch.Tensor, sides: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,7 +342,10 @@ def _box_sums(integral: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return integral[b, y1, x1] - integral[b, y0, x1] - integral[b, y1, x0] + integral[b, y0, x0]
 
 
-def _check_inputs(images: torch.Tensor, relevance: torch.Tensor, patch_size: int) -> tuple[int, tuple[int, int]]:
+def _check_inputs(images: torch.Tensor, relevance: torch.Tensor, patch_size: int,
+                  prob: float) -> tuple[int, tuple[int, int]]:
+    if not 0 <= prob <= 1:
+        raise InputError(f"prob (the probability that an image is mixed) must lie in [0, 1], got {prob!r}")
     if images.dim() != 4:
         raise InputError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
     if not isinstance(patch_size, int) or patch_size < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cmcaug._generator import beta
 from cmcaug.errors import InputError
 from cmcaug.mixgen import mixgen, mixgen_batch
 
@@ -60,6 +61,30 @@ def test_mixgen_batch_is_seeded_and_reads_the_clean_batch() -> None:
     assert torch.equal(head[3:], x[3:])
 
 
+def test_alpha_draws_lam_from_beta_once_per_call() -> None:
+    x = images()
+    mixed, captions = mixgen(x, CAPTIONS, alpha=0.4, generator=torch.Generator().manual_seed(7))
+    lam = float(beta(0.4, 1, torch.Generator().manual_seed(7))[0])
+    assert 0 < lam < 1 and lam != 0.5
+    assert torch.allclose(mixed[:2], lam * x[:2] + (1 - lam) * x[2:4]) and torch.equal(mixed[2:], x[2:])
+    assert captions == mixgen(x, CAPTIONS)[1]  # captions do not depend on lam
+    again, _ = mixgen(x, CAPTIONS, alpha=0.4, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(mixed, again)
+    draws = {round(float(beta(0.4, 1, torch.Generator().manual_seed(s))[0]), 6) for s in range(20)}
+    assert len(draws) == 20  # a new lam for every generator state
+
+
+def test_mixgen_batch_with_alpha_draws_lam_then_partners() -> None:
+    g = torch.Generator().manual_seed(3)
+    mixed, _ = mixgen_batch(images(), CAPTIONS, alpha=2.0, generator=g)
+    g = torch.Generator().manual_seed(3)
+    lam = float(beta(2.0, 1, g)[0])
+    perm = torch.randperm(8, generator=g)
+    x = images()
+    for i, j in enumerate(perm.tolist()):
+        assert torch.allclose(mixed[i], x[i] if i == j else lam * x[i] + (1 - lam) * x[j])
+
+
 def test_bad_arguments_are_refused() -> None:
     x = images()
     with pytest.raises(InputError, match="one caption per image"):
@@ -72,3 +97,7 @@ def test_bad_arguments_are_refused() -> None:
         mixgen_batch(x, CAPTIONS, num=9)
     with pytest.raises(InputError, match="lam"):
         mixgen(x, CAPTIONS, lam=1.5)
+    with pytest.raises(InputError, match="not both"):
+        mixgen(x, CAPTIONS, lam=0.5, alpha=1.0)
+    with pytest.raises(InputError, match="alpha must be a positive"):
+        mixgen_batch(x, CAPTIONS, alpha=0.0)

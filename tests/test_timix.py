@@ -1,4 +1,6 @@
-"""TiMix: optimal windows, partners, lam and soft targets, CutMix equivalence, and the relevance head."""
+"""TiMix applied: optimal windows, the paste, lam and soft targets, CutMix equivalence, the relevance head.
+
+The draws (partners, window sides, alpha, prob) are tested in tests/test_timix_draws.py."""
 from __future__ import annotations
 
 import math
@@ -18,24 +20,13 @@ from cmcaug.timix import (
     MixResult,
     TextAwarePatchPredictor,
     choose_partners,
-    draw_window_sides,
     find_windows,
     mix_lambda,
     mixed_contrastive_loss,
     soft_targets,
     text_aware_mix,
 )
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def batch(b: int = 6, grid: tuple[int, int] = (4, 4), patch: int = 4, dtype=torch.uint8, seed: int = 0):
-    """Random images and relevance maps for a [b, 3, grid * patch] batch."""
-    g = seeded(seed)
-    images = torch.randint(0, 256, (b, 3, grid[0] * patch, grid[1] * patch), generator=g).to(dtype)
-    return images, torch.rand(b, *grid, generator=g)
+from timix_helpers import batch, seeded
 
 
 def brute_force_windows(relevance: torch.Tensor, partner: torch.Tensor, sides: torch.Tensor):
@@ -104,63 +95,6 @@ def test_triton_and_reference_backends_mix_identically(dtype) -> None:
     assert torch.equal(mixed[0].images, mixed[1].images) and torch.equal(mixed[0].lam, mixed[1].lam)
 
 
-def test_window_side_draws_follow_the_paper_range() -> None:
-    low, high = math.ceil(0.35 * 14), math.floor(0.75 * 14)
-    per_batch = {int(draw_window_sides((14, 14), 3, generator=seeded(s))[0]) for s in range(300)}
-    assert per_batch == set(range(low, high + 1))
-    per_sample = draw_window_sides((14, 20), 500, "per_sample", generator=seeded(0))
-    assert set(per_sample.tolist()) == set(range(low, high + 1))
-    assert len(set(draw_window_sides((14, 14), 8, generator=seeded(1)).tolist())) == 1
-    assert draw_window_sides((3, 9), 4, 2).tolist() == [2] * 4
-    assert draw_window_sides((1, 1), 2).tolist() == [1, 1]  # tiny grids still mix one patch
-
-
-@pytest.mark.parametrize(("window", "ratio", "message"), [
-    (4, (0.35, 0.75), r"window sides must lie in \[0, 3\]"),
-    (torch.tensor([1.0, 2.0]), (0.35, 0.75), "integer sides"),
-    ("square", (0.35, 0.75), "window must be"),
-    (None, (0.8, 0.4), "window_ratio"),
-])
-def test_bad_windows_are_refused(window, ratio, message) -> None:
-    with pytest.raises(InputError, match=message):
-        draw_window_sides((3, 5), 2, window, ratio)
-
-
-def test_validate_false_skips_only_the_host_sync_of_a_sides_tensor() -> None:
-    """A tensor of sides (on a GPU, a host sync to check) is trusted; an int costs nothing to check, so it is."""
-    assert draw_window_sides((3, 5), 2, torch.tensor([4, 1]), validate=False).tolist() == [4, 1]
-    with pytest.raises(InputError, match="window sides must lie"):
-        draw_window_sides((3, 5), 2, 4, validate=False)
-
-
-def test_partners() -> None:
-    assert choose_partners(5, "flip").tolist() == [4, 3, 2, 1, 0]
-    assert torch.equal(torch.arange(5)[choose_partners(5, "roll")], torch.arange(5).roll(1, 0))
-    perm = choose_partners(6, "random", generator=seeded(2))
-    assert sorted(perm.tolist()) == list(range(6))
-    assert torch.equal(perm, choose_partners(6, "random", generator=seeded(2)))
-    assert choose_partners(3, torch.tensor([2, 2, 0])).tolist() == [2, 2, 0]
-    with pytest.raises(InputError, match=r"lie in \[0, 3\)"):
-        choose_partners(3, torch.tensor([0, 1, 3]))
-    with pytest.raises(InputError, match="partner must be"):
-        choose_partners(3, "shuffle")
-
-
-def test_odd_batches_leave_the_self_partnered_image_alone() -> None:
-    images, relevance = batch(5)
-    res = text_aware_mix(images, relevance, patch_size=4, generator=seeded(0))
-    assert torch.equal(res.images[2], images[2]) and res.lam[2] == 1
-    assert res.target_box[2].tolist() == [0, 0, 0, 0]
-    assert (res.lam[[0, 1, 3, 4]] < 1).all()
-
-
-def test_a_batch_of_one_is_returned_unchanged() -> None:
-    images, relevance = batch(1)
-    for partner in ("flip", "roll", "random"):
-        res = text_aware_mix(images, relevance, patch_size=4, partner=partner, label_mode="relevance")
-        assert torch.equal(res.images, images) and res.lam.tolist() == [1.0] and res.partner.tolist() == [0]
-
-
 def test_non_square_grids() -> None:
     images, relevance = batch(4, (3, 7), 2)
     res = text_aware_mix(images, relevance, patch_size=2, window="per_sample", generator=seeded(5))
@@ -176,14 +110,6 @@ def test_input_is_untouched_unless_inplace() -> None:
     assert torch.equal(images, before) and not torch.equal(res.images, before)
     again = text_aware_mix(images, relevance, patch_size=4, generator=seeded(0), inplace=True)
     assert again.images is images and torch.equal(images, res.images)
-
-
-def test_seeded_draws_are_reproducible() -> None:
-    images, relevance = batch(8)
-    runs = [text_aware_mix(images, relevance, patch_size=4, window="per_sample", partner="random",
-                           generator=seeded(11)) for _ in range(2)]
-    for field in ("images", "lam", "partner", "target_box", "source_box"):
-        assert torch.equal(getattr(runs[0], field), getattr(runs[1], field))
 
 
 def test_bad_inputs_are_refused() -> None:
@@ -376,4 +302,5 @@ def test_patch_labels_from_boxes_on_cuda() -> None:
 
 def test_mix_result_repr_is_compact() -> None:
     res = text_aware_mix(torch.rand(3, 3, 32, 32), torch.rand(3, 2, 2), patch_size=16, window=1, partner="flip")
-    assert repr(res) == f"MixResult(images=[3, 3, 32, 32] torch.float32, patch_size=16, lam={[0.75, 1.0, 0.75]}, partner=[2, 1, 0])"
+    assert repr(res) == ("MixResult(images=[3, 3, 32, 32] torch.float32, patch_size=16, lam=[0.75, 0.75, 0.75], "
+                         "partner=[2, 0, 1])")

@@ -74,7 +74,7 @@ def worker(rank: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(SIZES),
                             timeout=datetime.timedelta(seconds=60))
     try:
-        for partner in ("flip", "random"):
+        for partner in ("flip", "derangement", "random"):
             check_rank(rank, partner)
     finally:
         dist.destroy_process_group()
