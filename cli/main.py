@@ -1,9 +1,11 @@
 """`cmcaug` entry point: parses arguments, hands each subcommand to its module, maps errors to exit codes.
 
-Exit codes: 0 success, 1 unexpected internal error, 2 bad usage (argparse), 3 bad input (`InputError`),
-4 malformed bank (`BankFormatError`), 5 missing optional dependency (`MissingDependencyError`), 6 the bank
-folder is being written by another process (`BankLockedError`), 7 the file system refused a write: disk
-full, quota, file too large, permissions, I/O error (`StorageError`), 130 interrupted.
+Exit codes: 0 success, 1 unexpected internal error, 2 bad usage (argparse's own errors, and flags that
+conflict, need another flag or name an output the command cannot write: `cmcaug.cli.usage.UsageError`),
+3 bad input (`InputError`), 4 malformed bank (`BankFormatError`), 5 missing optional dependency
+(`MissingDependencyError`), 6 the bank folder is being written by another process (`BankLockedError`),
+7 the file system refused a write: disk full, quota, file too large, permissions, I/O error
+(`StorageError`), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from collections.abc import Sequence
 
 from cmcaug import __version__
 from cmcaug.errors import BankFormatError, BankLockedError, CMCAugError, InputError, MissingDependencyError, StorageError
+
+from .usage import UsageError
 
 # Each module defines register(subparsers) -> None and run(args) -> int.
 COMMANDS = ("synth", "build_bank", "inspect_bank", "tag_text", "preview", "bench")
@@ -39,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args) or 0)
+    except UsageError as exc:
+        print(f"cmcaug {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except CMCAugError as exc:
         print(f"cmcaug {args.command}: error: {exc}", file=sys.stderr)
         return next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .usage import number
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -12,9 +14,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "OUT/captions.jsonl (one caption per image) and OUT/vocab.json (shape concepts with synonyms).",
     )
     parser.add_argument("out", metavar="OUT", help="output folder")
-    parser.add_argument("--images", type=int, default=200, help="number of images (default 200)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files (default 0)")
-    parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (default 256)")
+    parser.add_argument("--images", type=number(int, 1), default=200, help="number of images (default 200)")
+    parser.add_argument("--seed", type=number(int, 0), default=0,
+                        help="random seed; the same seed gives the same files (default 0)")
+    parser.add_argument("--image-size", type=number(int, 32), default=256, help="image side in pixels, at least 32 "
+                        "(default 256)")
     parser.add_argument("--overwrite", action="store_true", help="replace a corpus already in OUT")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)

@@ -18,6 +18,7 @@ from cmcaug.bank.writer import write_bank
 from cmcaug.cli.main import main
 from cmcaug.concepts import ConceptVocab
 from cmcaug.errors import InputError
+from cmcaug.timix import choose_partners
 from cmcaug.viz._sheets import LABEL_HEIGHT, PAD
 from cmcaug.viz.mixes import _WINDOW, preview_timix, render_mix
 from cmcaug.viz.patch_grids import preview_bank, render_patch_grid
@@ -148,10 +149,13 @@ def test_preview_bank_is_deterministic_for_a_seed(bank: PatchBank, tmp_path: Pat
     assert preview_bank(bank, tmp_path / "c.png", seed=4).read_bytes() != first
 
 
-@pytest.mark.parametrize(("concepts", "per_concept", "match"), [(["dragon"], 8, "unknown concept"), ([3], 8, "out of range"), (None, 0, "per_concept")])
-def test_preview_bank_rejects_bad_arguments(bank: PatchBank, tmp_path: Path, concepts: list | None, per_concept: int, match: str) -> None:
+@pytest.mark.parametrize(("options", "match"), [({"concepts": ["dragon"]}, "unknown concept"), ({"concepts": [3]}, "out of range"),
+                                             ({"per_concept": 0}, "per_concept must be at least 1"),
+                                             ({"seed": -1}, "seed at least 0, got 8 and -1"),
+                                             ({"tile_size": 0}, "tile_size must be at least 1")])
+def test_preview_bank_rejects_bad_arguments(bank: PatchBank, tmp_path: Path, options: dict, match: str) -> None:
     with pytest.raises(InputError, match=match):
-        preview_bank(bank, tmp_path / "x.png", concepts=concepts, per_concept=per_concept)
+        preview_bank(bank, tmp_path / "x.png", **options)
 
 
 def test_preview_cli(bank_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -191,7 +195,7 @@ def test_render_mix_outlines_the_windows_mix_result_reports(tmp_path: Path, tile
 
     images = grey_batch(5, 32, 48)
     relevance = torch.rand(5, 4, 6, generator=torch.Generator().manual_seed(0))
-    result = text_aware_mix(images, relevance, patch_size=8, window=2)  # flip: image 2 is its own partner
+    result = text_aware_mix(images, relevance, patch_size=8, window=2, partner=torch.tensor([4, 3, 2, 1, 0]))
     inputs = images.float() / 255 if as_float else images
     sheet = read(render_mix(inputs, result, tmp_path / "mix.png", max_rows=4, tile_size=tile_size))
     scale = 1.0 if tile_size is None else tile_size / 48
@@ -291,14 +295,14 @@ def test_preview_timix_pastes_the_most_covered_window_over_the_least(corpus: Pat
     heading = sheet.shape[0] - rows * cell - PAD  # the rows sit under the heading
     assert heading > LABEL_HEIGHT and sheet.shape[1] == PAD + 3 * (side + PAD)
     assert (sheet[:heading].min(axis=-1) < 100).any()  # the heading's ink
-    assert stats["grid"] == [6, 6] and stats["partner"] == list(range(rows))[::-1]
+    assert stats["grid"] == [6, 6] and stats["partner"] == choose_partners(rows, "flip").tolist()
     coverage = expected_coverage(corpus, 6)
     k = stats["window"]
     assert 2 <= k <= 4  # window_ratio (0.35, 0.75) of 6 patches
     for i in range(rows):
         j = stats["partner"][i]
         tiles = [sheet[heading + PAD + i * cell :][:side, PAD + c * (side + PAD) :][:, :side] for c in range(3)]
-        if j == i:  # the middle image of an odd batch stays as it was
+        if j == i:  # an image that is its own partner stays as it was
             assert not (tiles[2] == _WINDOW).all(axis=-1).any() and stats["lam"][i] == 1
             continue
         source, target = outlined_box(tiles[1]), outlined_box(tiles[2])
@@ -342,13 +346,11 @@ def test_preview_cli_renders_timix_of_the_corpus_it_reads(corpus: Path, bank_pat
     args = ["preview", "--timix", str(corpus), "-o", str(out), "--patch-size", "16", "--image-size", "64"]
     assert main([*args, "--rows", "3", "--tile-size", "64", "--seed", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "preview: TiMix" in printed and str(out) in printed and "partner: 2, 1, 0" in printed
+    partners = ", ".join(map(str, choose_partners(3, "flip").tolist()))
+    assert "preview: TiMix" in printed and str(out) in printed and f"partner: {partners}" in printed
     assert "images: 000001.png, 000002.png, 000003.png" in printed
     _, images, boxes = annotated(corpus, 3)
     preview_timix(images, boxes, tmp_path / "library.png", seed=2, patch_size=16, image_size=64, tile_size=64,
                   title=f"TiMix on {corpus}")
     assert np.array_equal(read(out), read(tmp_path / "library.png"))
-    assert main([*args, str(bank_path)]) == 3 and "takes no BANK" in capsys.readouterr().err
-    assert main(["preview", "-o", str(out)]) == 3 and "--timix CORPUS" in capsys.readouterr().err
-    assert main([*args, "--rows", "0"]) == 3 and "--rows" in capsys.readouterr().err
     assert main([*args[:2], str(corpus / "images"), *args[3:]]) == 3 and "annotations.json" in capsys.readouterr().err

@@ -194,3 +194,11 @@ def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "--overwrite" in capsys.readouterr().err
     assert main(["synth", str(tmp_path / "cli"), *args, "--overwrite", "--no-progress"]) == 0
     assert "shapes world" not in capsys.readouterr().err  # no progress bar
+
+
+@pytest.mark.parametrize("flag", [["--images", "0"], ["--seed", "-1"], ["--image-size", "8"]])
+def test_cli_numbers_out_of_range_are_bad_usage(flag, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as refused:  # argparse's own usage error
+        main(["synth", str(tmp_path / "corpus"), *flag])
+    assert refused.value.code == 2 and f"argument {flag[0]}: must be >=" in capsys.readouterr().err
+    assert not (tmp_path / "corpus").exists()

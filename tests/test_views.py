@@ -1,5 +1,6 @@
 """CMC view pages on a shapes-world bank: one inlined patch per replaced word, exactly the replaced words
-marked, the view's tokens in order; the PNG variant, open_clip tokens, bad options, captions read lazily, and
+marked, the view's tokens in order; the picture variants (the format the extension names, others refused,
+non-ASCII letters drawn as letters), open_clip tokens, bad options, captions read lazily, and
 `cmcaug preview --captions` (tagging captions, or reading a tag-text file; missing or empty files)."""
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from png_helpers import read
+from png_helpers import file_format, picture, read
 from transform_helpers import token_runs
 
 from cmcaug.bank.reader import PatchBank
@@ -202,3 +203,49 @@ def test_preview_cli_renders_cmc_views_of_caption_files(world, tmp_path: Path, c
     for bad, message in ((tmp_path / "none.txt", "no such captions file"), (tmp_path / "empty.txt", "holds no captions")):
         assert main(["preview", str(bank.path), "--captions", str(bad), "-o", str(out)]) == 3
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".jpeg", ".webp", ".WEBP", ".html", ".htm", ".HTM"])
+def test_cmc_view_format_follows_the_extension(world, tmp_path: Path, suffix: str) -> None:
+    from cmcaug.viz._picture_files import PICTURE_FORMATS
+    from cmcaug.viz.cmc_views import render_cmc_views
+
+    bank, _, rows = world
+    batch = collate(bank, rows[:3], ratio=1.0)
+    path = render_cmc_views(batch, tmp_path / f"views{suffix}", tokenizer=tokenize_words, vocab=bank.vocab)
+    assert file_format(path) == PICTURE_FORMATS[suffix.lower()]
+    if file_format(path) == "HTML":  # the page of views, its patches inline
+        assert len(sections(path)) == 3
+    else:
+        reference = read(render_cmc_views(batch, tmp_path / "views.png", tokenizer=tokenize_words, vocab=bank.vocab))
+        assert picture(path).shape == reference.shape
+
+
+def test_cmc_views_refuse_other_extensions_before_tagging(world, tmp_path: Path) -> None:
+    from cmcaug.viz.cmc_views import preview_captions, render_cmc_views
+
+    bank, _, rows = world
+
+    def untouched():  # the captions are not read when the path is refused
+        raise AssertionError("read the captions")
+        yield
+
+    for name in ("views.txt", "views", "views.svg"):
+        with pytest.raises(InputError, match="end the file name in one of .png, .jpg, .jpeg, .webp, .html, .htm"):
+            render_cmc_views(collate(bank, rows[:2]), tmp_path / name)
+        with pytest.raises(InputError, match="end the file name in one of"):
+            preview_captions(bank, untouched(), tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cmc_view_picture_draws_accented_greek_and_cyrillic_letters(world, tmp_path: Path) -> None:
+    """A caption's non-ASCII letters draw as letters: the picture differs from the one of the same caption with
+    them swapped for a code point no font has (the missing-glyph box)."""
+    from cmcaug.viz.cmc_views import render_cmc_views
+
+    bank, _, _ = world
+    caption = "un perro marrón, ένας σκύλος, собака"
+    boxed = "".join(c if c.isascii() else "\U0010fffd" for c in caption)
+    drawn = [read(render_cmc_views(collate(bank, [{"caption": text, "spans": []}]), tmp_path / f"{k}.png",
+                                   tokenizer=tokenize_words)) for k, text in enumerate((caption, boxed))]
+    assert drawn[0].shape == drawn[1].shape and not np.array_equal(*drawn)

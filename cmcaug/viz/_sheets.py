@@ -1,10 +1,13 @@
-"""The drawing kit that the PNG pictures share: checked pixel inputs, text that fits, and sheets of labelled tiles.
+"""The drawing kit that the pictures share: checked pixel inputs, a font, text that fits, and sheets of
+labelled tiles (written to files by `cmcaug.viz._picture_files`).
 
 A sheet is rows of equal tiles, each with an optional label under it, optional row titles on the left and
-a heading above. Text uses Pillow's built-in bitmap font, so drawing never needs a font file or the network.
+a heading above. Text is drawn in DejaVu Sans, which ships inside matplotlib (a core dependency), so accented
+Latin, Greek and Cyrillic draw as letters and drawing never needs the network.
 """
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from ..errors import InputError
 
 PAD = 4
 LABEL_HEIGHT = 13
+LABEL_FONT_SIZE = 10  # pixels: DejaVu Sans's ascent and descent at this size fill LABEL_HEIGHT
 _INK = (20, 20, 20)
 _BACKGROUND = (255, 255, 255)
 _EMPTY = (225, 225, 225)  # the first tile of a titled row that holds no tiles
@@ -47,6 +51,23 @@ def as_images(images: Any, name: str) -> np.ndarray:
         raise InputError(f"{name} must be uint8 or float in [0, 1] (undo any normalization first), got {images.dtype}")
     images = images.transpose(0, 2, 3, 1)
     return np.ascontiguousarray(np.repeat(images, 3, axis=3) if images.shape[3] == 1 else images)
+
+
+def load_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """DejaVu Sans at `size` pixels, from matplotlib's own fonts (found without importing matplotlib, which
+    costs half a second); Pillow's default font (basic Latin only: "marrón" draws as "marr□n") when
+    matplotlib is not installed.
+
+    DejaVu covers Latin with its accents, Greek and Cyrillic, among others, but not CJK, and no font among
+    cmcaug's dependencies does: Chinese, Japanese and Korean text draws as boxes (a CJK font would be
+    needed). The CMC views' HTML page, which the browser draws with the system's fonts, shows it.
+    """
+    spec = importlib.util.find_spec("matplotlib")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+        if path.is_file():
+            return ImageFont.truetype(str(path), size)
+    return ImageFont.load_default(size)
 
 
 def _fit(font: ImageFont.ImageFont, text: str, width: int) -> str:
@@ -85,7 +106,7 @@ def compose(rows: Sequence[Sequence[Cell]], tile: tuple[int, int], *, titles: Se
     Pasted with Pillow, not laid out by torchvision's `make_grid`: importing torchvision imports torch._dynamo,
     seconds that made `cmcaug preview BANK` 50-70% slower, and rendering was no faster (PNG encoding dominates).
     """
-    font = ImageFont.load_default_imagefont()
+    font = load_font(LABEL_FONT_SIZE)
     width, height = tile
     labelled = any(label for row in rows for _, label in row)
     cell_w, cell_h = width + PAD, height + PAD + (LABEL_HEIGHT if labelled else 0)
@@ -110,11 +131,3 @@ def compose(rows: Sequence[Sequence[Cell]], tile: tuple[int, int], *, titles: Se
             if label:
                 draw.text((left, top + height + 1), _fit(font, label, width), fill=_INK, font=font)
     return sheet
-
-
-def save_png(sheet: Image.Image, path: str | Path) -> Path:
-    """Write `sheet` as a PNG at `path`, creating its folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, format="PNG")
-    return path

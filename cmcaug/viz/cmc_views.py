@@ -1,7 +1,8 @@
 """Pictures of cross-modal CutMix views: which words a batch replaced, and by which bank patches.
 
 `render_cmc_views` turns a collated `CMCBatch` into a self-contained HTML page (patches inlined as PNG
-data URIs, no external assets) or a PNG: per caption, the caption with the replaced words marked (and
+data URIs, no external assets) or a picture (PNG, JPEG or WebP, drawn in DejaVu Sans: `_sheets.load_font`
+says which scripts it covers): per caption, the caption with the replaced words marked (and
 the grounded words that stayed text underlined, given their spans), then the view as the model reads
 it, token by token, with each bank patch inline where it replaced its word, labelled with its concept
 (the layout: `cmcaug.viz._view_layout`). `preview_captions` collates captions with `CMCTransform` and renders
@@ -10,22 +11,20 @@ model download.
 """
 from __future__ import annotations
 
-import base64
 import colorsys
 import html
-import io
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from ..errors import InputError
 from ..inputs import item_spans, parse_item
 from ..text.tokenize import tokenize_words
-from ._sheets import resized, save_png
+from ._picture_files import data_uri, picture_format, save_picture
+from ._sheets import load_font, resized
 from ._view_layout import Row, layout
 
 if TYPE_CHECKING:
@@ -42,12 +41,6 @@ def _colour(concept: int, lightness: float) -> tuple[int, int, int]:
 
 def _hex(rgb: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb)
-
-
-def _data_uri(pixels: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 _CSS = """
@@ -103,7 +96,7 @@ def _view_html(row: Row, uris: Mapping[int, str], patch_ids: Sequence[int], side
 def _html(batch: CMCBatch, rows: list[Row], side: int, title: str) -> str:
     pixels, patch_ids = batch.pixels.cpu().numpy(), batch.patch_ids.tolist()
     shown = {t.slot for row in rows for t in row.tokens if t.slot >= 0}
-    uris = {m: _data_uri(pixels[m]) for m in sorted(shown)}
+    uris = {m: data_uri(Image.fromarray(pixels[m], "RGB")) for m in sorted(shown)}
     stats = batch.stats
     meta = (f"{len(rows)} of {len(batch)} captions; {stats.spans_replaced} of {stats.spans} grounded words of the "
             f"batch replaced by bank patches. Marked: replaced by the patch shown below it; dotted underline: "
@@ -119,9 +112,9 @@ def _html(batch: CMCBatch, rows: list[Row], side: int, title: str) -> str:
 _MARGIN, _GAP = 12, 6
 
 
-def _png(batch: CMCBatch, rows: list[Row], side: int) -> Image.Image:
-    """The same page as a PNG (Pillow's built-in font): for reports and READMEs, where HTML does not show."""
-    font, small = ImageFont.load_default(14), ImageFont.load_default(11)
+def _picture(batch: CMCBatch, rows: list[Row], side: int) -> Image.Image:
+    """The same page as a picture: for reports and READMEs, where HTML does not show."""
+    font, small = load_font(14), load_font(11)
     pixels = batch.pixels.cpu().numpy()
     width = max(720, *(int(font.getlength(f"{r.title}  {r.caption}")) + 2 * _MARGIN for r in rows))
     line = side + 18
@@ -180,7 +173,8 @@ def render_cmc_views(
     tile_size: int | None = None,
     title: str = "CMC views",
 ) -> Path:
-    """Write the CMC views of the first `max_rows` captions of `batch` as HTML, or as a PNG for a `.png` path.
+    """Write the CMC views of the first `max_rows` captions of `batch` in the format `path`'s extension names:
+    an HTML page for .html/.htm, a picture for .png, .jpg/.jpeg and .webp (`InputError` for another).
 
     `tokenizer`: the one that made the batch; each token's character offsets give its text and the
     caption marks (without it tokens show as ids and nothing is marked). `vocab` names the concepts
@@ -188,6 +182,7 @@ def render_cmc_views(
     `(start, end, concept_id)`), to also underline the grounded words that stayed text. Patches are drawn
     `tile_size` pixels wide (default: their own size, at least 48); the HTML inlines them as they are.
     """
+    kind = picture_format(path)
     tile_size = max(48, int(batch.pixels.shape[1])) if tile_size is None else tile_size
     if max_rows < 1 or tile_size < 1:
         raise InputError(f"max_rows and tile_size must be at least 1, got {max_rows} and {tile_size}")
@@ -195,9 +190,9 @@ def render_cmc_views(
         raise InputError(f"grounded holds spans for {len(grounded)} captions; pass one span list per caption "
                          "of the batch")
     rows = layout(batch, tokenizer, vocab, grounded, min(len(batch), max_rows))
+    if kind != "HTML":
+        return save_picture(_picture(batch, rows, tile_size), path, title)
     path = Path(path)
-    if path.suffix.lower() == ".png":
-        return save_png(_png(batch, rows, tile_size), path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(_html(batch, rows, tile_size, title), encoding="utf-8")
     return path
@@ -227,7 +222,8 @@ def preview_captions(
     mode: str = "tagger",
     tile_size: int | None = None,
 ) -> dict[str, Any]:
-    """Render the CMC views of the first `rows` captions against `bank` (`render_cmc_views`); returns stats.
+    """Render the CMC views of the first `rows` captions against `bank` (`render_cmc_views`: `path`'s
+    extension picks HTML or a picture); returns stats.
 
     `captions`: captions or tag rows (their spans are used), or any batch item `CMCTransform` takes; only
     the first `rows` are read, so a lazy iterable over a large file works (`cmcaug preview --captions` reads
@@ -237,6 +233,7 @@ def preview_captions(
     """
     from ..transform import CMCTransform
 
+    picture_format(path)  # before any tagging or collating
     if rows < 1:
         raise InputError(f"rows must be at least 1, got {rows}")
     items = [parse_item(item, i) for i, item in enumerate(itertools.islice(captions, rows))]

@@ -2,7 +2,8 @@
 
 `render_mix` draws what `text_aware_mix` did to a batch, the windows outlined; `preview_timix` mixes
 images in memory for it, with the share of each patch that an object box covers as relevance (no trained
-head, no detector: the caller brings the boxes).
+head, no detector: the caller brings the boxes). Both write PNG, JPEG, WebP or an HTML page showing the
+picture, as the path's extension says.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import InputError
-from ._sheets import as_images, compose, resized, save_png
+from ._picture_files import picture_format, save_picture
+from ._sheets import as_images, compose, resized
 
 if TYPE_CHECKING:
     from ..timix import MixResult
@@ -42,14 +44,16 @@ def render_mix(
     images: Any, result: MixResult, path: str | Path, *, max_rows: int = 8, tile_size: int | None = 128,
     heading: str | None = None,
 ) -> Path:
-    """Write a PNG of what `text_aware_mix` did: per sample, the image, its partner with the source window
+    """Write a picture of what `text_aware_mix` did: per sample, the image, its partner with the source window
     outlined, and the mixed image with the target window outlined, labelled with lam; `heading` (say, what
-    the relevance was) is written above.
+    the relevance was) is written above. The format is the one `path`'s extension names: .png, .jpg/.jpeg,
+    .webp, or .html/.htm for a page showing the picture (`InputError` for another).
 
     `images` are the inputs of the mix, `[B, C, H, W]` uint8 or float in [0, 1] (array or tensor);
     `result.images` is read the same way. `tile_size` is the drawn length of an image's longer side
     (None: as is). Samples left unmixed (their own partner) show no outline and lam 1.
     """
+    picture_format(path)
     originals, mixed = as_images(images, "images"), as_images(result.images, "result.images")
     if originals.shape != mixed.shape:
         raise InputError(f"images {list(originals.shape)} and result.images {list(mixed.shape)} differ in shape "
@@ -72,7 +76,7 @@ def render_mix(
         ])
     if not rows:
         raise InputError("render_mix needs at least one image, got an empty batch")
-    return save_png(compose(rows, size, heading=heading), path)
+    return save_picture(compose(rows, size, heading=heading), path, heading or "TiMix mixes")
 
 
 def preview_timix(
@@ -87,8 +91,8 @@ def preview_timix(
     tile_size: int | None = 160,
     title: str = "TiMix",
 ) -> dict[str, Any]:
-    """Write a PNG of TiMix on `images` (uint8 `[H, W, 3]`, any sizes), mixed as one batch (`render_mix`);
-    returns what was mixed.
+    """Write a picture of TiMix on `images` (uint8 `[H, W, 3]`, any sizes), mixed as one batch (`render_mix`,
+    which says which formats `path` may name); returns what was mixed.
 
     `boxes[i]` holds image i's annotated object boxes, `[n, 4]` (x0, y0, x1, y1) in its pixels, say from COCO
     annotations (`cmcaug preview --timix` reads a corpus's). A patch's relevance is the share of it that one
@@ -100,6 +104,7 @@ def preview_timix(
     from ..relevance import patch_box_coverage
     from ..timix import text_aware_mix
 
+    picture_format(path)
     if patch_size < 1 or image_size < patch_size or image_size % patch_size:
         raise InputError(f"need an image_size that is a positive multiple of patch_size, got image_size {image_size}, "
                          f"patch_size {patch_size}")

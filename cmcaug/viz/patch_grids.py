@@ -2,7 +2,8 @@
 
 A bank is only as good as its patches, and the fastest check is to look at them: `preview_bank` draws
 one row per concept with a few sampled patches, `render_patch_grid` any stack of patches with labels.
-TiMix mixes are drawn by `cmcaug.viz.mixes`, CMC views by `cmcaug.viz.cmc_views`.
+TiMix mixes are drawn by `cmcaug.viz.mixes`, CMC views by `cmcaug.viz.cmc_views`. Each writes PNG, JPEG,
+WebP or an HTML page showing the picture, as the path's extension says (`cmcaug.viz._picture_files`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError
-from ._sheets import as_patches, compose, save_png
+from ._picture_files import picture_format, save_picture
+from ._sheets import as_patches, compose
 
 if TYPE_CHECKING:
     from ..bank.reader import PatchBank
@@ -22,10 +24,13 @@ if TYPE_CHECKING:
 def render_patch_grid(
     pixels: Any, labels: Sequence[str] | None, path: str | Path, columns: int = 8, *, tile_size: int | None = None
 ) -> Path:
-    """Write patches `[M, P, P, 3]` (uint8 array or tensor) as a PNG grid, each tile with its label.
+    """Write patches `[M, P, P, 3]` (uint8 array or tensor) as a grid picture, each tile with its label, in
+    the format `path`'s extension names (.png, .jpg/.jpeg, .webp, .html/.htm; `InputError` for another).
 
     `tile_size` rescales tiles (nearest-neighbour when enlarging), so small patches stay visible.
     """
+    picture_format(path)
+    _check_tile_size(tile_size)
     patches = as_patches(pixels)
     if len(patches) == 0:
         raise InputError("render_patch_grid needs at least one patch, got none")
@@ -36,7 +41,7 @@ def render_patch_grid(
     cells = [(patch, None if labels is None else str(labels[i])) for i, patch in enumerate(patches)]
     rows = [cells[i : i + columns] for i in range(0, len(cells), columns)]
     side = tile_size or patches.shape[1]
-    return save_png(compose(rows, (side, side)), path)
+    return save_picture(compose(rows, (side, side)), path, f"{len(patches)} patches")
 
 
 def preview_bank(
@@ -48,14 +53,17 @@ def preview_bank(
     *,
     tile_size: int | None = None,
 ) -> Path:
-    """Write a PNG with one row per concept: its name and patch count, then up to `per_concept`
-    distinct patches drawn at random (all of them when it has fewer), each labelled with its source image.
+    """Write a picture with one row per concept: its name and patch count, then up to `per_concept`
+    distinct patches drawn at random (all of them when it has fewer), each labelled with its source image;
+    its format is the one `path`'s extension names, as in `render_patch_grid`.
 
     `concepts` (names or ids) defaults to every concept that has patches; a requested concept with
     none gets an empty row, so a preview also shows what is missing.
     """
-    if per_concept < 1:
-        raise InputError(f"per_concept must be at least 1, got {per_concept}")
+    picture_format(path)
+    _check_tile_size(tile_size)
+    if per_concept < 1 or seed < 0:
+        raise InputError(f"per_concept must be at least 1 and seed at least 0, got {per_concept} and {seed}")
     vocab = bank.vocab
     counts, offsets = bank.counts, bank.offsets
     if concepts is None:
@@ -74,4 +82,9 @@ def preview_bank(
     rows = [cells[bounds[r] : bounds[r + 1]] for r in range(len(ids))]
     titles = [f"{vocab.name(i)} ({counts[i]})" for i in ids]
     side = tile_size or bank.patch_size
-    return save_png(compose(rows, (side, side), titles=titles), path)
+    return save_picture(compose(rows, (side, side), titles=titles), path, f"patches of {bank.path}")
+
+
+def _check_tile_size(tile_size: int | None) -> None:
+    if tile_size is not None and tile_size < 1:
+        raise InputError(f"tile_size must be at least 1 (or None: the patches' own size), got {tile_size}")
