@@ -161,7 +161,7 @@ def _read_captions(path: str, vocab: ConceptVocab, field: str) -> Iterator[Any]:
 
     from cmcaug.errors import InputError
     from cmcaug.inputs import IndexedItems
-    from cmcaug.text.tags import read_captions
+    from cmcaug.text.corpus import read_captions
 
     file = Path(path)
     if not file.is_file():

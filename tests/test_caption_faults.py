@@ -15,9 +15,10 @@ import pytest
 
 from cmcaug.cli.main import main
 from cmcaug.concepts import ConceptVocab
-from cmcaug.text import tags
+from cmcaug.text import corpus
+from cmcaug.text.corpus import TOO_LONG, UNREADABLE, json_line_chars, read_captions
 from cmcaug.text.grounding import GroundingTagger
-from cmcaug.text.tags import TOO_LONG, UNREADABLE, json_line_chars, read_captions, tag_corpus
+from cmcaug.text.tags import tag_corpus
 
 KINDS = ("captions", "tagged", "grounded", "empty", "not_text", "unreadable", "too_long")
 
@@ -64,6 +65,22 @@ def test_bytes_that_are_not_utf8_are_unreadable_in_every_format(tmp_path: Path, 
                                                                                            "an \u00e9l\u00e9phant and a cat"]
 
 
+def test_kept_fields_and_json_files_that_are_not_utf8(tmp_path: Path, lookup: GroundingTagger,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A .json file is decoded like a text file: a bad byte makes its caption unreadable, or its kept string null."""
+    (tmp_path / "c.jsonl").write_bytes(b'{"caption": "a bike", "url": "\xff"}\n{"caption": "a bike", "url": "\\udc80"}\n')
+    (tmp_path / "d.json").write_bytes(b'{"annotations": [{"caption": "a \xff dog", "id": 1, "url": "u"}, '
+                                      b'{"caption": "a cat", "id": 2, "url": "\xfe"}]}')
+    paths = [tmp_path / "c.jsonl", tmp_path / "d.json"]
+    stats = tag_corpus(paths, tmp_path / "t.parquet", lookup, keep=["url"], progress=False)
+    assert {k: stats[k] for k in ("captions", "tagged", "unreadable", "bad_fields")} == {
+        "captions": 4, "tagged": 3, "unreadable": 1, "bad_fields": 3}
+    assert "c.jsonl:1: field 'url' holds '\\udcff', which a string column cannot; written as null" in caplog.text
+    rows = pq.read_table(tmp_path / "t.parquet").select(["caption", "url", "id"]).to_pylist()
+    assert rows == [{"caption": "a bike", "url": None, "id": None}, {"caption": "a bike", "url": None, "id": None},
+                    {"caption": None, "url": "u", "id": 1}, {"caption": "a cat", "url": None, "id": 2}]
+
+
 def test_over_long_rows_are_too_long_in_every_format(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("a dog\n" + "x" * 11 + "\n" + "y" * 10 + "\r\n\n" + "z" * 30, encoding="utf-8")
     limit = json_line_chars(10)
@@ -89,10 +106,10 @@ def test_parquet_batches_shrink_to_a_byte_budget(tmp_path: Path, monkeypatch: py
         return iter_batches(self, batch_size=batch_size, **kwargs)
 
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
-    monkeypatch.setattr(tags, "PARQUET_BATCH_BYTES", 1_000)
+    monkeypatch.setattr(corpus, "PARQUET_BATCH_BYTES", 1_000)
     assert values([tmp_path / "a.parquet"], batch_rows=64) == captions
     assert 5 <= sizes[-1] <= 10  # about 1,000 bytes of 100-character values
-    monkeypatch.setattr(tags, "PARQUET_BATCH_BYTES", 1 << 30)
+    monkeypatch.setattr(corpus, "PARQUET_BATCH_BYTES", 1 << 30)
     assert values([tmp_path / "a.parquet"], batch_rows=64) == captions and sizes[-1] == 64
 
 
@@ -103,7 +120,9 @@ def test_max_chars_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main([*base, "--max-chars", "10"]) == 0
     assert "too_long: 1" in capsys.readouterr().out
     assert main(base) == 0 and "too_long: 0" in capsys.readouterr().out
-    assert main([*base, "--max-chars", "0"]) == 3 and "max_chars must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # a usage error (tests/test_cli_tag_text.py), exit 2
+        main([*base, "--max-chars", "0"])
+    assert refused.value.code == 2
 
 
 CHILD = textwrap.dedent("""
@@ -117,7 +136,8 @@ CHILD = textwrap.dedent("""
     tagger = GroundingTagger(ConceptVocab.default(), mode="lookup")
     tag_corpus([folder / "warm.txt"], folder / "warm.parquet", tagger, progress=False)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    stats = tag_corpus([folder / "a.txt.gz", folder / "b.jsonl.gz"], folder / "t.parquet", tagger, progress=False)
+    stats = tag_corpus([folder / "a.txt.gz", folder / "b.jsonl.gz"], folder / "t.parquet", tagger, keep=["id"],
+                       progress=False)
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     print(stats["captions"], stats["tagged"], stats["too_long"], grown // 1024)
 """)
@@ -131,7 +151,7 @@ def test_memory_does_not_grow_with_caption_length(tmp_path: Path) -> None:
     with gzip.open(tmp_path / "a.txt.gz", "wt", compresslevel=1) as f:
         f.write(f"a dog\n{piece * 11}\na dog\n{piece * 11}\n")
     with gzip.open(tmp_path / "b.jsonl.gz", "wt", compresslevel=1) as f:
-        f.write(f'{{"caption": "{piece * 11}"}}\n{{"caption": "a cat"}}\n')
+        f.write(f'{{"caption": "{piece * 11}", "id": 1}}\n{{"caption": "a cat", "id": 2}}\n')  # --keep id reads its first rows too
     done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     captions, tagged, too_long, grown_mb = map(int, done.stdout.split())

@@ -16,8 +16,9 @@ from cmcaug.cli.main import main
 from cmcaug.concepts import ConceptVocab
 from cmcaug.errors import InputError
 from cmcaug.synth import make_corpus
+from cmcaug.text.corpus import UNREADABLE, MissingField, read_captions
 from cmcaug.text.grounding import GroundingTagger
-from cmcaug.text.tags import TAGS_SCHEMA, UNREADABLE, read_captions, tag_corpus
+from cmcaug.text.tags import TAGS_SCHEMA, tag_corpus
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +71,10 @@ def test_every_format_bad_rows_and_row_ids(tmp_path):
     pq.write_table(pa.table({"caption": ["Pizza &amp; a  TV", None, long_caption, "nothing here"]}), parquet)
     tagger = GroundingTagger(ConceptVocab.default(), mode="lookup", batch_size=2, max_chars=100)
     stats = tag_corpus([txt, jsonl, parquet], tmp_path / "out" / "tags.parquet", tagger, batch_rows=3, progress=False)
-    assert {k: stats[k] for k in ("captions", "tagged", "grounded", "spans", "empty", "not_text", "unreadable", "too_long")} == {
-        "captions": 13, "tagged": 5, "grounded": 4, "spans": 7, "empty": 2, "not_text": 4, "unreadable": 1, "too_long": 1}
+    kinds = ("captions", "tagged", "grounded", "spans", "empty", "missing_field", "not_text", "unreadable", "too_long")
+    assert {k: stats[k] for k in kinds} == {"captions": 13, "tagged": 5, "grounded": 4, "spans": 7, "empty": 2,
+                                            "missing_field": 1, "not_text": 3, "unreadable": 1, "too_long": 1}
+    assert stats["warnings"] == [] and stats["kept_fields"] == []  # 1 of 5 JSON rows without "caption": no warning
     assert stats["spans_per_concept"]["dog"] == 1 and stats["spans_per_concept"]["pizza"] == 1
     rows = read_tags(tmp_path / "out" / "tags.parquet")
     assert [r["row_id"] for r in rows] == list(range(13))
@@ -92,7 +95,8 @@ def test_read_captions_yields_every_row_as_it_holds_it(tmp_path):
     rows = list(read_captions([tmp_path / "a.txt", tmp_path / "b.jsonl", tmp_path / "c.parquet"], "text", batch_rows=1))
     assert [(Path(r.source).name, r.source_row) for r in rows] == [
         ("a.txt", 0), ("a.txt", 1), ("b.jsonl", 0), ("b.jsonl", 1), ("b.jsonl", 2), ("c.parquet", 0), ("c.parquet", 1)]
-    assert [r.value for r in rows] == ["A dog.", "", "a cat", UNREADABLE, None, "a kite", None]
+    assert [r.value for r in rows] == ["A dog.", "", "a cat", UNREADABLE, MissingField(("caption",)), "a kite", None]
+    assert all(r.fields == {} for r in rows)  # nothing kept
     with pytest.raises(InputError, match="no such caption file"):
         next(read_captions([tmp_path / "missing.txt"]))
 
@@ -115,7 +119,7 @@ def test_parquet_is_read_batch_by_batch(tmp_path):
     pq.write_table(pa.table({"caption": captions}), tmp_path / "a.parquet", row_group_size=1000)
     before = pa.total_allocated_bytes()
     rows = read_captions([tmp_path / "a.parquet"], batch_rows=500)
-    assert next(rows)[1:] == (0, captions[0])
+    assert next(rows)[1:] == (0, captions[0], {})
     assert pa.total_allocated_bytes() - before < 1_500_000  # one row group's worth, not the column
 
 
@@ -145,7 +149,6 @@ def test_bad_inputs_exit_with_input_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no such corpus file" in err and "unknown corpus format" in err and "no column 'caption'" in err
     assert main(["tag-text", str(tmp_path / "d.parquet"), *base[:-5], "--bank", str(tmp_path / "nobank")]) == 4
-    assert main(["tag-text", str(tmp_path / "d.parquet"), *base, "--n-process", "0"]) == 3
     assert main(["tag-text", str(tmp_path / "d.parquet"), *base[2:], "--field", "text", "-o", str(tmp_path / "d.parquet")]) == 3
     assert pq.read_table(tmp_path / "d.parquet").column_names == ["text"]  # the input is left alone
     assert not (tmp_path / "t.parquet").exists()
@@ -175,3 +178,16 @@ def test_vocabulary_from_a_bank(tmp_path, capsys):
     rows = read_tags(tmp_path / "t.parquet")
     assert [[s["concept_id"] for s in r["spans"]] for r in rows] == [[0, 1], []]
     assert "kite" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags", [["--n-process", "0"], ["--batch-size", "0"], ["--max-chars", "0"]])
+def test_numbers_out_of_range_are_bad_usage(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["tag-text", "x.jsonl", "-o", str(tmp_path / "t.parquet"), "--vocab", "default", *flags])
+    assert refused.value.code == 2 and f"argument {flags[0]}: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_model_for_lookup_mode_is_bad_usage(tmp_path, capsys):
+    code = main(["tag-text", "x.jsonl", "-o", str(tmp_path / "t.parquet"), "--vocab", "default", "--mode", "lookup",
+                 "--model", "en_core_web_sm"])
+    assert code == 2 and "cmcaug tag-text: error: --model is the spaCy pipeline of --mode tagger" in capsys.readouterr().err
