@@ -18,13 +18,14 @@ and one bank patch of `patch_tokens` tokens per replaced word are this project's
 Reproducibility: every draw for sample i is a pure function of (seed, epoch, i) (`cmcaug.draws`), so views
 do not depend on `num_workers`, on batch composition, or on the run, and `set_epoch` works with
 `persistent_workers=True` (the epoch lives in shared memory). Items carry their dataset index through
-`cmc.dataset(items)`, as `{"index": i, ...}` dicts or tag-text rows (`row_id`), or as `(i, item)` pairs
-(`cmcaug.inputs`); an item without one is keyed by a hash of its caption instead (still deterministic;
-duplicate captions then share a view).
+`cmc.dataset(source)` (their position in a file, list, HF dataset or stream), as `{"index": i, ...}` dicts or
+tag-text rows (`row_id`), or as `(i, item)` pairs (`cmcaug.inputs`); an item without one is keyed by a hash
+of its caption instead (still deterministic; duplicate captions then share a view).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,8 +34,9 @@ import numpy as np
 import torch
 
 from . import draws, mlm
+from .bank.reader import PatchBank
 from .errors import InputError
-from .inputs import IndexedItems, Item, item_spans, parse_item
+from .inputs import IndexedItems, IndexedStream, Item, indexed, item_fields, item_spans, parse_item
 from .plan import SplicePlan
 from .text.align import align_span_arrays
 from .text.tokenize import tokenize_with_offsets
@@ -56,10 +58,10 @@ class CMCStats:
     spans: int = 0  # grounded words
     spans_truncated: int = 0  # not (wholly) in the tokens: cut by truncation, or not a span of the caption
     spans_overlapping: int = 0  # sharing a token with an earlier span: the earlier one wins
-    spans_absent: int = 0  # concept has no patch in the bank (per concept id: absent_concepts)
+    spans_absent: int = 0  # concept has no patch in the bank (per concept name: absent_concepts)
     spans_no_room: int = 0  # chosen, but its patch would push the view past max_length
     spans_replaced: int = 0
-    absent_concepts: dict[int, int] = field(default_factory=dict)
+    absent_concepts: dict[str, int] = field(default_factory=dict)  # name -> spans; ids: bank.vocab.id(name)
 
     def add(self, other: CMCStats) -> CMCStats:
         """Add `other`'s counts into this one (in place) and return it."""
@@ -79,7 +81,9 @@ class CMCBatch:
     """One collated batch: the text view's tokens, the plan of the CMC view, and its patches' pixels.
 
     Shapes: B captions, L text tokens, M patch slots, P the bank's patch side. `labels` ([B, L_out],
-    aligned with the spliced view) is set by `CMCTransform.mask_tokens`.
+    aligned with the spliced view) is set by `CMCTransform.mask_tokens`. `fields`: the items' extra fields
+    (keys other than caption, spans, index: "image_id", a file's "source"), a list per name, a value per
+    caption (None where an item lacks it), as they came (`.to` moves only tensors).
     """
 
     input_ids: torch.Tensor  # [B, L] int64, right-padded
@@ -95,6 +99,7 @@ class CMCBatch:
     sample_keys: np.ndarray  # [B] uint64 per-sample random keys (see cmcaug.draws)
     stats: CMCStats
     labels: torch.Tensor | None = None
+    fields: dict[str, list[Any]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -146,27 +151,20 @@ def _tokenizer_facts(tokenizer: Any) -> tuple[int | None, int | None, int | None
 class CMCTransform:
     """Cross-modal CutMix views of captions against a `PatchBank`; see the module docstring for the loop.
 
-    `tokenizer`: an HF fast tokenizer, open_clip's tokenizer, or a callable `texts -> (ids, offsets)`
-    (`cmcaug.text.tokenize.tokenize_with_offsets`). `tagger`: a `GroundingTagger` over the bank's vocabulary, used
-    for items that arrive without spans. `ratio`: probability that each grounded word (whose concept has
-    patches) is replaced; `max_replacements`: cap per caption. `max_length`: tokens per caption and per
-    spliced row (default: the tokenizer's limit); a patch that would push a row past it is not spliced in.
-    `patch_tokens` (K): tokens per patch from your patch encoder. `seed`: an int, or a `torch.Generator`
-    from which one number is drawn now to serve as the seed.
+    `bank`: a `PatchBank`, or its folder, opened with `PatchBank.open(bank, validate=False)`: the structural
+    checks, without the sha256 pass over every file or the FAISS index, which CMC never searches (open it
+    yourself for those). `tokenizer`: an HF fast tokenizer, open_clip's tokenizer, or a callable `texts ->
+    (ids, offsets)` (`cmcaug.text.tokenize.tokenize_with_offsets`). `tagger`: a `GroundingTagger` over the
+    bank's vocabulary, used for items that arrive without spans. `ratio`: probability that each grounded
+    word (whose concept has patches) is replaced; `max_replacements`: cap per caption. `max_length`: tokens
+    per caption and per spliced row (default: the tokenizer's limit); a patch that would push a row past it
+    is not spliced in. `patch_tokens` (K): tokens per patch from your patch encoder. `seed`: an int, or a
+    `torch.Generator` from which one number is drawn now to serve as the seed.
     """
 
-    def __init__(
-        self,
-        bank: Any,
-        tokenizer: Any,
-        *,
-        tagger: Any = None,
-        ratio: float = 0.5,
-        max_replacements: int | None = None,
-        max_length: int | None = None,
-        patch_tokens: int = 1,
-        seed: int | torch.Generator = 0,
-    ):
+    def __init__(self, bank: Any, tokenizer: Any, *, tagger: Any = None, ratio: float = 0.5,
+                 max_replacements: int | None = None, max_length: int | None = None, patch_tokens: int = 1,
+                 seed: int | torch.Generator = 0):
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.number)) or not 0.0 <= ratio <= 1.0:
             raise InputError(f"ratio must be a number in [0, 1], got {ratio!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, torch.Generator)):
@@ -176,6 +174,7 @@ class CMCTransform:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low):
                 optional = " or None" if name != "patch_tokens" else ""
                 raise InputError(f"{name} must be an integer >= {low}{optional}, got {value!r}")
+        bank = _open_bank(bank)
         if tagger is not None and getattr(tagger, "vocab", bank.vocab) != bank.vocab:
             raise InputError("the tagger's vocabulary differs from the bank's, so concept ids would not match: "
                              "build the tagger with GroundingTagger(bank.vocab)")
@@ -211,13 +210,17 @@ class CMCTransform:
         """
         self._epoch.fill_(int(epoch))
 
-    def dataset(self, items: Any) -> IndexedItems:
-        """Captions, tag rows, or a `cmcaug tag-text` table or file, as a dataset whose items carry their index.
+    def dataset(self, source: Any, *, field: str = "caption", keep: Sequence[str] = (),
+                streaming: bool = False) -> IndexedItems | IndexedStream:
+        """`source` as a dataset whose items carry their position in it as their index (`cmcaug.inputs.indexed`).
 
-        A tags table or file recorded with another vocabulary than the bank's is refused (its concept ids
-        would name other concepts). See `cmcaug.inputs.IndexedItems`.
+        Map-style (`shuffle=True` works): a caption file (.txt, .jsonl, .json, .parquet, gzipped; tagged on the
+        fly), a `cmcaug tag-text` file, a list, an HF `datasets.Dataset`. Streaming: an iterable, or any source
+        with `streaming=True`; worker w of W takes positions w, w + W, ..., so views do not depend on
+        `num_workers`. `field`: the caption column or key; `keep`: a caption file's fields to keep (as
+        `tag-text --keep`). Fields reach `CMCBatch.fields`.
         """
-        return IndexedItems.of(items, self.bank.vocab)
+        return indexed(source, self.bank.vocab, tagger=self.tagger, field=field, keep=keep, streaming=streaming)
 
     def reset_stats(self) -> CMCStats:
         """Return the stats gathered so far and start counting afresh."""
@@ -272,6 +275,7 @@ class CMCTransform:
             captions=captions,
             sample_keys=keys,
             stats=stats,
+            fields=item_fields(rows),
         )
 
     # -- the GPU side -----------------------------------------------------------------------------
@@ -346,7 +350,7 @@ class CMCTransform:
         stats.spans_overlapping = int(overlap.sum())
         stats.spans_absent = int(absent.sum())
         for c, n in zip(*np.unique(flat[absent, 2], return_counts=True)):
-            stats.absent_concepts[int(c)] = int(n)
+            stats.absent_concepts[self.bank.vocab.name(c)] = int(n)
         u = draws.uniform(keys[row], draws.STREAM_SELECT, ordinal)
         picked = np.flatnonzero(ok & ~overlap & ~absent & (u < self.ratio))
         picked = picked[np.lexsort((u[picked], row[picked]))]  # by row, then by u
@@ -374,6 +378,15 @@ class CMCTransform:
             else:
                 free[b] -= grow
         return picked[keep]
+
+
+def _open_bank(bank: Any) -> Any:
+    """`bank`, or the bank in the folder `bank` names (see `CMCTransform`)."""
+    if isinstance(bank, (str, os.PathLike)):
+        return PatchBank.open(bank, validate=False)
+    if not (hasattr(bank, "counts") and hasattr(bank, "vocab")):
+        raise InputError(f"bank must be a PatchBank or the path of a bank folder, got {type(bank).__name__}")
+    return bank
 
 
 def _overlapping(row: np.ndarray, start: np.ndarray, end: np.ndarray, ok: np.ndarray) -> np.ndarray:

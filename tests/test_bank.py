@@ -80,14 +80,19 @@ def test_sample_follows_the_input_kind_and_shape(bank: PatchBank) -> None:
     assert bank.sample([], generator=0).shape == (0,)
 
 
-def test_empty_concept_draws_minus_one_and_is_reported(bank: PatchBank, caplog: pytest.LogCaptureFixture) -> None:
+def test_an_empty_concept_is_refused_by_name_or_marked_minus_one(bank: PatchBank, caplog: pytest.LogCaptureFixture) -> None:
     empty = VOCAB.id(EMPTY_CONCEPT)
+    with pytest.raises(InputError, match=f"no patches of '{EMPTY_CONCEPT}'.*missing='mark'"):
+        bank.sample([0, empty, 1], generator=0)
     with caplog.at_level(logging.WARNING, logger="cmcaug.bank.reader"):
-        ids = bank.sample([0, empty, 1, empty], generator=0)
+        ids = bank.sample([0, empty, 1, empty], generator=0, missing="mark")
     assert ids[1] == ids[3] == -1 and (ids[[0, 2]] >= 0).all()
     assert EMPTY_CONCEPT in caplog.text
-    with pytest.raises(InputError, match=EMPTY_CONCEPT):
-        bank.sample([0, empty], generator=0, strict=True)
+    with pytest.raises(InputError, match=r"2 of the patch ids are -1, which marks no patch.*ids\[ids >= 0\]"):
+        bank.pixels(ids)
+    assert bank.pixels(ids[ids >= 0]).shape[0] == 2
+    with pytest.raises(InputError, match="missing must be one of"):
+        bank.sample([0], missing="skip")
 
 
 @pytest.mark.parametrize("bad, message", [([0, 5], r"\[0, 5\)"), ([-1], r"\[0, 5\)"), ([0.5], "integers")])

@@ -10,7 +10,6 @@ import pickle
 import re
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from transform_helpers import (  # noqa: F401 (bank, tokenizer: fixtures)
@@ -45,7 +44,7 @@ def test_collate_builds_a_consistent_batch(bank, tokenizer):
     assert batch.plan.num_slots == batch.num_patches == 8
     assert torch.equal(batch.plan.modality_ids.sum(1), torch.tensor([2, 3, 1, 1, 1, 0, 0]))
     assert not (batch.replaced_mask & batch.special_tokens_mask).any()
-    assert batch.stats.spans == 9 and batch.stats.spans_absent == 1 and batch.stats.absent_concepts == {VOCAB.id("kite"): 1}
+    assert batch.stats.spans == 9 and batch.stats.spans_absent == 1 and batch.stats.absent_concepts == {"kite": 1}
     assert batch.stats.spans_replaced == 8 and batch.stats.ungrounded_captions == 2 and batch.stats.empty_captions == 1
 
 
@@ -239,9 +238,9 @@ def test_absent_concepts_are_skipped_and_counted(bank, tokenizer):
     row = {"caption": "Three kites and a dog.", "spans": regex_spans("Three kites and a dog."), "index": 0}
     batch = cmc.collate([row, row])
     assert [VOCAB.name(c) for c in batch.concept_ids.tolist()] == ["dog", "dog"]
-    assert batch.stats.spans_absent == 2 and batch.stats.absent_concepts == {VOCAB.id("kite"): 2}
+    assert batch.stats.spans_absent == 2 and batch.stats.absent_concepts == {"kite": 2}
     cmc.splice(torch.zeros(*batch.input_ids.shape, 2), torch.zeros(2, 1, 2), batch)
-    assert cmc.reset_stats().absent_concepts == {VOCAB.id("kite"): 2} and cmc.stats.spans == 0
+    assert cmc.reset_stats().absent_concepts == {"kite": 2} and cmc.stats.spans == 0
 
 
 def test_a_word_the_tokenizer_does_not_know_is_still_replaced(bank, tokenizer):
@@ -278,6 +277,14 @@ def test_bad_items_get_clear_errors(bank, tokenizer, item, message):
 def test_bad_options_are_refused(bank, tokenizer, kwargs):
     with pytest.raises(InputError):
         CMCTransform(bank, tokenizer, **kwargs)
+
+
+def test_the_bank_may_be_given_by_its_folder(bank, tokenizer):
+    for path in (bank.path, str(bank.path)):
+        same_batch(CMCTransform(path, tokenizer, ratio=0.5).collate(indexed(ROWS)),
+                   CMCTransform(bank, tokenizer, ratio=0.5).collate(indexed(ROWS)))
+    with pytest.raises(InputError, match="PatchBank or the path of a bank folder, got dict"):
+        CMCTransform({}, tokenizer)
 
 
 def test_empty_batch_is_refused(bank, tokenizer):
@@ -336,29 +343,6 @@ def test_views_are_identical_across_worker_counts_and_epochs(bank, tokenizer):
         for a, b in zip(epoch_a, epoch_b, strict=True):
             same_batch(a, b)
     assert any(not torch.equal(a.replaced_mask, b.replaced_mask) for a, b in zip(*serial))  # epochs differ
-
-
-def test_dataset_reads_a_tag_text_file(bank, tokenizer, tmp_path):
-    from torch.utils.data import DataLoader
-
-    from cmcaug.text.grounding import GroundingTagger
-    from cmcaug.text.tags import tag_corpus
-
-    (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS) + "\n", encoding="utf-8")
-    tag_corpus([tmp_path / "captions.txt"], tmp_path / "tags.parquet", GroundingTagger(bank.vocab, mode="lookup"), progress=False)
-    cmc = CMCTransform(bank, tokenizer, ratio=1.0)
-    items = cmc.dataset(tmp_path / "tags.parquet")
-    assert len(items) == len(CAPTIONS) and items[2]["index"] == 2 and items[2]["caption"] == CAPTIONS[2]
-    assert len(pickle.dumps(items)) < 1000  # travels to workers as its path
-    batches = list(DataLoader(items, batch_size=4, collate_fn=cmc.collate))
-    assert [b.indices.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6]]
-    assert sum(b.num_patches for b in batches) == 8 and sum(b.stats.spans_absent for b in batches) == 1
-    tag_corpus([tmp_path / "captions.txt"], tmp_path / "other.parquet", GroundingTagger(ConceptVocab({"dog": []}), mode="lookup"),
-               progress=False)
-    with pytest.raises(InputError, match="another vocabulary"):
-        cmc.dataset(tmp_path / "other.parquet")
-    table = pa.table({"caption": CAPTIONS, "spans": [r["spans"] for r in ROWS]})
-    same_batch(cmc.collate(cmc.dataset(table).__getitems__(range(len(CAPTIONS)))), cmc.collate(indexed(ROWS)))
 
 
 def test_splice_with_the_triton_kernel_equals_the_reference(bank, tokenizer, triton_device):

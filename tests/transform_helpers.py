@@ -1,4 +1,4 @@
-"""Shared inputs of the CMCTransform tests (tests/test_transform.py, tests/test_mlm.py).
+"""Shared inputs of the CMCTransform tests (tests/test_transform.py, tests/test_mlm.py, tests/test_inputs.py).
 
 A tiny real bank (`write_bank`) whose patch pixels encode their patch id, a WordPiece tokenizer whose
 vocabulary is written here ("frisbee" is two sub-tokens), captions with their regex grounding, and the
@@ -105,3 +105,16 @@ def replaced_words(batch: CMCBatch, b: int) -> list[str]:
 def _char_ranges(batch, b, spans):
     enc = _tokenizer()(batch.captions[b], return_offsets_mapping=True)["offset_mapping"]
     return [(enc[s][0], enc[e - 1][1]) for s, e in spans]
+
+
+def views_by_index(batches) -> dict[int, tuple[list[int], list[bool], list[int]]]:
+    """Each sample's view across `batches`, by its index: (token ids, replaced mask, patch ids), unpadded."""
+    views = {}
+    for batch in batches:
+        slot_rows = torch.from_numpy(batch.plan.slot_rows)
+        for b, index in enumerate(batch.indices.tolist()):
+            n = int(batch.attention_mask[b].sum())
+            assert index not in views, f"index {index} collated twice"
+            views[index] = (batch.input_ids[b, :n].tolist(), batch.replaced_mask[b, :n].tolist(),
+                            batch.patch_ids[slot_rows == b].tolist())
+    return views

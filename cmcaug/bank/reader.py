@@ -8,6 +8,9 @@ per-patch table (`records`) and the FAISS index (`search`) are loaded on first u
     bank = PatchBank.open("bank/")
     ids = bank.sample([3, 3, 17], generator=torch.Generator().manual_seed(0))
     pixels = bank.pixels(ids)                      # uint8 [3, P, P, 3]
+
+A concept with no patches cannot be drawn: `sample` refuses it by name, or with `missing="mark"` draws the
+id -1 for it, which `pixels`, `embeddings` and `records` refuse as what it is.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from .index import check_index_contents, open_index, search_index
 log = logging.getLogger(__name__)
 
 Generator = torch.Generator | np.random.Generator | int | None
+MISSING = ("raise", "mark")  # what `sample` does with a concept that has no patches
 
 
 def _as_int_array(values: Any, what: str) -> np.ndarray:
@@ -187,17 +191,19 @@ class PatchBank:
         return int(self._counts[self.vocab.resolve(concept)])
 
     # -- sampling and reads -----------------------------------------------------------------------
-    def sample(
-        self, concept_ids: Any, generator: Generator = None, strict: bool = False, *, uniforms: np.ndarray | None = None
-    ) -> Any:
+    def sample(self, concept_ids: Any, generator: Generator = None, *, missing: str = "raise",
+               uniforms: np.ndarray | None = None) -> Any:
         """One uniformly drawn patch id per entry of `concept_ids` (any shape; list, numpy or torch).
 
         Returns int64 ids of the same shape, as a torch tensor for tensor input, else numpy. A concept
-        with no patches gets id -1, and a warning is logged once per concept; with `strict=True` it
-        raises `InputError` naming those concepts instead (`bank.counts` tells them apart beforehand).
+        with no patches has nothing to draw: `missing="raise"` (the default) raises `InputError` naming
+        those concepts; `missing="mark"` draws id -1 for them (a warning logged once per concept), keeping
+        positions, to be dropped (`ids[ids >= 0]`) before `pixels`. `bank.counts` tells them apart beforehand.
         Draws are reproducible for a seed or generator; None draws fresh OS entropy. Callers that key
         their own randomness (e.g. per sample) pass `uniforms` in [0, 1), one per concept id, instead.
         """
+        if missing not in MISSING:
+            raise InputError(f"missing must be one of {MISSING}, got {missing!r}")
         concepts = _as_int_array(concept_ids, "concept_ids")
         if concepts.size and (concepts.min() < 0 or concepts.max() >= len(self.vocab)):
             raise InputError(f"concept_ids must lie in [0, {len(self.vocab)}), found [{concepts.min()}, {concepts.max()}]")
@@ -208,13 +214,15 @@ class PatchBank:
         empty = counts == 0
         if empty.any():
             ids[empty] = -1
-            self._report_empty(np.unique(concepts[empty]), strict)
+            self._report_empty(np.unique(concepts[empty]), missing)
         return _like(concept_ids, ids)
 
-    def _report_empty(self, concepts: np.ndarray, strict: bool) -> None:
-        if strict:
+    def _report_empty(self, concepts: np.ndarray, missing: str) -> None:
+        if missing == "raise":
             names = [self.vocab.name(c) for c in concepts]
-            raise InputError(f"concepts with no patches in {self.path}: {names}; drop them before sampling or pass strict=False (ids -1)")
+            raise InputError(f"{self.path} has no patches of {', '.join(map(repr, names))}, so nothing to draw for them: "
+                             "leave them out (bank.counts says which concepts have patches), or pass missing='mark' "
+                             "to draw id -1 for them")
         new = [int(c) for c in concepts if int(c) not in self._reported_empty]
         if new:
             self._reported_empty.update(new)
@@ -223,9 +231,11 @@ class PatchBank:
     def _patch_ids(self, ids: Any) -> np.ndarray:
         array = _as_int_array(ids, "patch ids")
         if array.size and (array.min() < 0 or array.max() >= len(self)):
-            raise InputError(
-                f"patch ids must lie in [0, {len(self)}), found [{array.min()}, {array.max()}] (-1 marks an empty concept's draw)"
-            )
+            if (array == -1).any():
+                raise InputError(f"{int((array == -1).sum())} of the patch ids are -1, which marks no patch (a draw of a "
+                                 "concept with no patches, sample(..., missing='mark'), or an empty search slot): "
+                                 "drop them first (ids[ids >= 0])")
+            raise InputError(f"patch ids must lie in [0, {len(self)}), found [{array.min()}, {array.max()}]")
         return array
 
     def pixels(self, ids: Any) -> torch.Tensor:

@@ -251,6 +251,4 @@ def preview_captions(
                          for i, (item, s) in enumerate(zip(items, spans))])
     out = render_cmc_views(batch, path, tokenizer=tok, vocab=bank.vocab, grounded=spans, max_rows=rows,
                            tile_size=tile_size)
-    stats = batch.stats.as_dict()
-    absent = {bank.vocab.name(c): n for c, n in stats.pop("absent_concepts").items()}
-    return {"output": str(out), **stats, "absent_concepts": absent}
+    return {"output": str(out), **batch.stats.as_dict()}  # absent_concepts by name
