@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from .usage import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_all.check_names(names)
     except ValueError as exc:
-        print(f"cmcaug bench: error: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
+    if args.list and (args.smoke or args.out is not None or extra):
+        raise UsageError("--list runs nothing, so it takes no --smoke, --out or benchmark arguments")
     if args.list:
         gpu = set(run_all.GPU_BENCHMARKS)
         rows = [(name, "CUDA" if name in gpu else "CPU", run_all.describe(name)) for name in names or run_all.BENCHMARKS]

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import dataclasses
 import sys
 from typing import Any
 
-from cmcaug.builder.options import DEFAULT_CONF, EMBEDDERS, BuildOptions, RayOptions
+from cmcaug.builder.options import (CROPS, DEFAULT_CONF, DEFAULT_IMGSZ, DEFAULT_IOU, DEFAULT_MAX_DET, EMBEDDERS, BuildOptions,
+                                    RayOptions)
+
+from .usage import UsageError
 
 EPILOG = """\
 inputs:
@@ -17,11 +20,30 @@ inputs:
   are skipped and counted by reason; CMYK, 16-bit, grayscale, palette and EXIF-rotated images are
   converted to upright RGB.
 
+crops:
+  --crop says how a box becomes a P x P patch (resized with an antialiased bicubic filter):
+    square    (default) a square centred on the box, side = the box's longer side, black outside the
+              image: the object and its surroundings (a tie's patch is mostly the hand holding it)
+    tight     exactly the box, stretched to a square: only the object, its aspect ratio not kept
+    pad-mean  exactly the box, its shorter side padded to a square with the box's mean colour: only
+              the object, aspect ratio kept, no other pixel of the image
+  (`cmcaug preview --crops CORPUS -o crops.png` draws the three side by side.)
+
+yolo:
+  --detector takes a local .pt file or a model yaml (random weights, seeded by --seed); weights are never
+  downloaded. A yaml model numbers its classes 0, 1, ...: with 80 classes (every official ultralytics
+  detection yaml, e.g. yolov8n.yaml) they are named after COCO's classes, so --vocab default matches;
+  otherwise name them with --names FILE (a dataset yaml with names:, or one name a line) or a names:
+  list in the model yaml. --imgsz, --iou, --max-det and --classes are passed to ultralytics' predict
+  (defaults: ultralytics' own); they change the boxes, so --resume compares them.
+
 resume:
   the build keeps its state in BANK/.build/. If it is killed at any point, rerun the same command with
   --resume: it redoes only the unfinished batches and writes exactly the bank an uninterrupted run
   writes. --resume on a missing bank starts one; on a finished bank of the same inputs and options it
-  does nothing.
+  does nothing. Paths are compared resolved: corpus/images, ./corpus/images/ and its absolute path are
+  the same input. Other inputs or options are refused (exit 3), naming each difference with both
+  values; --overwrite then starts over, discarding the finished batches.
 
 overwrite, failures and concurrent builds:
   the new bank is staged whole in BANK/.build/ and then published in one step (manifest.json last). Until
@@ -59,13 +81,15 @@ exit codes:
   1    unexpected internal error (a bug; please report it)
   2    bad usage: unknown flag, no -o, neither or both of --detector and --annotations,
        both --resume and --overwrite, --ray-cpus / --ray-gpus / --ray-actors without --ray,
-       --device without --detector, --ignore-unmatched-annotations without --annotations; a number
-       out of range, e.g. --patch-size below 8 or --conf outside [0, 1] (the message names the rule)
+       --device, --imgsz, --iou, --max-det, --classes or --names without --detector,
+       --ignore-unmatched-annotations or --strict without --annotations; a number out of range,
+       e.g. --patch-size below 8 or --conf outside [0, 1] (the message names the rule)
   3    bad input: an input path does not exist; no images found; BANK exists without --resume or
        --overwrite, or holds files that are not a bank's; --resume with other inputs or options than
        the unfinished build; annotations for an image not among the inputs (without
        --ignore-unmatched-annotations), an unknown category, a box outside its image; a detector
-       class list that shares no name with --vocab; YOLO weights not found; a --device this machine
+       class list that shares no name with --vocab; YOLO weights not found; --names that are not one
+       per class; a --classes name the model lacks; a --device this machine
        lacks; --embedder detector without --detector; a Ray worker whose detector or embedder
        differs from this machine's; --ray-gpus on a cluster without GPUs
   4    malformed bank or build state: an unreadable BANK/manifest.json or BANK/.build shard
@@ -96,12 +120,20 @@ def _add(group: Any, flag: str, options: type[BuildOptions | RayOptions], name: 
     group.add_argument(flag, type=parse, **kwargs)
 
 
+def _listed(text: str) -> tuple[str, ...]:
+    """A comma-separated --classes value as its items."""
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected class names or indices separated by commas, got {text!r}")
+    return items
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "build-bank",
         help="build a concept patch bank from images",
-        description="Find objects in IMAGES (YOLO detector or COCO annotations), cut a square patch around each "
-        "box, embed it and write a patch bank to BANK (patches sorted by concept, FAISS index, manifest).",
+        description="Find objects in IMAGES (YOLO detector or COCO annotations), cut a patch from each box (--crop), "
+        "embed it and write a patch bank to BANK (patches sorted by concept, FAISS index, manifest).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -115,8 +147,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="refuse an annotation with a non-finite or empty box or a non-finite score (default: skip it "
                         "and count it among the dropped boxes)")
-    parser.add_argument("--device", metavar="DEVICE",
-                        help="where YOLO runs: cpu, 0, cuda:0, ... (default: ultralytics' choice, a GPU if there is one)")
+    yolo = parser.add_argument_group("YOLO (--detector)")
+    yolo.add_argument("--device", metavar="DEVICE",
+                      help="where YOLO runs: cpu, 0, cuda:0, ... (default: ultralytics' choice, a GPU if there is one)")
+    _add(yolo, "--imgsz", BuildOptions, "imgsz", metavar="PX",
+         help=f"inference size in pixels, rounded up to a multiple of 32 (default {DEFAULT_IMGSZ})")
+    _add(yolo, "--iou", BuildOptions, "iou", help=f"IoU threshold of non-maximum suppression (default {DEFAULT_IOU:g})")
+    _add(yolo, "--max-det", BuildOptions, "max_det", metavar="N",
+         help=f"keep at most N boxes per image (default {DEFAULT_MAX_DET})")
+    yolo.add_argument("--classes", type=_listed, metavar="LIST",
+                      help="detect only these classes: names or indices, comma-separated, e.g. person,dog or 0,16 (default: all)")
+    yolo.add_argument("--names", metavar="FILE", help="name the model's classes, one per class in class order: a dataset yaml "
+                      "with names:, or a text file with one name a line (default: the model's own; COCO's for a yaml model "
+                      "of 80 numbered classes such as yolov8n.yaml)")
     parser.add_argument("--vocab", metavar="FILE", help='concept vocabulary JSON {"name": [synonyms...]}, or "default" for the built-in COCO-80 (default: the class names)')
     _add(parser, "--patch-size", BuildOptions, "patch_size", metavar="P", help="patch side in pixels (default %(default)s)")
     _add(parser, "--min-box", BuildOptions, "min_box", metavar="PX", help="drop boxes whose longer side is shorter (default %(default)s)")
@@ -124,6 +167,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
          help=f"drop boxes scoring below this (default {DEFAULT_CONF:g})")
     _add(parser, "--max-per-concept", BuildOptions, "max_per_concept", metavar="N",
          help="keep at most N patches per concept, drawn with --seed")
+    parser.add_argument("--crop", choices=CROPS, default=BuildOptions.crop,
+                        help="square: around the box on its longer side (default); tight: the box, stretched; pad-mean: "
+                        "the box, padded with its mean colour (see crops below)")
     parser.add_argument("--embedder", choices=EMBEDDERS, default=BuildOptions.embedder,
                         help="pixels: model-free colour/layout descriptor (default); detector: pooled YOLO backbone features")
     _add(parser, "--batch-size", BuildOptions, "batch_size", help="images per detector batch and build shard (default %(default)s)")
@@ -146,44 +192,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+_NEEDS = {"yolo": ("detector", "is a YOLO setting, so it needs --detector (--annotations runs no model)"),
+          "annotations": ("annotations", "needs --annotations")}  # an option's box source: its flag, and what to say
+
+
 def _usage_problem(args: argparse.Namespace) -> str | None:
-    """Flags that only mean something beside another flag, given without it."""
+    """Flags that only mean something beside another flag, given without it (for the box source flags: each
+    option's `source`, `BuildOptions.check_source`)."""
     ray_defaults = (RayOptions.num_cpus_per_task, RayOptions.num_gpus_per_task, RayOptions.actors)
     if args.ray is None and (args.ray_cpus, args.ray_gpus, args.ray_actors) != ray_defaults:
         return "--ray-cpus, --ray-gpus and --ray-actors need --ray"
-    if args.device is not None and args.detector is None:
-        return "--device is where YOLO runs, so it needs --detector (--annotations runs no model)"
-    if args.ignore_unmatched_annotations and args.annotations is None:
-        return "--ignore-unmatched-annotations needs --annotations"
-    if args.strict and args.annotations is None:
-        return "--strict needs --annotations"
+    if args.embedder == "detector" and args.detector is None:
+        return "--embedder detector pools the YOLO detector's features, so it needs --detector"
+    for f in dataclasses.fields(BuildOptions):
+        source = f.metadata.get("source")
+        value = getattr(args, f.name) if source else None
+        if value is not None and value is not False and getattr(args, _NEEDS[source][0]) is None:  # 0 is given
+            return f"--{f.name.replace('_', '-')} {_NEEDS[source][1]}"
     return None
-
-
-def _held_back(record: logging.LogRecord) -> bool:
-    """A logging filter dropping the library's empty-bank warning: `run` prints it once, after the tables."""
-    return not getattr(record, "empty_bank", False)
 
 
 def run(args: argparse.Namespace) -> int:
     problem = _usage_problem(args)
     if problem:
-        print(f"cmcaug build-bank: error: {problem}", file=sys.stderr)
-        return 2
+        raise UsageError(problem)
     from cmcaug.builder.pipeline import build_bank, empty_bank_warning
 
-    from .render import summary, table
+    from .render import held_back, summary, table
 
     options = dict(
         detector=args.detector, annotations=args.annotations, vocab=args.vocab, patch_size=args.patch_size,
         min_box=args.min_box, conf=args.conf, max_per_concept=args.max_per_concept, embedder=args.embedder,
         batch_size=args.batch_size, workers=args.workers, resume=args.resume, overwrite=args.overwrite, seed=args.seed,
         progress=not args.no_progress, ignore_unmatched_annotations=args.ignore_unmatched_annotations, device=args.device,
-        max_file_bytes=args.max_file_bytes, strict=args.strict,
+        max_file_bytes=args.max_file_bytes, strict=args.strict, crop=args.crop, imgsz=args.imgsz, iou=args.iou,
+        max_det=args.max_det, classes=args.classes, names=args.names,
     )
-    logger = logging.getLogger("cmcaug.builder.pipeline")
-    logger.addFilter(_held_back)
-    try:
+    with held_back("cmcaug.builder.pipeline", "empty_bank"):  # printed once, after the tables
         if args.ray is None:
             result = build_bank(args.images, args.output, **options)
         else:
@@ -191,8 +236,6 @@ def run(args: argparse.Namespace) -> int:
 
             result = build_bank_distributed(args.images, args.output, address=args.ray or None, num_cpus_per_task=args.ray_cpus,
                                             num_gpus_per_task=args.ray_gpus, actors=args.ray_actors, **options)
-    finally:
-        logger.removeFilter(_held_back)
     images, boxes = result.stats["images"], result.stats["boxes"]
     print(summary("patch bank", {
         "path": str(result.bank), "runner": "local" if args.ray is None else f"ray {args.ray or '(default)'}",

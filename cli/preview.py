@@ -1,6 +1,7 @@
 """`cmcaug preview BANK -o OUT.png`: a picture of a bank, one row of sampled patches per concept;
 `cmcaug preview BANK --captions FILE -o OUT.html`: the CMC views of the first captions of FILE;
-`cmcaug preview --timix CORPUS -o OUT.png`: TiMix on the first images of a COCO-annotated corpus.
+`cmcaug preview --timix CORPUS -o OUT.png`: TiMix on the first images of a COCO-annotated corpus;
+`cmcaug preview --crops CORPUS -o OUT.png`: what each build-bank --crop mode makes of the corpus's first boxes.
 
 OUT's extension picks the format, for every kind of preview: .png, .jpg/.jpeg, .webp, or .html/.htm (the CMC
 views' own page; for the other two, a page showing the picture). Flags of another kind of preview than the
@@ -26,12 +27,13 @@ _ONLY = {
     "bank": ("concepts", "per_concept"),
     "captions": ("ratio", "tokenizer", "field", "mode"),
     "timix": ("image_size", "patch_size", "label_mode"),
+    "crops": (),
 }
 _KIND = {"bank": "a bank preview (BANK without --captions)", "captions": "CMC views (--captions)",
-         "timix": "a TiMix preview (--timix)"}
+         "timix": "a TiMix preview (--timix)", "crops": "a crop-mode preview (--crops)"}
 _DEFAULTS = {"per_concept": 8, "ratio": 0.5, "tokenizer": "words", "field": "caption", "mode": "tagger",
              "image_size": 224, "patch_size": 32, "label_mode": "area"}
-_ROWS = {"captions": 16, "timix": 8}  # --rows: captions shown, images mixed
+_ROWS = {"captions": 16, "timix": 8, "crops": 4}  # --rows: captions shown, images mixed, images cropped
 _POSITIVE = number(int, low=1)
 
 
@@ -51,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "preview as a page showing its picture). Pictures are drawn in DejaVu Sans (shipped with matplotlib): "
         "accented Latin, Greek and Cyrillic, but CJK text draws as boxes; use .html for the CMC views of such captions.",
     )
-    parser.add_argument("bank", metavar="BANK", nargs="?", help="patch bank folder (not with --timix)")
+    parser.add_argument("bank", metavar="BANK", nargs="?", help="patch bank folder (not with --timix or --crops)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help=f"file to write, its format named by its extension: {', '.join(PICTURE_FORMATS)}")
     parser.add_argument("--seed", type=number(int, 0), default=0,
@@ -82,6 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     timix.add_argument("--patch-size", type=_POSITIVE, help=f"patch side in pixels (default {_DEFAULTS['patch_size']})")
     timix.add_argument("--label-mode", choices=("area", "relevance"),
                        help="how lam is computed (see text_aware_mix; default area)")
+    crops = parser.add_argument_group("crop modes (--crops)")
+    crops.add_argument("--crops", metavar="CORPUS", help="a folder holding images/ and annotations.json: draw each box "
+                       "of its first --rows images (default 4) as build-bank's --crop square, tight and pad-mean cut it")
     parser.set_defaults(run=run)
 
 
@@ -95,11 +100,14 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
     from cmcaug.errors import InputError
     from cmcaug.viz._picture_files import picture_format
 
-    if args.timix and (args.bank or args.captions):
-        return "--timix mixes images of a corpus and takes no BANK or --captions; run them separately"
-    if not args.timix and not args.bank:
-        return "give a patch bank folder BANK, or --timix CORPUS for a TiMix preview"
-    kind = "timix" if args.timix else "captions" if args.captions else "bank"
+    corpus_kinds = [flag for flag, value in (("--timix", args.timix), ("--crops", args.crops)) if value]
+    if len(corpus_kinds) > 1:
+        return "--timix and --crops are two previews; run them separately"
+    if corpus_kinds and (args.bank or args.captions):
+        return f"{corpus_kinds[0]} draws images of a corpus and takes no BANK or --captions; run them separately"
+    if not corpus_kinds and not args.bank:
+        return "give a patch bank folder BANK, or --timix CORPUS / --crops CORPUS for a corpus preview"
+    kind = "timix" if args.timix else "crops" if args.crops else "captions" if args.captions else "bank"
     for other, names in _ONLY.items():
         given = [_flag(name) for name in names if getattr(args, name) is not None]
         if other != kind and given:
@@ -126,6 +134,12 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is None:
             setattr(args, name, value)
     tile = {"tile_size": args.tile_size} if args.tile_size is not None else {}
+    if args.crops:
+        from cmcaug.viz.crops import render_crop_modes
+
+        names, images, boxes = _read_annotated(args.crops, args.rows or _ROWS["crops"])
+        print(f"wrote {render_crop_modes(images, boxes, args.output, names=names, **tile)}")
+        return 0
     if args.timix:
         from cmcaug.viz.mixes import preview_timix
 

@@ -1,8 +1,26 @@
-"""Plain-text rendering of the stats that library calls return: tables and key/value summaries."""
+"""Plain-text rendering of the stats that library calls return: tables and key/value summaries, and the
+library warnings a command prints itself, after them."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+
+
+@contextlib.contextmanager
+def held_back(logger: str, marked: str) -> Iterator[None]:
+    """Drop the records of `logger` whose `marked` attribute is true (`extra={marked: True}`): warnings that are
+    also in the returned stats, which the command prints once, after its tables."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not getattr(record, marked, False)
+
+    log = logging.getLogger(logger)
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
 
 
 def _cell(value: Any) -> str:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from cmcaug.text.grounding import DEFAULT_MAX_CHARS
@@ -49,11 +48,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _held_back(record: logging.LogRecord) -> bool:
-    """A logging filter dropping the library's warnings that are also in its stats: `run` prints them after the tables."""
-    return not getattr(record, "in_stats", False)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.model is not None and args.mode == "lookup":
         raise UsageError("--model is the spaCy pipeline of --mode tagger; --mode lookup loads none")
@@ -61,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from cmcaug.text.grounding import GroundingTagger
     from cmcaug.text.tags import tag_corpus
 
-    from .render import summary, table
+    from .render import held_back, summary, table
 
     if args.bank:
         from cmcaug.bank.reader import PatchBank
@@ -69,15 +63,10 @@ def run(args: argparse.Namespace) -> int:
         vocab = PatchBank.open(args.bank, validate=False).vocab
     else:
         vocab = ConceptVocab.load(args.vocab)
-    logger = logging.getLogger("cmcaug.text.tags")
-    logger.addFilter(_held_back)
-    try:
-        with GroundingTagger(vocab, model=args.model or "en_core_web_sm", mode=args.mode, batch_size=args.batch_size,
-                             n_process=args.n_process, max_chars=args.max_chars) as tagger:
-            stats = tag_corpus(args.corpus, args.output, tagger, field=args.field, keep=args.keep,
-                               progress=not args.no_progress)
-    finally:
-        logger.removeFilter(_held_back)
+    with held_back("cmcaug.text.tags", "in_stats"), GroundingTagger(
+            vocab, model=args.model or "en_core_web_sm", mode=args.mode, batch_size=args.batch_size,
+            n_process=args.n_process, max_chars=args.max_chars) as tagger:
+        stats = tag_corpus(args.corpus, args.output, tagger, field=args.field, keep=args.keep, progress=not args.no_progress)
     per_concept, warnings = stats.pop("spans_per_concept"), stats.pop("warnings")
     stats["kept_fields"] = stats["kept_fields"] or "none"
     print(summary("tag-text", stats))

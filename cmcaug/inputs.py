@@ -23,7 +23,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Self
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +32,10 @@ import torch
 
 from .concepts import ConceptVocab
 from .errors import InputError
-from .text.corpus import check_corpus, read_captions
+from .text.corpus import check_corpus, fits_column, read_captions
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11
 
 _ITEM_KEYS = frozenset({"caption", "spans", "index"})  # what collate reads; every other key is an extra field
 _CAPTIONS_SCHEMA = pa.schema([("caption", pa.string()), ("source", pa.string()), ("source_row", pa.int64())])
@@ -192,7 +195,7 @@ class _Source:
     def _rows(self) -> Iterator[Any]:
         """The source's items, in order: a caption file's rows, a tags file's or a table's rows, an iterable's items."""
         if isinstance(self.source, Path) and self.columns is not None:
-            return _caption_rows(self.source, self.field, self.keep, self.max_chars)
+            return _caption_rows(self.source, self.field, self.keep, self.max_chars, self.columns)
         if isinstance(self.source, (Path, pa.Table)):
             batches = pq.ParquetFile(self.source).iter_batches() if isinstance(self.source, Path) else self.source.to_batches()
             return itertools.chain.from_iterable(batch.to_pylist() for batch in batches)
@@ -287,10 +290,14 @@ def _caption_columns(path: Path, field: str, keep: Sequence[str], max_chars: int
     return pa.schema([*_CAPTIONS_SCHEMA, *(pa.field(k, t) for k, t in fields.items() if k not in _RESERVED)])
 
 
-def _caption_rows(path: Path, field: str, keep: Sequence[str], max_chars: int | None) -> Iterator[dict[str, Any]]:
+def _caption_rows(path: Path, field: str, keep: Sequence[str], max_chars: int | None,
+                  columns: pa.Schema | None = None) -> Iterator[dict[str, Any]]:
     """The rows of a caption file as `{"caption", "source", "source_row", **kept fields}`, the caption None where
-    the row holds no readable text (as in a tags file, so positions match tag-text's row ids)."""
+    the row holds no readable text (as in a tags file, so positions match tag-text's row ids). With `columns`
+    (the file's schema), a kept value that does not fit its column is None, as tag-text writes it."""
     for row in read_captions([path], field, keep=keep, max_chars=max_chars):
         kept = {k: v for k, v in row.fields.items() if k not in _RESERVED}
+        if columns is not None:
+            kept = {k: v if fits_column(v, columns.field(k).type) else None for k, v in kept.items()}
         yield {"caption": row.value if isinstance(row.value, str) else None, "source": row.source,
                "source_row": row.source_row, **kept}

@@ -124,3 +124,8 @@ def test_tag_memory_smoke_writes_into_out(tmp_path, results_dir_untouched) -> No
     assert main(["bench", "tag_memory", "--smoke", "--out", str(tmp_path)]) == 0
     [result] = tmp_path.glob("tag-memory-smoke-*.json")
     assert json.loads(result.read_text())["rows"]
+
+
+def test_list_with_options_of_a_run_is_bad_usage(capsys) -> None:
+    assert main(["bench", "--list", "--smoke"]) == 2
+    assert "--list runs nothing" in capsys.readouterr().err

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -14,12 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from image_zoo import write_shard, write_zoo
 from import_helpers import assert_loads_none_of
-from PIL import Image
 
 from cmcaug.bank.reader import PatchBank
 from cmcaug.builder.detect import UltralyticsDetector
 from cmcaug.builder.images import FAILURE_REASONS
-from cmcaug.builder.pipeline import build_bank, crop_patch, run_local, select_per_concept
+from cmcaug.builder.pipeline import build_bank, run_local, select_per_concept
 from cmcaug.concepts import ConceptVocab
 from cmcaug.errors import InputError
 from cmcaug.synth import is_foreground, make_corpus
@@ -141,7 +141,7 @@ def test_yolo_build_with_detector_features(corpus: Path, tmp_path: Path) -> None
                         max_per_concept=4, batch_size=8, progress=False)
     bank = PatchBank.open(tmp_path / "bank")
     assert bank.manifest["provenance"]["options"]["conf"] == 0.0
-    assert len(bank) == result.stats["boxes"]["kept"] > 0 and bank.vocab.names[:2] == ["0", "1"]
+    assert len(bank) == result.stats["boxes"]["kept"] > 0 and bank.vocab.names[:2] == ["person", "bicycle"]  # COCO's, not "0", "1"
     assert bank.manifest["provenance"]["embedder"]["type"] == "detector" and bank.embedding_dim == 256
     assert result.stats["boxes"]["found"] <= 16 * 3
 
@@ -174,8 +174,14 @@ def test_output_and_option_errors(corpus: Path, tmp_path: Path) -> None:
                          ({"conf": float("nan")}, r"conf must lie in \[0, 1\], got nan"), ({"max_per_concept": 0}, "max_per_concept must be >= 1")]:
         with pytest.raises(InputError, match=message):
             build(corpus, tmp_path / "b8", **bad)
-    with pytest.raises(InputError, match="device='cpu' is for a YOLO detector given as weights or a yaml"):
-        build(corpus, tmp_path / "b9", device="cpu")
+    for flag, value in (("device", "cpu"), ("imgsz", 320), ("iou", 0.5), ("max_det", 5), ("classes", ["dog"]), ("names", ["a"])):
+        with pytest.raises(InputError, match=re.escape(f"{flag}={tuple(value) if flag in ('classes', 'names') else value!r} "
+                                                       "is for a YOLO detector given as weights or a yaml")):
+            build(corpus, tmp_path / "b9", **{flag: value})
+    detector = UltralyticsDetector("yolov8n.yaml", imgsz=160)
+    kept = "a Detector object keeps the settings it was made with (UltralyticsDetector(..., imgsz=...))"
+    with pytest.raises(InputError, match=re.escape(kept)):
+        build_bank(corpus / "images", tmp_path / "b9", detector=detector, imgsz=320, progress=False)
     with pytest.raises(InputError, match="ignore_unmatched_annotations .* is for annotations"):
         build_bank(corpus / "images", tmp_path / "b10", detector="yolov8n.yaml", ignore_unmatched_annotations=True, progress=False)
     assert not any((tmp_path / f"b{n}").exists() for n in range(2, 11))
@@ -236,29 +242,21 @@ def test_device_runs_yolo_without_entering_the_fingerprint(corpus: Path, tmp_pat
         assert file_hashes(tmp_path / "bank") == file_hashes(tmp_path / "reference")
 
 
-def test_crop_centres_a_square_of_the_longer_side_and_antialiases() -> None:
-    pixels = np.random.default_rng(1).integers(1, 256, (40, 50, 3), dtype=np.uint8)  # no black pixel: black means padding
-    image = Image.fromarray(pixels)
-    assert np.array_equal(crop_patch(image, (10, 10, 30, 20), 20), pixels[5:25, 10:30])  # 20 x 10 box -> 20 x 20 square
-    edge = crop_patch(image, (40, 0, 50, 4), 10)  # the square (40, -3, 50, 7) sticks out at the top: padded
-    assert (edge[:3] == 0).all() and np.array_equal(edge[3:], pixels[0:7, 40:50])
-    checkers = np.repeat((np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8)[..., None], 3, axis=2)
-    small = crop_patch(Image.fromarray(checkers), (0, 0, 32, 32), 8)
-    assert np.abs(small.astype(float) - 127.5).max() < 16  # averaged, not aliased to black and white
-
-
-@settings(max_examples=40, deadline=None)
-@given(st.integers(20, 60), st.integers(20, 60), st.floats(-30, 70), st.floats(-30, 70), st.floats(1, 40), st.floats(1, 40),
-       st.sampled_from([8, 12, 20]))
-def test_crop_is_a_centred_square(width, height, x0, y0, w, h, size) -> None:
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(1, 256, (height, width, 3), dtype=np.uint8)  # no black pixel: black means padding
-    image = Image.fromarray(pixels)
-    patch = crop_patch(image, (x0, y0, x0 + w, y0 + h), size)
-    assert patch.shape == (size, size, 3) and patch.dtype == np.uint8
-    left, top = int(np.clip(round(x0), 0, width - size)), int(np.clip(round(y0), 0, height - size))
-    assert np.array_equal(crop_patch(image, (left, top, left + size, top + size), size), pixels[top:top + size, left:left + size])
-    assert (crop_patch(image, (-size, -size, 0.0, 0.0), size)[: size // 2, : size // 2] == 0).all()  # outside: black
+def test_crop_modes_cut_the_same_boxes_differently(corpus: Path, tmp_path: Path) -> None:
+    """Each mode keeps the same boxes in the same rows and changes only the pixels (and so the embeddings);
+    "square", the crop of every earlier bank, is not recorded, so their fingerprints hold."""
+    square = build(corpus, tmp_path / "square")
+    assert "crop" not in square.manifest["provenance"]["options"]
+    pixels = {"square": PatchBank.open(tmp_path / "square").pixels(np.arange(square.stats["boxes"]["kept"])).numpy()}
+    for mode in ("tight", "pad-mean"):
+        other = build(corpus, tmp_path / mode, crop=mode)
+        assert other.manifest["provenance"]["options"]["crop"] == mode
+        assert other.manifest["files"]["patches.parquet"] == square.manifest["files"]["patches.parquet"]
+        assert other.manifest["files"]["pixels.npy"] != square.manifest["files"]["pixels.npy"]
+        pixels[mode] = PatchBank.open(tmp_path / mode).pixels(np.arange(other.stats["boxes"]["kept"])).numpy()
+    assert is_foreground(pixels["tight"]).mean() > is_foreground(pixels["square"]).mean()  # the box alone, no margin
+    with pytest.raises(InputError, match=r"differs in: options\.crop \(not recorded: the default before, 'tight' now\)"):
+        build(corpus, tmp_path / "square", resume=True, crop="tight")
 
 
 def test_heavy_dependencies_load_lazily() -> None:
@@ -267,7 +265,7 @@ def test_heavy_dependencies_load_lazily() -> None:
     assert_loads_none_of(("spacy", "ultralytics", "faiss", "ray"), (
         "import cmcaug, cmcaug.kernels, cmcaug.builder.pipeline, cmcaug.bank.reader, cmcaug.builder.detect, "
         "cmcaug.builder.embed, cmcaug.bank.index, cmcaug.builder.distributed, cmcaug.synth, cmcaug.viz.patch_grids, "
-        "cmcaug.viz.mixes, cmcaug.viz.cmc_views, cmcaug.cli.main as cli; cli.build_parser(); "
+        "cmcaug.viz.mixes, cmcaug.viz.cmc_views, cmcaug.viz.crops, cmcaug.crops, cmcaug.cli.main as cli; cli.build_parser(); "
         "from cmcaug import PatchBank, ConceptVocab, build_bank"))
 
 

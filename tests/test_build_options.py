@@ -12,13 +12,15 @@ from import_helpers import assert_loads_none_of
 
 from cmcaug.builder.detect import UltralyticsDetector
 from cmcaug.builder.distributed import build_bank_distributed
-from cmcaug.builder.options import DEFAULT_CONF, EMBEDDERS, BuildOptions, RayOptions, Rule, resolve_conf
+from cmcaug.builder.options import (CROPS, DEFAULT_CONF, DEFAULT_IMGSZ, DEFAULT_IOU, DEFAULT_MAX_DET, EMBEDDERS, BuildOptions,
+                                    RayOptions, Rule, resolve_conf)
 from cmcaug.builder.pipeline import build_bank
 from cmcaug.cli.main import build_parser
 from cmcaug.errors import InputError
 
 FLAGS = {"patch_size": "--patch-size", "min_box": "--min-box", "conf": "--conf", "max_per_concept": "--max-per-concept",
-         "batch_size": "--batch-size", "workers": "--workers", "max_file_bytes": "--max-file-bytes",
+         "batch_size": "--batch-size", "workers": "--workers", "max_file_bytes": "--max-file-bytes", "imgsz": "--imgsz",
+         "iou": "--iou", "max_det": "--max-det",
          "num_cpus_per_task": "--ray-cpus", "num_gpus_per_task": "--ray-gpus", "actors": "--ray-actors"}
 DESTS = {"num_cpus_per_task": "ray_cpus", "num_gpus_per_task": "ray_gpus", "actors": "ray_actors"}  # the rest: the option's name
 
@@ -75,11 +77,13 @@ def test_the_wording_users_know() -> None:
 
 def test_the_cli_takes_choices_and_defaults_from_the_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert EMBEDDERS == BuildOptions.rule("embedder").choices and all(parse("--embedder", e).embedder == e for e in EMBEDDERS)
+    assert CROPS == BuildOptions.rule("crop").choices and all(parse("--crop", c).crop == c for c in CROPS)
     with pytest.raises(SystemExit) as refused:
         parse("--embedder", "clip")
     assert refused.value.code == 2 and "argument --embedder: invalid choice: 'clip'" in capsys.readouterr().err
     args, defaults = parse(), BuildOptions()
-    for name in ("patch_size", "min_box", "max_per_concept", "embedder", "batch_size", "workers", "seed", "max_file_bytes"):
+    for name in ("patch_size", "min_box", "max_per_concept", "embedder", "batch_size", "workers", "seed", "max_file_bytes", "crop",
+                 "imgsz", "iou", "max_det", "classes", "names", "device"):
         assert getattr(args, name) == getattr(defaults, name)
     assert (args.ray_cpus, args.ray_gpus, args.ray_actors) == dataclasses.astuple(RayOptions())
     assert args.conf is None and defaults.conf == DEFAULT_CONF  # None: build_bank resolves it (resolve_conf)
@@ -108,6 +112,47 @@ def test_options_are_frozen_keyword_only_and_converted() -> None:
     assert json.dumps(options.fingerprinted(), sort_keys=True) == (
         '{"batch_size": 5, "conf": 1.0, "max_file_bytes": 268435456, "max_per_concept": 3, "max_pixels": 89478485, '
         '"min_box": 4.0, "patch_size": 32, "seed": 7}')
+    # crop (issue 13) is recorded only when it is not "square", every earlier bank's crop: their fingerprints hold
+    assert dataclasses.replace(options, crop="square").fingerprinted() == options.fingerprinted()
+    assert dataclasses.replace(options, crop="tight").fingerprinted() == {**options.fingerprinted(), "crop": "tight"}
+    # the YOLO settings are compared through the detector's description, which records the values in force
+    yolo = BuildOptions(imgsz=320, iou=0.5, max_det=10, classes=["person", 16], names=[f"c{i}" for i in range(3)], device="cpu")
+    assert yolo.fingerprinted() == BuildOptions().fingerprinted() and yolo.classes == ("person", 16)
+    assert yolo.detector_settings() == {"device": "cpu", "imgsz": 320, "iou": 0.5, "max_det": 10, "classes": ("person", 16),
+                                        "names": ("c0", "c1", "c2")}
+    assert BuildOptions().detector_settings() == {}
+    for bad in ("person", [], 3):
+        with pytest.raises(InputError, match="classes must be a non-empty list"):
+            BuildOptions(classes=bad)
+
+
+def test_each_option_for_one_box_source_is_refused_with_another() -> None:
+    for detector, annotations in ((None, None), ("yolov8n.yaml", "coco.json")):
+        with pytest.raises(InputError, match="pass exactly one box source"):
+            BuildOptions().check_source(detector, annotations)
+    yolo_only = {"device": "cpu", "imgsz": 320, "iou": 0.0, "max_det": 9, "classes": ["dog"], "names": ["a"]}  # 0 is set
+    for name, value in yolo_only.items():
+        options = BuildOptions(**{name: value})
+        options.check_source("yolov8n.yaml", None)
+        options.check_source(Path("best.pt"), None)
+        for detector, annotations in ((None, "coco.json"), (object(), None)):  # annotations, a Detector object
+            with pytest.raises(InputError, match=f"^{name}=.* is for a YOLO detector given as weights or a yaml"):
+                options.check_source(detector, annotations)
+    for name in ("strict", "ignore_unmatched_annotations"):
+        BuildOptions(**{name: True}).check_source(None, "coco.json")
+        with pytest.raises(InputError, match=f"^{name} \\(--{name.replace('_', '-')}\\) is for annotations"):
+            BuildOptions(**{name: True}).check_source("yolov8n.yaml", None)
+
+
+def test_yolo_defaults_are_ultralytics_own() -> None:
+    """None runs YOLO as ultralytics would, so a build from before these options existed keeps its boxes."""
+    from ultralytics.utils import DEFAULT_CFG
+
+    ours = (DEFAULT_IMGSZ, DEFAULT_IOU, DEFAULT_MAX_DET)
+    assert ours == (DEFAULT_CFG.imgsz, DEFAULT_CFG.iou, DEFAULT_CFG.max_det) == (640, 0.7, 300)
+    defaults = inspect.signature(UltralyticsDetector).parameters
+    assert (defaults["imgsz"].default, defaults["iou"].default, defaults["max_det"].default) == (640, 0.7, 300)
+    assert defaults["conf"].default == DEFAULT_CONF
 
 
 def test_conf_defaults_to_the_detectors_own() -> None:
@@ -121,4 +166,5 @@ def test_the_cli_parses_options_without_loading_numpy() -> None:
     assert_loads_none_of(("numpy", "PIL", "torch"), (
         "import argparse; from cmcaug.cli import build_bank as cli; parser = argparse.ArgumentParser(); "
         "cli.register(parser.add_subparsers()); parser.parse_args(['build-bank', 'x', '-o', 'y', '--annotations', 'a', "
-        "'--patch-size', '32', '--conf', '0.5', '--ray-cpus', '2', '--embedder', 'detector'])"))
+        "'--patch-size', '32', '--conf', '0.5', '--ray-cpus', '2', '--embedder', 'detector', '--crop', 'pad-mean', "
+        "'--imgsz', '320', '--classes', 'person,dog'])"))

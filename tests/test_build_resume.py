@@ -5,6 +5,7 @@ at random moments while it works; the final files are compared by sha256 with an
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -14,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-from bank_helpers import file_hashes
+from bank_helpers import file_hashes, stop_after
 
-from cmcaug.builder._state import BUILD_DIR, CRASH_ENV
-from cmcaug.builder.pipeline import build_bank
+from cmcaug.builder._state import BUILD_DIR, CRASH_ENV, digest
+from cmcaug.builder.pipeline import build_bank, run_local
 from cmcaug.errors import BankFormatError, InputError
 from cmcaug.synth import make_corpus
 
@@ -113,7 +114,8 @@ def test_resume_rules(corpus: Path, reference: dict[str, str], tmp_path: Path) -
     assert not build(corpus, out, resume=True).already_built and file_hashes(out) == reference
     again = build(corpus, out, resume=True)  # a finished bank of the same inputs: nothing to do
     assert again.already_built and again.stats["boxes"]["kept"] > 0 and file_hashes(out) == reference
-    with pytest.raises(InputError, match="finished bank built from other inputs or options"):
+    with pytest.raises(InputError, match=r"finished bank built from other inputs or options \(differs in: options\.seed \(0 before, "
+                                         r"1 now\)\); pass --overwrite to replace it"):
         build(corpus, out, resume=True, seed=1)
     assert build(corpus, tmp_path / "new", resume=True).resumed_batches == 0  # --resume on no bank starts one
     assert file_hashes(tmp_path / "new") == reference
@@ -123,8 +125,59 @@ def test_resume_refuses_other_options_and_bad_shards(corpus: Path, tmp_path: Pat
     out = tmp_path / "bank"
     killed = subprocess.run(cli_args(corpus, out), env={**os.environ, CRASH_ENV: "finalize:before"}, capture_output=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL
-    with pytest.raises(InputError, match=r"differs in: options\.patch_size \(64 before, 32 now\)"):
+    with pytest.raises(InputError, match=r"differs in: options\.patch_size \(64 before, 32 now\)\); rerun with the ones it was "
+                                         r"started with to resume its 6 finished batch\(es\), or pass --overwrite to start over"):
         build(corpus, out, resume=True, patch_size=32)
     (out / BUILD_DIR / "shards" / "00000003.npz").write_bytes(b"garbage")
     with pytest.raises(BankFormatError, match="00000003.npz: unreadable build shard"):
         build(corpus, out, resume=True)
+
+
+def spelled(corpus: Path, images: str, annotations: str, out: Path, **kwargs):
+    """A build of the corpus with its paths spelled as given (relative to the corpus's parent folder)."""
+    return build_bank([images], out, progress=False, **{**options(corpus), "annotations": annotations, **kwargs})
+
+
+def test_inputs_are_compared_resolved_however_spelled(corpus: Path, reference: dict[str, str], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`corpus/images`, `./corpus/images/` and the absolute path are one input (and so for the annotations)."""
+    monkeypatch.chdir(corpus.parent)
+    out = tmp_path / "bank"
+    with pytest.raises(KeyboardInterrupt):
+        spelled(corpus, "corpus/images", "corpus/annotations.json", out, runner=stop_after(2, run_local))
+    with pytest.raises(KeyboardInterrupt):
+        spelled(corpus, "./corpus/images/", "./corpus//annotations.json", out, resume=True, runner=stop_after(1, run_local))
+    resumed = spelled(corpus, str(corpus / "images"), str(corpus / "annotations.json"), out, resume=True)
+    assert resumed.resumed_batches == 3 and file_hashes(out) == reference
+    assert resumed.manifest["provenance"]["inputs"] == [str((corpus / "images").resolve())]
+    assert spelled(corpus, "corpus/images/", "corpus/annotations.json", out, resume=True).already_built
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "corpus" / "images").mkdir(parents=True)
+    for image in sorted((corpus / "images").iterdir())[:4]:
+        (elsewhere / "corpus" / "images" / image.name).write_bytes(image.read_bytes())
+    monkeypatch.chdir(elsewhere)  # the same spelling from another folder: other images
+    with pytest.raises(InputError, match=r"finished bank built from other inputs or options \(differs in: images\.count \(24 "
+                                         r"before, 4 now\); images\.keys_sha256 \('\w+' before, '\w+' now\); inputs \(\['/\S+/corpus/"
+                                         r"images'\] before, \['/\S+/elsewhere/corpus/images'\] now\)\)"):
+        spelled(corpus, "corpus/images", str(corpus / "annotations.json"), out, resume=True, ignore_unmatched_annotations=True)
+
+
+def test_builds_of_earlier_versions_spelled_as_typed_still_resume(corpus: Path, reference: dict[str, str], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before issue 13 a build stored its paths as typed: relative ones that resolve here to this build's count as the same."""
+    monkeypatch.chdir(corpus.parent)
+    out = tmp_path / "bank"
+    with pytest.raises(KeyboardInterrupt):
+        spelled(corpus, "corpus/images", "corpus/annotations.json", out, runner=stop_after(2, run_local))
+    state = json.loads((out / BUILD_DIR / "state.json").read_text())
+    state["description"]["inputs"], state["description"]["detector"]["path"] = ["corpus/images"], "corpus/annotations.json"
+    state["fingerprint"] = digest(state["description"])  # as the earlier version wrote it
+    (out / BUILD_DIR / "state.json").write_text(json.dumps(state))
+    assert spelled(corpus, "./corpus/images", str(corpus / "annotations.json"), out, resume=True).resumed_batches == 2
+    assert file_hashes(out) == reference
+    manifest = json.loads((out / "manifest.json").read_text())  # a finished bank of an earlier version
+    manifest["provenance"] = {**state["description"], "fingerprint": state["fingerprint"]}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert spelled(corpus, "corpus/images/", "corpus/annotations.json", out, resume=True).already_built
+    with pytest.raises(InputError, match=r"; inputs \(\['corpus/images'\] before, \['/\S+/corpus'\] now\)\)"):
+        spelled(corpus, "corpus", "corpus/annotations.json", out, resume=True)

@@ -14,6 +14,7 @@ from bank_helpers import file_hashes
 from cmcaug.bank.reader import PatchBank
 from cmcaug.builder.pipeline import build_bank
 from cmcaug.cli.main import main
+from cmcaug.concepts import ConceptVocab
 from cmcaug.synth import make_corpus
 
 CLI = [sys.executable, "-m", "cmcaug.cli.main", "build-bank"]
@@ -53,6 +54,29 @@ def test_cli_yolo_yaml_with_detector_embedder(corpus: Path, tmp_path: Path) -> N
     bank = PatchBank.open(tmp_path / "bank")
     assert 0 < len(bank) <= 4 * len(bank.vocab) and bank.manifest["provenance"]["detector"]["weights"] == "yolov8n.yaml"
     assert bank.manifest["stats"]["boxes"]["found"] > len(bank)
+
+
+def test_yolo_yaml_with_the_default_vocabulary_and_yolo_settings(corpus: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """yolov8n.yaml's classes are COCO's, so --vocab default matches them; --imgsz, --iou, --max-det, --classes
+    reach the detector and the manifest, and --crop the patches."""
+    images = tmp_path / "few"
+    images.mkdir()
+    for name in ("000001.png", "000002.png"):
+        (images / name).write_bytes((corpus / "images" / name).read_bytes())
+    args = ["build-bank", str(images), "-o", str(tmp_path / "bank"), "--detector", "yolov8n.yaml", "--vocab", "default",
+            "--conf", "0", "--min-box", "4", "--imgsz", "96", "--iou", "0.5", "--max-det", "4", "--classes", "person,car, 16",
+            "--crop", "pad-mean", "--batch-size", "2", "--no-progress"]
+    assert main(args) == 0, capsys.readouterr().err
+    bank = PatchBank.open(tmp_path / "bank")
+    provenance = bank.manifest["provenance"]
+    assert bank.vocab.names == ConceptVocab.default().names and provenance["options"]["crop"] == "pad-mean"
+    assert {k: provenance["detector"][k] for k in ("imgsz", "iou", "max_det", "classes")} == {
+        "imgsz": 96, "iou": 0.5, "max_det": 4, "classes": [0, 2, 16]}
+    kept = bank.manifest["stats"]["patches_per_concept"]
+    assert 0 < sum(kept.values()) <= 8 and set(n for n, c in kept.items() if c) <= {"person", "car", "dog"}
+    assert main([*args[:-1], "--imgsz", "128", "--resume"]) == 3  # other boxes: refused, naming the setting
+    assert "differs in: detector.imgsz (96 before, 128 now)" in capsys.readouterr().err
 
 
 def test_exit_codes(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -136,8 +160,12 @@ def test_numbers_out_of_range_are_usage_errors_naming_the_flag(flags: list[str],
 
 
 def test_flags_that_need_another_flag(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    misplaced = [(["--annotations", str(corpus / "annotations.json"), "--device", "cpu"], "--device is where YOLO runs"),
-                 (["--detector", "yolov8n.yaml", "--ignore-unmatched-annotations"], "--ignore-unmatched-annotations needs --annotations")]
+    coco = ["--annotations", str(corpus / "annotations.json")]
+    misplaced = [([*coco, flag, value], f"{flag} is a YOLO setting, so it needs --detector (--annotations runs no model)")
+                 for flag, value in (("--device", "cpu"), ("--imgsz", "320"), ("--iou", "0"), ("--max-det", "5"),
+                                     ("--classes", "person"), ("--names", "names.txt"))]
+    misplaced += [(["--detector", "yolov8n.yaml", flag], f"{flag} needs --annotations")
+                  for flag in ("--ignore-unmatched-annotations", "--strict")]
     for flags, message in misplaced:
         assert main(["build-bank", str(corpus / "images"), "-o", str(tmp_path / "bank"), *flags]) == 2
         assert message in capsys.readouterr().err and not (tmp_path / "bank").exists()
@@ -184,3 +212,11 @@ def test_ray_auto_without_a_cluster_exits_3_before_writing(corpus: Path, tmp_pat
     assert done.returncode == 3, done.stderr[-2000:]
     assert "could not connect to Ray at address=auto" in done.stderr and "ray start --head" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "rayb").exists()
+
+
+def test_a_detector_embedder_without_a_detector_is_bad_usage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cmcaug.cli.main import main
+
+    code = main(["build-bank", str(tmp_path), "-o", str(tmp_path / "bank"), "--annotations", "a.json",
+                 "--embedder", "detector"])
+    assert code == 2 and "cmcaug build-bank: error: --embedder detector pools" in capsys.readouterr().err

@@ -40,6 +40,7 @@ def preview_args(world: dict[str, Path], kind: str) -> list[str]:
     return {"bank": ["preview", str(world["bank"])],
             "captions": ["preview", str(world["bank"]), "--captions", str(world["tags"]), "--rows", "3"],
             "timix": ["preview", "--timix", str(world["corpus"]), "--rows", "2", "--patch-size", "16", "--image-size", "64"],
+            "crops": ["preview", "--crops", str(world["corpus"]), "--rows", "1"],
             }[kind]
 
 
@@ -51,7 +52,7 @@ def exit_code(argv: list[str]) -> int:
         return int(exc.code)
 
 
-@pytest.mark.parametrize("kind", ["bank", "captions", "timix"])
+@pytest.mark.parametrize("kind", ["bank", "captions", "timix", "crops"])
 @pytest.mark.parametrize("suffix", sorted(SUFFIXES))
 def test_the_extension_picks_the_format(world: dict[str, Path], tmp_path: Path, kind: str, suffix: str,
                                         capsys: pytest.CaptureFixture[str]) -> None:
@@ -81,9 +82,11 @@ def test_the_extension_is_checked_before_the_bank_is_opened(tmp_path: Path, caps
 
 
 @pytest.mark.parametrize(("kind", "flags", "message"), [
-    ("timix", ["BANK"], "--timix mixes images of a corpus and takes no BANK or --captions; run them separately"),
-    ("timix", ["--captions", "TAGS"], "--timix mixes images of a corpus and takes no BANK or --captions"),
-    (None, [], "give a patch bank folder BANK, or --timix CORPUS for a TiMix preview"),
+    ("timix", ["BANK"], "--timix draws images of a corpus and takes no BANK or --captions; run them separately"),
+    ("timix", ["--captions", "TAGS"], "--timix draws images of a corpus and takes no BANK or --captions"),
+    ("crops", ["--timix", "CORPUS"], "--timix and --crops are two previews"),
+    ("crops", ["--per-concept", "3"], "--per-concept is for a bank preview (BANK without --captions), not a crop-mode"),
+    (None, [], "give a patch bank folder BANK, or --timix CORPUS / --crops CORPUS for a corpus preview"),
     (None, ["--captions", "TAGS"], "give a patch bank folder BANK"),
     ("bank", ["--rows", "3"], "--rows is for --captions or --timix"),
     ("bank", ["--ratio", "0.2", "--mode", "lookup"], "--ratio, --mode are for CMC views (--captions), not a bank "

@@ -134,12 +134,20 @@ def test_yolo_detector_and_embedder_made_per_actor(cluster, corpus: Path, tmp_pa
     local = build_bank(images, tmp_path / "local", **yolo)
     build_bank_distributed(images, tmp_path / "ray", actors=1, **yolo)
     assert file_hashes(tmp_path / "ray") == file_hashes(tmp_path / "local") and local.stats["boxes"]["kept"] == 15
+    # a yaml given by name, with YOLO settings, names and a crop mode: each actor makes it from the build's options
+    (tmp_path / "names.txt").write_text("".join(f"c{i}\n" for i in range(80)))
+    options = {"detector": "yolov8n.yaml", "conf": 0.0, "imgsz": 96, "iou": 0.6, "max_det": 2, "classes": ["c3", 0],
+               "names": tmp_path / "names.txt", "crop": "tight", "batch_size": 2, "progress": False}
+    local = build_bank(images, tmp_path / "local-yaml", **options)
+    build_bank_distributed(images, tmp_path / "ray-yaml", actors=1, **options)
+    assert file_hashes(tmp_path / "ray-yaml") == file_hashes(tmp_path / "local-yaml")
+    assert local.manifest["provenance"]["detector"]["classes"] == [0, 3] and 0 < local.stats["boxes"]["kept"] <= 10
 
 
 def test_cli_ray_flag_with_relative_paths(cluster, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    """Ray's workers started in another folder: relative inputs reach them as absolute paths, while the
-    manifest keeps them as given, like a local build's."""
+    """Ray's workers started in another folder: relative inputs reach them as absolute paths, and the
+    manifest records them resolved, like a local build's."""
     monkeypatch.chdir(corpus)
     args = ["images", "--annotations", "annotations.json", "--vocab", "vocab.json", "--batch-size", "5", "--min-box", "4",
             "--max-per-concept", "6"]

@@ -213,3 +213,12 @@ def test_a_self_sharding_hf_stream_is_refused_under_several_workers(cmc):
     assert sorted(views_by_index(collate_all(cmc, data))) == list(range(len(ROWS)))
     with pytest.raises(InputError, match="splits itself among DataLoader workers.*'index'"):
         collate_all(cmc, data, num_workers=2)
+
+
+def test_a_kept_value_that_does_not_fit_its_column_is_none_as_tag_text_writes_it(tmp_path, cmc):
+    """A .jsonl file's kept fields are typed by its first 1,000 rows; a later misfit (a string in an int column)
+    is None, as in the tags file tag-text writes from the same file."""
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"caption": "a dog", "n": 1}\n' * 1000 + '{"caption": "a cat", "n": "many"}\n')
+    dataset = cmc.dataset(path, keep=["n"])
+    assert (dataset[0]["n"], dataset[1000]["n"]) == (1, None)

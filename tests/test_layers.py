@@ -22,7 +22,8 @@ FOLDERS = {"cmcaug": ROOT / "cmcaug", "cmcaug.kernels": ROOT / "kernels", "cmcau
            "cmcaug.benchmarks": ROOT / "benchmarks"}
 ONLINE = {"cmcaug.plan", "cmcaug.draws", "cmcaug.inputs", "cmcaug.transform", "cmcaug.mlm", "cmcaug.timix",
           "cmcaug.relevance", "cmcaug.mixgen", "cmcaug.losses"}
-SHARED = {"cmcaug", "cmcaug.errors", "cmcaug.concepts", "cmcaug._deps", "cmcaug._checkout", "cmcaug._version", "cmcaug._generator"}
+SHARED = {"cmcaug", "cmcaug.errors", "cmcaug.concepts", "cmcaug._deps", "cmcaug._checkout", "cmcaug._version", "cmcaug._generator",
+          "cmcaug.crops"}
 
 
 def modules() -> dict[str, Path]:

@@ -7,7 +7,11 @@
     BANK/.build/staged/                the new bank, staged whole, then published into BANK
 
 A shard is written to a temporary name and renamed into place, so a shard file exists only when its
-batch is complete; `state.json` pins the inputs and options. A build killed at any point (SIGKILL
+batch is complete; `state.json` pins the inputs and options. A resume (or a finished bank's manifest) is
+checked against them by their description: paths are compared resolved, so `corpus/images`,
+`./corpus/images/` and the absolute path are one input, and a path an earlier version stored as typed
+counts as the same when it resolves, from here, to this build's; the message of a refusal names each
+difference with both values. A build killed at any point (SIGKILL
 included) and re-run with `resume=True` redoes only the missing batches, then finalizes from scratch.
 Until the new bank is published, the build writes nothing in BANK but `.lock` and `.build/`: a bank that
 was there (an --overwrite) stays readable and byte for byte the same, whatever happens to the build (bad
@@ -94,13 +98,13 @@ def open_build(bank: Folder, state: dict[str, Any], resume: bool, overwrite: boo
         bank.remove(BUILD_DIR)
     elif resume and has_build:
         with bank.folder(BUILD_DIR) as folder:
-            old = _read_state(folder)
+            old, done = _read_state(folder), _finished_shards(folder)
         if old is None:
             bank.remove(BUILD_DIR)  # killed before its state was written: nothing to keep
-        elif old["fingerprint"] != state["fingerprint"]:
-            changed = _differences(old["description"], state["description"])
+        elif changed := _changes(old, state):
             raise InputError(f"the unfinished build in {build} was started with other inputs or options (differs in: "
-                             f"{', '.join(changed)}); rerun with the same ones to resume, or pass --overwrite to start over")
+                             f"{changed}); rerun with the ones it was started with to resume its {done} finished "
+                             "batch(es), or pass --overwrite to start over, discarding them")
     elif resume and bank.kind(fmt.MANIFEST) == "file":
         manifest = bank.path / fmt.MANIFEST
         try:
@@ -110,9 +114,13 @@ def open_build(bank: Folder, state: dict[str, Any], resume: bool, overwrite: boo
             raise BankFormatError(f"{manifest}: unreadable manifest ({exc}); pass --overwrite to rebuild the bank") from exc
         fmt.check_manifest(finished, manifest)  # a tampered one is refused naming it, not met with a raw error
         provenance = finished.get("provenance")
-        if isinstance(provenance, dict) and provenance.get("fingerprint") == state["fingerprint"]:
+        provenance = provenance if isinstance(provenance, dict) else {}
+        description = {k: v for k, v in provenance.items() if k != "fingerprint"}
+        changed = _changes({"fingerprint": provenance.get("fingerprint"), "description": description}, state)
+        if not changed:
             return finished
-        raise InputError(f"{bank.path} is a finished bank built from other inputs or options; pass --overwrite to rebuild it")
+        raise InputError(f"{bank.path} is a finished bank built from other inputs or options (differs in: {changed}); "
+                         "pass --overwrite to replace it with a bank of these, or rerun with the ones it was built from to keep it")
     elif not resume and entries:
         what = ("an unfinished build: pass --resume to continue it or --overwrite to start over" if has_build
                 else "a bank: pass --overwrite to replace it, or --resume to keep it if it was built from the same inputs and options")
@@ -152,6 +160,13 @@ def _finish_publish(bank: Folder) -> None:
                 return
     log.info("finished publishing the bank that an interrupted build had staged in %s", bank.path / BUILD_DIR)
     remove_build(bank)
+
+
+def _finished_shards(build: Folder) -> int:
+    if build.kind(_SHARDS) != "folder":
+        return 0
+    with build.folder(_SHARDS) as shards:
+        return sum(name.endswith(".npz") for name in shards.names())
 
 
 def _read_state(build: Folder) -> dict[str, Any] | None:
@@ -266,17 +281,62 @@ def _shard_name(batch: int) -> str:
     return f"{batch:08d}.npz"
 
 
+def _changes(old: dict[str, Any], new: dict[str, Any], shown: int = 6) -> str:
+    """What differs between the state (fingerprint and description) of a build made before and `new`'s, the
+    first `shown` differences with both values; empty when they are the same build (see the module docstring)."""
+    if old.get("fingerprint") == new["fingerprint"]:
+        return ""
+    description = json.loads(json.dumps(new["description"]))  # as stored: lists, not tuples
+    found = _differences(_paths_as(old.get("description"), description), description)
+    return "; ".join(found[:shown]) + (f"; and {len(found) - shown} more" if len(found) > shown else "")
+
+
+def _resolved(path: Any) -> str | None:
+    """`path` resolved from the working directory (None when it is not a path)."""
+    try:
+        return str(Path(path).resolve()) if isinstance(path, str) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _paths_as(old: Any, new: dict[str, Any]) -> dict[str, Any]:
+    """`old` (a description an earlier build stored) with each path (the inputs, the detector's file) that
+    resolves here to `new`'s replaced by `new`'s spelling: earlier versions stored paths as typed."""
+    if not isinstance(old, dict):
+        return {}
+    old = dict(old)
+    inputs, now = old.get("inputs"), new.get("inputs")
+    if isinstance(inputs, list) and isinstance(now, list) and len(inputs) == len(now) and all(
+            _resolved(a) == b for a, b in zip(inputs, now)):
+        old["inputs"] = now
+    detector, now_detector = old.get("detector"), new.get("detector")
+    if isinstance(detector, dict) and isinstance(now_detector, dict):
+        old["detector"] = {k: now_detector[k] if k in ("path", "weights") and k in now_detector and isinstance(v, str)
+                           and _resolved(v) == _resolved(now_detector[k]) else v for k, v in detector.items()}
+    return old
+
+
+_MISSING = object()  # a key one description lacks
+
+
+def _shown(value: Any) -> str:
+    """`value` for a message: its repr, cut to 120 characters; for a key not recorded, the words saying so (it is
+    an option at its default that is recorded only when set, or names that are the model's own)."""
+    if value is _MISSING:
+        return "not recorded: the default"
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of what differs between two build descriptions, with both values where they are plain."""
+    """Dotted names of what differs between two build descriptions, each with both values."""
     found = []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, _MISSING), new.get(key, _MISSING)
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             found += _differences(a, b, f"{prefix}{key}.")
-        elif isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
-            found.append(f"{prefix}{key}")
         else:
-            found.append(f"{prefix}{key} ({a!r} before, {b!r} now)")
+            found.append(f"{prefix}{key} ({_shown(a)} before, {_shown(b)} now)")
     return found

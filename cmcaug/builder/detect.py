@@ -4,7 +4,7 @@ A `Detector` maps a batch of decoded RGB images (and their keys) to boxes in sou
 score and a class index into `names`. Two ship:
 
 - `UltralyticsDetector`: any YOLO `.pt` file or model yaml, batched inference; its class names are the
-  vocabulary unless the build is given one.
+  vocabulary unless the build is given one (a yaml model's numbered classes are named: `_classes`).
 - `AnnotationDetector`: existing COCO-format boxes (COCO, Visual Genome or Objects365 converted to COCO),
   for building a bank without running a model.
 
@@ -35,6 +35,8 @@ import numpy as np
 from .._deps import require
 from ..bank.format import sha256_file
 from ..errors import InputError
+from ._classes import class_names
+from .options import DEFAULT_CONF, DEFAULT_IMGSZ, DEFAULT_IOU, DEFAULT_MAX_DET
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +276,8 @@ class AnnotationDetector:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "annotations", "path": str(self.path), "sha256": self._sha256}
+        """The file, by its resolved path (the same however it was spelled) and its bytes' sha256."""
+        return {"type": "annotations", "path": str(self.path.resolve()), "sha256": self._sha256}
 
 
 # -- ultralytics YOLO ------------------------------------------------------------------------------
@@ -302,16 +305,21 @@ class UltralyticsDetector:
     """Batched YOLO inference with ultralytics on decoded RGB arrays.
 
     `weights` is a local `.pt` file or a model yaml (`yolov8n.yaml`: random weights, no download, drawn
-    from `seed` so two builds get the same model). `classes` restricts detection to class indices or
-    names. `imgsz` and `max_det` are passed to ultralytics' predict. `device` is an ultralytics device
-    string ("cpu", "0", "cuda:0"; of several GPUs, "0,1", ultralytics predicts on the first); None leaves
-    the choice to ultralytics (its current GPU, else the CPU). A device this machine lacks is refused here.
-    `device` says where the model runs, not which model: it is left out of `describe` (see there).
+    from `seed` so two builds get the same model). `names` renames the model's classes (one name per class,
+    in class order); without it a model keeps its own names, except that a yaml model, whose classes
+    ultralytics numbers "0", "1", ..., takes its yaml's `names:` list, or COCO's names when it has 80 classes
+    (`cmcaug.builder._classes`). `classes` restricts detection to classes given by name or index (an int,
+    or a string of digits that is not a class name). `conf`, `iou`, `imgsz` (rounded up to a multiple of 32 by
+    ultralytics) and `max_det` are passed to ultralytics' predict, with its defaults. `device` is an
+    ultralytics device string ("cpu", "0", "cuda:0"; of several GPUs, "0,1", ultralytics predicts on the
+    first); None leaves the choice to ultralytics (its current GPU, else the CPU). A device this machine
+    lacks is refused here. `device` says where the model runs, not which model: it is left out of
+    `describe` (see there).
     """
 
-    def __init__(self, weights: str | Path, conf: float = 0.25, iou: float = 0.7, device: str | None = None,
-                 batch_size: int = 16, classes: Sequence[int | str] | None = None, *, imgsz: int = 640,
-                 max_det: int = 300, seed: int = 0):
+    def __init__(self, weights: str | Path, conf: float = DEFAULT_CONF, iou: float = DEFAULT_IOU, device: str | None = None,
+                 batch_size: int = 16, classes: Sequence[int | str] | None = None, *, imgsz: int = DEFAULT_IMGSZ,
+                 max_det: int = DEFAULT_MAX_DET, seed: int = 0, names: Sequence[str] | None = None):
         self.weights = str(weights)
         local = Path(self.weights)
         if local.suffix not in (".yaml", ".yml") and not local.is_file():
@@ -332,20 +340,24 @@ class UltralyticsDetector:
                 self.model = ultralytics.YOLO(self.weights)
             except (FileNotFoundError, RuntimeError, KeyError, ValueError) as exc:
                 raise InputError(f"cannot load YOLO model {self.weights!r}: {exc}") from exc
-        names = self.model.names
-        self.names = [str(names[k]) for k in sorted(names)] if isinstance(names, Mapping) else [str(n) for n in names]
+        own = self.model.names
+        self._own = [str(own[k]) for k in sorted(own)] if isinstance(own, Mapping) else [str(n) for n in own]
+        spec = getattr(self.model.model, "yaml", None)
+        self.names = class_names(self._own, spec.get("names") if isinstance(spec, dict) else None, names, self.weights)
         self.conf, self.iou, self.batch_size = float(conf), float(iou), int(batch_size)
         self.imgsz, self.max_det, self.seed = int(imgsz), int(max_det), int(seed)
         self.classes = None if classes is None else sorted({self._class_index(c) for c in classes})
+        self._path = str(local.resolve()) if local.is_file() else self.weights  # a file by where it is, however spelled
         self._sha256 = sha256_file(local) if local.is_file() else None
         self._version = ultralytics.__version__
 
     def _class_index(self, cls: int | str) -> int:
         if isinstance(cls, str):
             lowered = [n.lower() for n in self.names]
-            if cls.lower() not in lowered:
+            if cls.strip().lower() in lowered:
+                return lowered.index(cls.strip().lower())
+            if not cls.strip().isdigit():
                 raise InputError(f"class {cls!r} is not one of the model's {len(self.names)} classes: {self.names[:8]}...")
-            return lowered.index(cls.lower())
         if not 0 <= int(cls) < len(self.names):
             raise InputError(f"class index {cls} is out of range [0, {len(self.names)})")
         return int(cls)
@@ -367,9 +379,13 @@ class UltralyticsDetector:
     def describe(self) -> dict[str, Any]:
         """The model and its options, not `device`: where a model runs is machine-specific, and CPU and GPU
         inference differ only by float rounding, so a build may resume on another device. A bank byte-identical
-        to another's needs the same kind of device, as it needs the same torch."""
-        return {
-            "type": "ultralytics", "weights": self.weights, "sha256": self._sha256, "ultralytics": self._version,
+        to another's needs the same kind of device, as it needs the same torch. A local weights file is named
+        by its resolved path; `names` are listed only when they are not the model's own."""
+        described = {
+            "type": "ultralytics", "weights": self._path, "sha256": self._sha256, "ultralytics": self._version,
             "conf": self.conf, "iou": self.iou, "imgsz": self.imgsz, "max_det": self.max_det, "classes": self.classes,
             "seed": self.seed, "batch_size": self.batch_size,  # a batch is letterboxed to one shape: it moves boxes
         }
+        if self.names != self._own:  # only then: a model's own names are in its weights
+            described["names"] = self.names
+        return described

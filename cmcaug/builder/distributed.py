@@ -138,24 +138,19 @@ def _absolute(value: Any) -> Any:
 
 
 def _portable(job: BuildJob) -> tuple[ModelSpec, str]:
-    """A spec every actor can make its own models from, and how those models must describe themselves
-    (the driver's description, with the paths the spec made absolute).
+    """A spec every actor can make its own models from (its paths made absolute), and how those models must
+    describe themselves: as the driver's do (detectors name their files by resolved path, however spelled).
 
     A YOLO model that has run does not pickle, so an `UltralyticsDetector` travels as its weights and options.
     """
-    spec = job.spec
-    detector, paths = spec.detector, [spec.annotations, spec.detector]
+    spec, detector = job.spec, job.spec.detector
     if isinstance(detector, UltralyticsDetector):
-        paths.append(detector.weights)
         detector = functools.partial(
             UltralyticsDetector, _absolute(detector.weights), conf=detector.conf, iou=detector.iou, device=detector.device,
             batch_size=detector.batch_size, classes=detector.classes, imgsz=detector.imgsz, max_det=detector.max_det,
-            seed=detector.seed)
+            seed=detector.seed, names=detector.names)
     portable = dataclasses.replace(spec, detector=_absolute(detector), annotations=_absolute(spec.annotations))
-    moved = {str(p): str(_absolute(p)) for p in paths if isinstance(p, (str, Path))}
-    expected = json.loads(_describe(job.detector, job.embedder))
-    expected = {part: {k: moved.get(v, v) if isinstance(v, str) else v for k, v in d.items()} for part, d in expected.items()}
-    return portable, json.dumps(expected, sort_keys=True)
+    return portable, _describe(job.detector, job.embedder)
 
 
 class RayRunner:

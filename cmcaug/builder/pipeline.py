@@ -1,6 +1,6 @@
 """`build_bank`: image corpus -> concept patch bank, resumable and independent of the worker count.
 
-    list images (sorted by key) -> decode pool -> detect in batches -> square crops -> embed
+    list images (sorted by key) -> decode pool -> detect in batches -> crops (`cmcaug.crops`) -> embed
       -> one shard per batch under BANK/.build/ -> finalize: stage the bank in .build/staged/ (`BankContents`)
       -> publish it into BANK -> remove .build/
 
@@ -21,7 +21,6 @@ is published (see `cmcaug.builder._state`).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections import Counter
@@ -38,7 +37,9 @@ from tqdm import tqdm
 from ..bank._folder import Folder
 from ..bank.writer import BankContents
 from ..concepts import ConceptVocab
+from ..crops import crop_patch
 from ..errors import InputError
+from ._classes import concept_map, read_names
 from ._state import BuildFolder, crash_point, digest, encode_shard, locked_output, open_build, publish_build
 from .detect import AnnotationDetector, Detector, UltralyticsDetector
 from .embed import Embedder, make_embedder
@@ -63,31 +64,7 @@ class BuildStats:
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-def crop_patch(image: Image.Image, box: Sequence[float], size: int) -> np.ndarray:
-    """Square crop centred on `box` (x0, y0, x1, y1), side = the box's longer side; the part outside the
-    image is black; resized to `size` x `size` with Pillow's antialiased bicubic filter."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    side = max(1, round(max(x1 - x0, y1 - y0)))
-    left, top = math.floor((x0 + x1 - side) / 2 + 0.5), math.floor((y0 + y1 - side) / 2 + 0.5)
-    crop = image.crop((left, top, left + side, top + side))
-    return np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
-
-
 # -- one batch -------------------------------------------------------------------------------------
-def _concept_map(names: Sequence[str], vocab: ConceptVocab) -> np.ndarray:
-    """Detector class index -> concept id (-1 when the vocabulary has no such name or synonym)."""
-    forms = vocab.surface_forms
-    out = np.array([vocab.id(n) if n in vocab else forms.get(" ".join(n.lower().split()), -1) for n in names], np.int32)
-    if not (out >= 0).any():
-        raise InputError(f"none of the detector's classes ({', '.join(names[:6])}, ...) is a concept or synonym of the "
-                         f"vocabulary ({', '.join(vocab.names[:6])}, ...); pass a matching --vocab")
-    unknown = [n for n, c in zip(names, out) if c < 0]
-    if unknown:
-        log.warning("%d of the detector's %d classes are not in the vocabulary, so their boxes are dropped as unknown_concept: "
-                    "%s%s", len(unknown), len(names), ", ".join(unknown[:10]), ", ..." if len(unknown) > 10 else "")
-    return out
-
-
 def process_batch(first: int, decoded: Sequence[DecodedImage], detector: Detector, concept_of: np.ndarray,
                   embedder: Embedder, options: BuildOptions) -> bytes:
     """Detect, filter, crop and embed one batch of decoded images (image numbers `first`, `first + 1`, ...);
@@ -112,7 +89,7 @@ def process_batch(first: int, decoded: Sequence[DecodedImage], detector: Detecto
         keep = np.flatnonzero(~(unknown | broken | low | small))
         image = Image.fromarray(d.pixels) if keep.size else None
         for k in keep:
-            crops.append(crop_patch(image, det.boxes[k], options.patch_size))
+            crops.append(crop_patch(image, det.boxes[k], options.patch_size, options.crop))
             rows["concept_id"].append(concept[k])
             rows["image"].append(first + i)
             rows["box"].append(det.boxes[k])
@@ -194,21 +171,17 @@ class ModelSpec:
 
     detector: str | Path | Detector | Callable[[], Detector] | None
     annotations: str | Path | None
-    options: BuildOptions  # embedder; and for a YOLO model made here: conf, device, batch_size, seed
+    options: BuildOptions  # embedder; and for a YOLO model made here: conf, batch_size, seed, its detector_settings
 
     def make(self) -> tuple[Detector, Embedder]:
-        """The detector and embedder; `InputError` when the box source or the device cannot be used."""
+        """The detector and embedder (from one box source: `BuildOptions.check_source` checked it); `InputError`
+        when the box source or the device cannot be used."""
         options = self.options
-        if (self.detector is None) == (self.annotations is None):
-            raise InputError("pass exactly one box source: a YOLO detector (--detector WEIGHTS_OR_YAML) or COCO annotations (--annotations FILE)")
-        if options.device is not None and not isinstance(self.detector, (str, Path)):
-            raise InputError(f"device={options.device!r} is for a YOLO detector given as weights or a yaml (--detector); annotations "
-                             "run no model, and a Detector object runs where it was made (UltralyticsDetector(..., device=...))")
         if self.annotations is not None:
             det: Detector = AnnotationDetector(self.annotations, strict=options.strict)
         elif isinstance(self.detector, (str, Path)):
-            det = UltralyticsDetector(self.detector, conf=options.conf, device=options.device, batch_size=options.batch_size,
-                                      seed=options.seed)
+            det = UltralyticsDetector(self.detector, conf=options.conf, batch_size=options.batch_size, seed=options.seed,
+                                      **options.detector_settings())
         else:
             det = self.detector() if callable(self.detector) and not isinstance(self.detector, Detector) else self.detector
             if not isinstance(det, Detector):
@@ -324,6 +297,12 @@ def build_bank(
     ignore_unmatched_annotations: bool = BuildOptions.ignore_unmatched_annotations,
     strict: bool = BuildOptions.strict,
     device: str | None = BuildOptions.device,
+    crop: str = BuildOptions.crop,
+    imgsz: int | None = BuildOptions.imgsz,
+    iou: float | None = BuildOptions.iou,
+    max_det: int | None = BuildOptions.max_det,
+    classes: Sequence[int | str] | None = BuildOptions.classes,
+    names: Sequence[str] | str | Path | None = BuildOptions.names,
 ) -> BuildStats:
     """Build a patch bank at `out` from images (folders, image files, path lists, img2dataset .tar shards).
 
@@ -333,7 +312,13 @@ def build_bank(
     `detector` is a Detector that has one, else 0.25), or their longer side is below `min_box` pixels; at
     most `max_per_concept` patches per concept are kept (a draw seeded by `seed`, which also seeds a yaml
     model's random weights). `workers` decode threads (default: min(8, CPUs)) never change the result.
-    Images over `max_pixels` pixels are skipped as decompression bombs, files and tar members over
+    `crop` is how a box becomes a patch: "square" (around the box, on its longer side), "tight" (the box, stretched)
+    or "pad-mean" (the box, padded with its mean colour); `cmcaug.crops` defines them. A YOLO detector given as
+    weights or a yaml runs at `imgsz`, `iou`, `max_det` (None: ultralytics' 640, 0.7, 300) on `classes` (names or
+    indices; None: all), its classes named `names` (a list or a file: `cmcaug.builder._classes.read_names`; None: the
+    model's own, COCO's for a yaml model of 80 numbered classes). Inputs, annotations and weights files are
+    compared by resolved path, so a resume may spell them differently. Images over `max_pixels` pixels are
+    skipped as decompression bombs, files and tar members over
     `max_file_bytes` bytes unread ("file_too_big"). `runner` runs the batches (default `run_local`; Ray's
     `build_bank_distributed` passes its own) and never changes the result either, so a build can be
     resumed with another runner. Same as `cmcaug build-bank`.
@@ -356,12 +341,10 @@ def build_bank(
     options = BuildOptions(
         patch_size=patch_size, min_box=min_box, conf=resolve_conf(conf, detector), max_per_concept=max_per_concept,
         embedder=embedder, batch_size=batch_size, workers=workers, resume=resume, overwrite=overwrite, seed=seed,
-        progress=progress, max_pixels=max_pixels, max_file_bytes=max_file_bytes,
+        progress=progress, max_pixels=max_pixels, max_file_bytes=max_file_bytes, crop=crop, imgsz=imgsz, iou=iou,
+        max_det=max_det, classes=classes, names=read_names(names) if isinstance(names, (str, Path)) else names,
         ignore_unmatched_annotations=ignore_unmatched_annotations, strict=strict, device=device)
-    for flag, value in (("ignore_unmatched_annotations (--ignore-unmatched-annotations)", ignore_unmatched_annotations),
-                        ("strict (--strict)", strict)):
-        if value and annotations is None:
-            raise InputError(f"{flag} is for annotations (--annotations), not a detector")
+    options.check_source(detector, annotations)
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     refs: list[ImageRef] = list_images(inputs)
     keys = [r.key for r in refs]
@@ -375,9 +358,9 @@ def build_bank(
                      "(ignore_unmatched_annotations)", det.path, unmatched)
     if not isinstance(vocab, ConceptVocab):
         vocab = ConceptVocab.from_names(det.names) if vocab is None else ConceptVocab.load(vocab)
-    concept_of = _concept_map(det.names, vocab)
+    concept_of = concept_map(det.names, vocab)
     description = {
-        "inputs": [str(p) for p in inputs],
+        "inputs": [str(Path(p).resolve()) for p in inputs],  # however spelled (`_state` reads older builds' as typed)
         "images": {"count": len(keys), "keys_sha256": digest(keys)}, "detector": det.describe(), "embedder": emb.describe(),
         "vocab": {"concepts": len(vocab), "sha256": digest(vocab.to_dict())}, "options": options.fingerprinted(),
     }
