@@ -1,7 +1,7 @@
 """`cmc.dataset`: every source a new user reaches for, each item given its index, extra fields kept.
 
 Caption files in every format tag-text reads (tagged on the fly) and tag-text files (spans used as they
-are), lists, an HF-style dataset (duck-typed: `datasets` is not a dependency) and streams. The promise
+are), lists, Hugging Face `datasets` (map-style and streaming) and streams. The promise
 checked throughout: a sample's view depends on its position in the source only, so a raw file, its tags
 file, its stream and any number of DataLoader workers give the same views.
 """
@@ -148,29 +148,12 @@ def test_sources_it_cannot_read_are_refused(cmc, tmp_path, source, message):
 # -- HF datasets and streams -----------------------------------------------------------------------------
 
 
-class HFLike:
-    """What a `datasets.Dataset` offers a DataLoader: len, rows as dicts, a batch of rows in one call."""
+def test_an_hf_dataset_shuffles_and_keeps_its_columns(cmc):
+    from datasets import Dataset
 
-    def __init__(self, rows):
-        self.rows, self.batches = rows, 0
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return dict(self.rows[i])
-
-    def __getitems__(self, keys):
-        self.batches += 1
-        return [dict(self.rows[i]) for i in keys]
-
-
-def test_an_hf_style_dataset_shuffles_and_keeps_its_columns(cmc):
     rows = [{"caption": c, "image_id": i, "split": "val"} for i, c in enumerate(CAPTIONS * 2)]
-    hf = HFLike(rows)
-    data = cmc.dataset(hf)
+    data = cmc.dataset(Dataset.from_list(rows))
     batches = collate_all(cmc, data, shuffle=True, generator=torch.Generator().manual_seed(0))
-    assert hf.batches == len(batches)  # fetched a batch at a time
     assert views_by_index(batches) == views_by_index(collate_all(cmc, cmc.dataset(CAPTIONS * 2)))
     for batch in batches:
         assert batch.fields["image_id"] == batch.indices.tolist() and set(batch.fields["split"]) == {"val"}
@@ -205,11 +188,9 @@ def test_a_stream_gives_the_same_views_whatever_num_workers(cmc):
 
 
 def test_a_self_sharding_hf_stream_is_refused_under_several_workers(cmc):
-    class HFStream(Stream):
-        pass
+    from datasets import Dataset
 
-    HFStream.__module__ = "datasets.iterable_dataset"  # what a streaming datasets.IterableDataset is
-    data = cmc.dataset(HFStream(ROWS))
+    data = cmc.dataset(Dataset.from_list(ROWS).to_iterable_dataset(num_shards=2))  # what streaming=True loads
     assert sorted(views_by_index(collate_all(cmc, data))) == list(range(len(ROWS)))
     with pytest.raises(InputError, match="splits itself among DataLoader workers.*'index'"):
         collate_all(cmc, data, num_workers=2)
