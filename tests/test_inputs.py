@@ -203,3 +203,16 @@ def test_a_kept_value_that_does_not_fit_its_column_is_none_as_tag_text_writes_it
     path.write_text('{"caption": "a dog", "n": 1}\n' * 1000 + '{"caption": "a cat", "n": "many"}\n')
     dataset = cmc.dataset(path, keep=["n"])
     assert (dataset[0]["n"], dataset[1000]["n"]) == (1, None)
+
+
+def test_an_hf_dataset_keeps_its_transform(cmc):
+    """`with_transform` / `set_transform` still apply: cmc.dataset reads rows through the dataset itself."""
+    from datasets import Dataset
+
+    ds = Dataset.from_list([{"caption": c} for c in CAPTIONS]).with_transform(
+        lambda batch: {"caption": [c.upper() for c in batch["caption"]], "length": [len(c) for c in batch["caption"]]})
+    data = cmc.dataset(ds)
+    assert data[1]["caption"] == CAPTIONS[1].upper() and data[1]["length"] == len(CAPTIONS[1])
+    batches = collate_all(cmc, data)
+    assert [c for b in batches for c in b.captions] == [c.upper() for c in CAPTIONS]
+    assert [n for b in batches for n in b.fields["length"]] == [len(c) for c in CAPTIONS]
