@@ -1,4 +1,4 @@
-"""Draws from a caller's `torch.Generator`, shared by the batch mixers (`timix`, `mixgen`).
+"""Draws from a caller's `torch.Generator`, shared by the batch mixers (`timix`, `mixgen`) and CMC's keyed draws.
 
 The mixers take an optional `torch.Generator`: the same generator state gives the same mix, and the
 generator advances. Draws happen on the generator's device (CPU without one, from torch's global RNG).
@@ -20,6 +20,12 @@ def generator_device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
+def generator_seed(generator: torch.Generator | None) -> int:
+    """One draw in [0, 2**62) from `generator` (advancing it; torch's global RNG without one): a seed for
+    draws that take no `torch.Generator` (NumPy's Beta, cmcaug's keyed draws)."""
+    return int(torch.randint(0, 1 << 62, (), generator=generator, device=generator_device(generator)))
+
+
 def beta(alpha: float, count: int, generator: torch.Generator | None) -> torch.Tensor:
     """[count] float64 on the CPU, each lam ~ Beta(alpha, alpha) (timm's and torchvision's Mixup / CutMix draw).
 
@@ -27,5 +33,4 @@ def beta(alpha: float, count: int, generator: torch.Generator | None) -> torch.T
     for every batch size."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0 < alpha and math.isfinite(alpha)):
         raise InputError(f"alpha must be a positive finite number (lam ~ Beta(alpha, alpha)), got {alpha!r}")
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator_device(generator)))
-    return torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, count))
+    return torch.from_numpy(np.random.default_rng(generator_seed(generator)).beta(alpha, alpha, count))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import torch
 
 # Streams: one per purpose, so adding a draw for one never shifts another.
 STREAM_SELECT, STREAM_PATCH, STREAM_MASK, STREAM_MASK_KIND, STREAM_MASK_TOKEN = 1, 2, 3, 4, 5
@@ -54,8 +53,3 @@ def uniform(keys: np.ndarray, stream: int, counters: np.ndarray) -> np.ndarray:
     h = _mix(np.asarray(keys, dtype=np.uint64) + np.uint64((stream * int(_M2)) & _U64))
     h = _mix(h ^ ((np.asarray(counters, dtype=np.uint64) + np.uint64(1)) * _GOLDEN))
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-def generator_seed(generator: torch.Generator) -> int:
-    """One draw in [0, 2**62) from a torch.Generator (advancing it), used in place of (seed, epoch)."""
-    return int(torch.randint(0, 1 << 62, (), generator=generator, device=generator.device).item())

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .draws import STREAM_MASK, STREAM_MASK_KIND, STREAM_MASK_TOKEN, generator_seed, sample_keys, uniform
+from ._generator import generator_seed
+from .draws import STREAM_MASK, STREAM_MASK_KIND, STREAM_MASK_TOKEN, sample_keys, uniform
 from .errors import InputError
 from .plan import SplicePlan
 

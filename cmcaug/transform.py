@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from . import draws, mlm
+from ._generator import generator_seed
 from .bank.reader import PatchBank
 from .errors import InputError
 from .inputs import IndexedItems, IndexedStream, Item, indexed, item_fields, item_spans, parse_item
@@ -186,7 +187,7 @@ class CMCTransform:
         self.patch_tokens = int(patch_tokens)
         self._mask_token_id, self._vocab_size, limit = _tokenizer_facts(tokenizer)
         self.max_length = int(max_length) if max_length is not None else limit
-        self.seed = draws.generator_seed(seed) if isinstance(seed, torch.Generator) else int(seed)
+        self.seed = generator_seed(seed) if isinstance(seed, torch.Generator) else int(seed)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # shared with (persistent) workers
         self._counts = np.asarray(bank.counts, np.int64)
         self.stats = CMCStats()
@@ -322,7 +323,7 @@ class CMCTransform:
         no_index = np.asarray([r.index is None for r in rows])
         ids = [draws.content_id(r.caption) if r.index is None else r.index for r in rows]
         if generator is not None:
-            return draws.sample_keys(draws.generator_seed(generator), 0, ids, no_index)
+            return draws.sample_keys(generator_seed(generator), 0, ids, no_index)
         return draws.sample_keys(self.seed, self.epoch, ids, no_index)
 
     def _choose(self, spans: list[list[tuple[int, int, int]]], offsets: np.ndarray, lengths: np.ndarray,

@@ -43,7 +43,7 @@ from ._classes import concept_map, read_names
 from ._state import BuildFolder, crash_point, digest, encode_shard, locked_output, open_build, publish_build
 from .detect import AnnotationDetector, Detector, UltralyticsDetector
 from .embed import Embedder, make_embedder
-from .images import DEFAULT_MAX_PIXELS, FAILURE_REASONS, DecodedImage, ImageRef, decode_stream, list_images
+from .images import FAILURE_REASONS, DecodedImage, ImageRef, decode_stream, list_images
 from .options import BuildOptions, resolve_conf
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def build_bank(
     overwrite: bool = BuildOptions.overwrite,
     seed: int = BuildOptions.seed,
     progress: bool = BuildOptions.progress,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = BuildOptions.max_pixels,
     max_file_bytes: int = BuildOptions.max_file_bytes,
     runner: BatchRunner | None = None,
     ignore_unmatched_annotations: bool = BuildOptions.ignore_unmatched_annotations,
