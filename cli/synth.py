@@ -19,6 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="random seed; the same seed gives the same files (default 0)")
     parser.add_argument("--image-size", type=number(int, 32), default=256, help="image side in pixels, at least 32 "
                         "(default 256)")
+    parser.add_argument("--context", type=number(float, 0, 1), default=0.0, metavar="P",
+                        help="chance in [0, 1] that an object's phrase gets a word of its shape's context "
+                        "(\"a twinkling red star\"); only the captions change (default 0: none)")
     parser.add_argument("--overwrite", action="store_true", help="replace a corpus already in OUT")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
@@ -29,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
 
     from .render import summary, table
 
-    info = make_corpus(args.out, args.images, args.seed, args.image_size, overwrite=args.overwrite, progress=not args.no_progress)
+    info = make_corpus(args.out, args.images, args.seed, args.image_size, overwrite=args.overwrite,
+                       progress=not args.no_progress, context=args.context)
     print(summary("shapes world", info.stats()))
     print(table(list(info.objects_per_concept.items()), ["concept", "objects"]))
     return 0

@@ -6,6 +6,12 @@ gradient background with light noise; `annotations.json` holds tight boxes of th
 `captions.jsonl` one sentence per image naming every object ("Two small red stars and a blue disc."),
 and `vocab.json` the shape concepts with synonyms (`ConceptVocab.from_json`).
 
+By default a shape is independent of every other word of its caption: only its own word says which shape
+it is. `make_corpus(context=p)` gives each object phrase, with probability p, a word or phrase that belongs
+to its shape alone ("a twinkling red star", "a red heart beating"), as natural captions carry context ("a
+dog catches a frisbee"); that is what lets masked-language modelling on a CMC view read a patch from its
+surroundings. Context draws come from a second generator per image, so images and boxes do not change.
+
 Image `i` is drawn from its own generator seeded by `(seed, i)`, so a corpus is byte-identical for a
 seed and the first `n` images do not depend on how many are made. Object colours all have one channel
 at most 90 and backgrounds all channels at least 150, so "any channel below 110" separates foreground
@@ -16,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +73,18 @@ _MAX_OVERLAP = 0.15  # of the smaller object's square; keeps every object mostly
 _PLACEMENT_TRIES = 40
 _SYNONYM_RATE = 0.25
 _REPEAT_RATE = 0.3  # an object copies an earlier one's shape and colour, so captions count ("two red stars")
+# Shape -> (words put before the colour, words put after the noun). Each word belongs to one shape, and none is
+# a shape's name, synonym or inflection, a colour, a size or a COCO word: only the context says which shape.
+CONTEXT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "circle": (("rolling", "spinning", "bouncing"), ("rolling", "rolling downhill", "bouncing along")),
+    "square": (("stacked", "checkered", "framed"), ("stacked high", "framed", "laid in a grid")),
+    "triangle": (("pointy", "sharp", "upright"), ("pointing upward", "standing upright", "like a pyramid")),
+    "star": (("twinkling", "shining", "glittering"), ("twinkling", "glittering", "shining in the night")),
+    "heart": (("beating", "loving", "romantic"), ("beating", "beating fast", "in love")),
+    "cross": (("medical", "positive", "healing"), ("on an ambulance", "marking a hospital", "adding numbers")),
+    "hexagon": (("waxy", "buzzing", "tessellated"), ("full of honey", "buzzing with bees", "dripping honey")),
+    "diamond": (("sparkling", "precious", "faceted"), ("sparkling", "set in a ring", "on a necklace")),
+}
 
 IMAGES_DIR, ANNOTATIONS, CAPTIONS, VOCAB = "images", "annotations.json", "captions.jsonl", "vocab.json"
 
@@ -78,6 +97,7 @@ class CorpusInfo:
     num_images: int
     num_objects: int
     objects_per_concept: dict[str, int] = field(default_factory=dict)
+    context: float = 0.0  # the share of object phrases given a context word (`make_corpus(context=...)`)
 
     @property
     def images_dir(self) -> Path:
@@ -108,6 +128,7 @@ class CorpusInfo:
             "annotations": str(self.annotations),
             "captions": str(self.captions),
             "vocab": str(self.vocab),
+            **({"context": self.context} if self.context else {}),
         }
 
 
@@ -259,14 +280,20 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _group_phrase(rng: np.random.Generator, members: list[_Object]) -> str:
-    """'a small red circle', 'two blue discs': count, optional size, colour, name or a synonym."""
+def _group_phrase(rng: np.random.Generator, members: list[_Object], extra: np.random.Generator | None, context: float) -> str:
+    """'a small red circle', 'two blue discs': count, optional size, colour, name or a synonym; with probability
+    `context` a word of the shape's `CONTEXT` before the colour or after the noun, drawn from `extra` alone so
+    that `rng` draws, and the rest of the caption, stay as they are without context."""
     shape, color = members[0].shape, members[0].color
     noun = _pick(rng, SHAPES[shape]) if SHAPES[shape] and rng.random() < _SYNONYM_RATE else shape
     sizes = {m.size for m in members}
     words = [color, noun if len(members) == 1 else pluralize(noun)]
     if len(sizes) == 1 and _SIZE_WORDS[members[0].size] and rng.random() < 0.5:
         words.insert(0, _pick(rng, _SIZE_WORDS[members[0].size]))
+    if extra is not None and extra.random() < context:
+        after = bool(extra.random() < 0.5)
+        word = _pick(extra, CONTEXT[shape][after])
+        words.insert(len(words) if after else len(words) - 2, word)
     phrase = " ".join(words)
     return _article(phrase) if len(members) == 1 else f"{_NUMBERS[len(members)]} {phrase}"
 
@@ -287,12 +314,13 @@ def _relation(a: _Object, b: _Object) -> str:
     return "above" if dy < 0 else "below"
 
 
-def _caption(rng: np.random.Generator, objects: list[_Object], background: str) -> str:
+def _caption(rng: np.random.Generator, objects: list[_Object], background: str, extra: np.random.Generator | None = None,
+             context: float = 0.0) -> str:
     groups: dict[tuple[str, str], list[_Object]] = {}
     for obj in objects:
         groups.setdefault((obj.shape, obj.color), []).append(obj)
     members = list(groups.values())
-    phrases = [_group_phrase(rng, m) for m in members]
+    phrases = [_group_phrase(rng, m, extra, context) for m in members]
     if len(members) >= 2 and len(members[0]) == len(members[1]) == 1 and rng.random() < 0.35:
         rest = ""
         if len(phrases) > 2:
@@ -327,9 +355,14 @@ def make_corpus(
     max_objects: int = 4,
     overwrite: bool = False,
     progress: bool = False,
+    context: float = 0.0,
 ) -> CorpusInfo:
     """Write a shapes-world corpus under `out_dir`: `images/NNNNNN.png`, `annotations.json` (COCO),
     `captions.jsonl` and `vocab.json`. Deterministic: the same arguments give byte-identical files.
+
+    `context` in [0, 1] is the chance that an object phrase carries a word of its shape's `CONTEXT`. Only
+    `captions.jsonl` depends on it (`CorpusInfo.context` records it): the other files are byte-identical to
+    those of `context=0`, which writes what this function wrote before the option existed.
     """
     if n_images < 1:
         raise InputError(f"n_images must be at least 1, got {n_images}")
@@ -337,6 +370,9 @@ def make_corpus(
         raise InputError(f"image_size must be at least 32 pixels so shapes stay recognisable, got {image_size}")
     if not 1 <= max_objects <= 4:
         raise InputError(f"max_objects must be between 1 and 4, got {max_objects}")
+    if isinstance(context, bool) or not isinstance(context, numbers.Real) or not 0 <= context <= 1:
+        raise InputError(f"context must lie in [0, 1], got {context!r}")
+    context = float(context)
     root = Path(out_dir)
     _prepare(root, overwrite)
     category_ids = {name: i + 1 for i, name in enumerate(SHAPES)}
@@ -359,7 +395,8 @@ def make_corpus(
                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": obj.area, "iscrowd": 0,
                 "color": obj.color, "size": obj.size,
             })
-        caption = _caption(rng, objects, background)
+        extra = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 1))) if context else None
+        caption = _caption(rng, objects, background, extra, context)
         captions.append(json.dumps({"image": file_name, "image_id": image_id, "caption": caption}))
     categories = [{"id": i, "name": name, "supercategory": "shape"} for name, i in category_ids.items()]
     coco = {"info": {"description": f"cmcaug shapes world, seed {seed}"}, "images": images, "annotations": annotations, "categories": categories}
@@ -367,4 +404,5 @@ def make_corpus(
     (root / CAPTIONS).write_text("\n".join(captions) + "\n", encoding="utf-8")
     ConceptVocab(SHAPES).to_json(root / VOCAB)
     log.info("shapes world: %d images, %d objects in %s", n_images, len(annotations), root)
-    return CorpusInfo(root=root, num_images=n_images, num_objects=len(annotations), objects_per_concept=per_concept)
+    return CorpusInfo(root=root, num_images=n_images, num_objects=len(annotations), objects_per_concept=per_concept,
+                      context=context)

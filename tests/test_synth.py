@@ -1,6 +1,7 @@
 """The shapes world: deterministic files, exact boxes, captions that name every object."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import Counter
@@ -48,6 +49,46 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
     assert first.keys() == other.keys()
     assert first["annotations.json"] != other["annotations.json"]
     assert all(first[k] != other[k] for k in first if k.startswith("images/"))
+
+
+# sha256 of every file, computed before `context` existed: the default world must never drift. PNG bytes also
+# depend on Pillow's zlib; if only images/ differ after an upgrade, compare pixels before touching the world.
+GOLDEN = {
+    (12, 3, 64): {
+        "annotations.json": "ddf201161804008d4571a863d09627824f6d6b242e0de243422fea27ca14e73f",
+        "captions.jsonl": "1c17cf02dedbacc6fe24415b957f763c03a17937d2a796927e9caa31db27c87c",
+        "images/000001.png": "8f07a6402fb5c17f6e18aef492ba1c131c6edbbbdb0c6c0dc0fede1a42711846",
+        "images/000002.png": "ce65b354cf522cd271e93d19182daebcb83c9b9500446ae2e72b823ab734956b",
+        "images/000003.png": "49f43b226aae6279cca00c3445ba9082fc71058fbced9adc22615a8a913a6be4",
+        "images/000004.png": "9806701cac0f4bf129e9bf1b0ce833dc12ddb3230f80b1a226b9701bc978dacc",
+        "images/000005.png": "15d759a26143f3839066b92a5ee37eb6ac0653561a2e490f6abcdcbc122fce30",
+        "images/000006.png": "a46e4221a40104ccc87afceb12c72bf527258726f08a35ca9e79278029df354d",
+        "images/000007.png": "2d0da83b733d2599cae08f3500f918263d8d4dbbd5e7e550886598900ddb8a1e",
+        "images/000008.png": "bf545eac63d9044075b94950e4715874655b762cf8d04ba5212aa68f13b5cd03",
+        "images/000009.png": "d625bac32a927b881f0987bbc2018c3d028dd112c3292b91a2e37c13f688519b",
+        "images/000010.png": "07bf882ed00d3d8cc8e266e415a7738a04321cd3a7bcfc322b3e37d82697998d",
+        "images/000011.png": "ee15d17194cff1fc45e5ed8cae00e2711566c2b6bf507ffedd75b9d4f614c6cd",
+        "images/000012.png": "8569964c71d2114f881f77eab5bd61fbeee0db5d8bd2fcafe861d94f319ec6fc",
+        "vocab.json": "9b6d39552464a2c7bedcfcc2e0a09fba6ecc892e542e37ede69c945a220cfc13",
+    },
+    (6, 1234, 97): {
+        "annotations.json": "76237d884b935fbce2f3da07e965c32814005f4b7838a4cfe2da9d5b5dfd10a5",
+        "captions.jsonl": "deaba788a3e46013f66cfcb164b28674e12a9a265cc35d644194889f40646c21",
+        "images/000001.png": "ac626391b19379857b446abf404f5ae4daad183ecab7e6ddb5e51177653b4d15",
+        "images/000002.png": "6762979a3acfb19874c6134647c9294f076ab502b9681095093b9bfdc67572bd",
+        "images/000003.png": "1e5d5d34d41760b72a751dc38a6b40fb2ab52d5e4411587a247e906e277819ef",
+        "images/000004.png": "7ad00e43b312fc79de16ad5a21d8529963898951a31638dcee066fdaeef5b8ec",
+        "images/000005.png": "ca456b0046f2820816a8242b5c6d3a9719f69b11ccb7cc1db4a444cd7b2f90b4",
+        "images/000006.png": "89ab5bdd5d0d4b86cb955030fe9cd76c28c99e805b56ae44acf12e5898820888",
+        "vocab.json": "9b6d39552464a2c7bedcfcc2e0a09fba6ecc892e542e37ede69c945a220cfc13",
+    },
+}
+
+
+@pytest.mark.parametrize("n_images, seed, image_size", list(GOLDEN))
+def test_default_world_matches_golden_digests(tmp_path: Path, n_images: int, seed: int, image_size: int) -> None:
+    files = corpus_files(make_corpus(tmp_path, n_images, seed=seed, image_size=image_size).root)
+    assert {name: hashlib.sha256(data).hexdigest() for name, data in files.items()} == GOLDEN[n_images, seed, image_size]
 
 
 def test_first_images_do_not_depend_on_corpus_size(tmp_path: Path) -> None:
