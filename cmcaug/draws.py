@@ -16,6 +16,8 @@ import numpy as np
 
 # Streams: one per purpose, so adding a draw for one never shifts another.
 STREAM_SELECT, STREAM_PATCH, STREAM_MASK, STREAM_MASK_KIND, STREAM_MASK_TOKEN = 1, 2, 3, 4, 5
+STREAM_PATCH_TARGET, STREAM_PATCH_TARGET_KIND = 6, 7  # patch-row MLM: is a slot a target, is it hidden
+STREAM_NEGATIVE_CONCEPT, STREAM_NEGATIVE_PATCH = 8, 9  # hard negatives: another concept, then its patch
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _CONTENT_TAG = np.uint64(0xC0DE_C0DE_C0DE_C0DE)  # keeps caption hashes apart from dataset indices

@@ -16,12 +16,15 @@ Index maps (int32, so that they are small to ship and cheap to read in a kernel)
 
 `L` is the width of the padded text tensor the plan applies to (`text_length`, by default the longest
 row) and `L_out` the width of the spliced output: the longest spliced row, capped at `max_length`.
+
+`slot_token_spans [M, 2]` keeps the text-token range each slot replaced, so a patch row can be given the word
+it stands for as its MLM target (`replaced_token_values`, placed by `remap_labels(patch_labels=...)`).
 """
 from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import KW_ONLY, InitVar, dataclass, field, replace
 
 import numpy as np
@@ -30,11 +33,11 @@ import torch
 from cmcaug.kernels.index_maps import PAD_SOURCE
 
 from .errors import InputError
+from .plan_checks import INDEX_MAPS as _INDEX_MAPS
+from .plan_checks import TOKEN_MAPS as _TOKEN_MAPS
+from .plan_checks import check_plan as _check_plan
 
 _INT32_MAX = 2**31 - 1
-_INDEX_MAPS = ("source_index", "text_destination", "patch_destination")
-_TOKEN_MAPS = ("attention_mask", "modality_ids", "position_ids")
-_ROW_COUNTS = ("text_lengths", "output_lengths", "slots_per_row")
 
 
 @dataclass(frozen=True, repr=False, eq=False)
@@ -59,9 +62,12 @@ class SplicePlan:
     attention_mask: torch.Tensor = field(default=None)  # int64 [B, L_out]: 1 text and patch tokens, 0 padding
     modality_ids: torch.Tensor = field(default=None)    # int64 [B, L_out]: 0 text tokens and padding, 1 patches
     position_ids: torch.Tensor = field(default=None)    # int64 [B, L_out]: 0, 1, 2, ... per row, 0 on padding
+    # NumPy int64 [M, 2]: the (start, end) text-token range each slot replaced, in slot order; None on a plan
+    # made by hand without it (then `replaced_token_values` has nothing to read).
+    slot_token_spans: np.ndarray | None = None
 
     _: KW_ONLY
-    validate: InitVar[bool] = True  # see `_check_plan`; `build`, `to` and `pin_memory` pass False
+    validate: InitVar[bool] = True  # see `cmcaug.plan_checks`; `build`, `to` and `pin_memory` pass False
 
     def __post_init__(self, validate: bool) -> None:
         if validate:
@@ -151,6 +157,7 @@ class SplicePlan:
             text_lengths=lengths,
             output_lengths=out_lengths,
             slots_per_row=slots_per_row,
+            slot_token_spans=np.stack([starts, ends], axis=1),
             validate=False,
         )
 
@@ -195,26 +202,69 @@ class SplicePlan:
         first_slot = np.cumsum(self.slots_per_row) - self.slots_per_row
         return np.arange(self.slot_rows.size) - first_slot[self.slot_rows]
 
-    def remap_labels(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    def remap_labels(self, labels: torch.Tensor, ignore_index: int = -100,
+                     patch_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Per-token values of the text ([B, L], e.g. MLM labels or token ids) laid out like the output.
 
-        Text positions take the value of their source token; patch positions and padding get `ignore_index`.
+        Text positions take the value of their source token, padding `ignore_index`. Patch positions take
+        `patch_labels` ([M, K], e.g. `replaced_token_values`), each row where `patch_destination` puts it,
+        or `ignore_index` without them.
         """
-        if not isinstance(labels, torch.Tensor):
-            raise InputError(f"labels must be a torch.Tensor [B, L], got {type(labels).__name__}")
-        expected = (self.batch_size, self.text_length)
-        if tuple(labels.shape) != expected:
-            raise InputError(
-                f"labels must have shape [B, L] = {list(expected)} like the text the plan was built for, "
-                f"got {list(labels.shape)}"
-            )
+        self._check_text_values(labels, "labels")
         if labels.device != self.device:
             raise InputError(
                 f"labels are on {labels.device} but the plan is on {self.device}; use plan.to(labels.device)"
             )
         source = self.source_index.long()
         gathered = labels.reshape(-1)[source.clamp(min=0)]
-        return torch.where(source >= 0, gathered, torch.full_like(gathered, ignore_index))
+        out = torch.where(source >= 0, gathered, torch.full_like(gathered, ignore_index))
+        if patch_labels is None:
+            return out
+        expected = (self.num_slots, self.patch_tokens)
+        if not isinstance(patch_labels, torch.Tensor) or tuple(patch_labels.shape) != expected:
+            found = list(patch_labels.shape) if isinstance(patch_labels, torch.Tensor) else type(patch_labels).__name__
+            raise InputError(f"patch_labels must be a tensor [M, K] = {list(expected)}, one value per patch row, got {found}")
+        if patch_labels.device != labels.device:
+            raise InputError(f"patch_labels are on {patch_labels.device} but labels on {labels.device}; move one of them")
+        if not self.num_slots:
+            return out
+        # The patch row each output row reads (the inverse of patch_destination), gathered: no scatter.
+        is_patch = (source < 0) & (source != PAD_SOURCE)
+        placed = patch_labels.reshape(-1).to(out.dtype)[torch.where(is_patch, -1 - source, 0)]
+        return torch.where(is_patch, placed, out)
+
+    def replaced_token_values(self, values: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """The text values ([B, L], e.g. token ids) under each slot's replaced span, per patch row: [M, K].
+
+        Patch row k predicts the word's k-th sub-token; rows past the word's last sub-token predict nothing
+        (`ignore_index`); sub-tokens past K are not predicted (with K = 1: the first sub-token). These are
+        the MLM targets that make a patch stand for the word it replaced, and any device's `values` will do.
+        """
+        if self.slot_token_spans is None:
+            raise InputError("this plan has no slot_token_spans (a plan made by hand without them), so the tokens "
+                             "each slot replaced are unknown: build it with SplicePlan.build, or pass slot_token_spans")
+        self._check_text_values(values, "values")
+        rows = torch.from_numpy(self._replaced_rows).to(values.device, non_blocking=True)
+        gathered = values.reshape(-1)[rows.clamp(min=0)]
+        return torch.where(rows >= 0, gathered, torch.full_like(gathered, ignore_index))
+
+    @functools.cached_property
+    def _replaced_rows(self) -> np.ndarray:
+        """int64 [M, K]: the flat text row b*L + start + k that patch row k of each slot predicts, or -1."""
+        start, end = self.slot_token_spans.astype(np.int64).T
+        k = np.arange(self.patch_tokens)
+        rows = self.slot_rows[:, None] * self.text_length + start[:, None] + k
+        return np.where(k < (end - start)[:, None], rows, -1)
+
+    def _check_text_values(self, values: torch.Tensor, name: str) -> None:
+        if not isinstance(values, torch.Tensor):
+            raise InputError(f"{name} must be a torch.Tensor [B, L], got {type(values).__name__}")
+        expected = (self.batch_size, self.text_length)
+        if tuple(values.shape) != expected:
+            raise InputError(
+                f"{name} must have shape [B, L] = {list(expected)} like the text the plan was built for, "
+                f"got {list(values.shape)}"
+            )
 
     # -- placement -------------------------------------------------------------------------------------
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SplicePlan:
@@ -248,97 +298,6 @@ def _token_maps(source_index: torch.Tensor) -> dict[str, torch.Tensor]:
         "modality_ids": ((source_index < 0) & attention_mask.bool()).long(),
         "position_ids": torch.arange(source_index.shape[1], device=source_index.device) * attention_mask,
     }
-
-
-def _check_plan(plan: SplicePlan) -> None:
-    """Refuse (`InputError`) a hand-made plan the kernels would misread: an index out of range reads or writes
-    out of bounds, and maps that are not each other's inverse give wrong gradients. Checks the maps' dtypes,
-    shapes and device, the row counts' shapes and totals, then every value, vectorized: a few passes over the
-    maps, about as long as `build` takes (0.5 ms for B=32, L=64; 3 ms for B=256, L=128, K=4 on one CPU core);
-    on a CUDA plan it also waits for the device (it copies the B slot counts there and reads the flags back);
-    meta tensors have no values to check."""
-    for name in _INDEX_MAPS:
-        index = getattr(plan, name)
-        if not isinstance(index, torch.Tensor) or index.dtype != torch.int32 or index.dim() != 2:
-            found = f"{index.dtype} {list(index.shape)}" if isinstance(index, torch.Tensor) else type(index).__name__
-            raise InputError(f"SplicePlan.{name} must be a 2-D int32 tensor, got {found}; use SplicePlan.build")
-    (batch, out_width), width = plan.source_index.shape, plan.text_destination.shape[1]
-    if plan.text_destination.shape[0] != batch:
-        raise InputError(f"SplicePlan maps disagree on the batch size: source_index has {batch} rows, "
-                         f"text_destination {plan.text_destination.shape[0]}; use SplicePlan.build")
-    for name in _TOKEN_MAPS:
-        value = getattr(plan, name)
-        if value is not None and not (isinstance(value, torch.Tensor) and value.shape == plan.source_index.shape):
-            found = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise InputError(f"SplicePlan.{name} must be a tensor shaped like source_index {[batch, out_width]}, got {found}")
-    if len({t.device for t in (getattr(plan, name) for name in _INDEX_MAPS + _TOKEN_MAPS) if t is not None}) != 1:
-        raise InputError("SplicePlan maps must share one device; move plans with plan.to(device)")
-    for name, cap in zip(_ROW_COUNTS, (width, out_width, plan.num_slots)):
-        counts = getattr(plan, name)
-        if not (isinstance(counts, np.ndarray) and counts.shape == (batch,) and counts.dtype.kind in "iu"):
-            found = f"{counts.dtype} {counts.shape}" if isinstance(counts, np.ndarray) else type(counts).__name__
-            raise InputError(f"SplicePlan.{name} must be an integer NumPy array of shape ({batch},), got {found}")
-        if batch and (counts.min() < 0 or counts.max() > cap):
-            raise InputError(f"SplicePlan.{name} must lie in [0, {cap}], found [{counts.min()}, {counts.max()}]")
-    if plan.slots_per_row.sum() != plan.num_slots:
-        raise InputError(f"SplicePlan.slots_per_row sums to {plan.slots_per_row.sum()}, but patch_destination has "
-                         f"{plan.num_slots} slots")
-    if plan.device.type != "meta":
-        _check_values(plan)
-
-
-def _check_values(plan: SplicePlan) -> None:
-    """Every row read is in range, every destination is -1 or an output row, each map inverts the other, and
-    each patch slot lies in the row `slots_per_row` gives it. All flags are reduced on the maps' device and
-    read back at once; the first bad position is looked up only when one is set."""
-    source = plan.source_index.reshape(-1).long()
-    patch_rows = torch.where((source < 0) & (source != PAD_SOURCE), -1 - source, -1)
-    slots = patch_rows // max(plan.patch_tokens, 1)
-    slot_rows = _take(torch.as_tensor(plan.slot_rows, device=source.device), slots, slots < plan.num_slots)
-    out_rows = torch.arange(source.numel(), device=source.device) // max(plan.output_length, 1)
-    problems = [
-        *_pairing_problems(plan, "text", torch.where(source >= 0, source, -1)),
-        *_pairing_problems(plan, "patch", patch_rows),
-        ((patch_rows >= 0) & (slot_rows != out_rows), lambda t: f"source_index{_at(plan.source_index, t)} reads patch "
-         f"slot {int(slots[t])}, which slots_per_row puts in row {int(slot_rows[t])}"),
-    ]
-    flags = torch.stack([bad.any() for bad, _ in problems]).tolist()  # the one host sync
-    for (bad, describe), flag in zip(problems, flags):
-        if flag:
-            raise InputError(f"SplicePlan.{describe(int(bad.nonzero()[0]))}; use SplicePlan.build")
-
-
-def _pairing_problems(plan: SplicePlan, kind: str, reads: torch.Tensor) -> list[tuple[torch.Tensor, Callable]]:
-    """(bad entries, description), first problem first, of the source map `reads` (flat output row -> the
-    `kind` row it reads, -1 for none) against that kind's inverse map (row -> flat output row or -1)."""
-    name, rows_in = f"{kind}_destination", "B*L" if kind == "text" else "M*K"
-    inverse = getattr(plan, name)
-    destination = inverse.reshape(-1).long()
-    outputs, rows = (torch.arange(x.numel(), device=x.device) for x in (reads, destination))
-    back = _take(destination, reads, (reads >= 0) & (reads < destination.numel()))
-    forth = _take(reads, destination, (destination >= 0) & (destination < reads.numel()))
-    at = functools.partial(_at, plan.source_index)
-    return [
-        (reads >= destination.numel(), lambda t: f"source_index{at(t)} reads {kind} row {int(reads[t])}, past the "
-         f"{rows_in} = {destination.numel()} rows"),
-        ((destination < -1) | (destination >= reads.numel()), lambda r: f"{name}{_at(inverse, r)} = {int(destination[r])} "
-         f"is neither -1 nor an output row in [0, B*L_out = {reads.numel()})"),
-        ((reads >= 0) & (back != outputs), lambda t: f"source_index{at(t)} reads {kind} row {int(reads[t])}, whose {name} "
-         f"is {int(back[t])}, not this output row ({t}): a row has one destination at most, and the maps invert each other"),
-        ((destination >= 0) & (forth != rows), lambda r: f"{name}{_at(inverse, r)} = {int(destination[r])}, but that "
-         f"output row reads {f'{kind} row {int(forth[r])}' if forth[r] >= 0 else f'no {kind} row'}, not {r}: the maps "
-         "must invert each other"),
-    ]
-
-
-def _take(values: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """`values[index]` where `valid`, else -1 (index -1 picks the appended -1), as int64."""
-    return torch.cat([values.long(), values.new_full((1,), -1, dtype=torch.long)])[torch.where(valid, index, -1)]
-
-
-def _at(index: torch.Tensor, flat: int) -> str:
-    """`[i, j]` of the flat position `flat` in a 2-D map."""
-    return str(list(divmod(flat, max(index.shape[1], 1))))
 
 
 def _int_array(values, name: str) -> np.ndarray:

@@ -10,8 +10,8 @@
 
 Everything integer-sized is decided in `collate`, on the CPU, in the loader's workers: tokenize, align
 each grounded word's characters to tokens, choose the words to replace, pick one bank patch per word
-from its concept, build the `SplicePlan`, gather the patches' uint8 pixels. The GPU then only moves
-bytes (`cmc.splice`). VLMixer published no code: choosing each grounded word independently with
+from its concept, build the `SplicePlan`, gather the patches' uint8 pixels (and, with `negatives=N`, those of
+N hard-negative views: `cmcaug.negatives`). The GPU then only moves bytes (`cmc.splice`). VLMixer published no code: choosing each grounded word independently with
 probability `ratio`, capping a caption at `max_replacements` (a uniformly random subset of the chosen),
 and one bank patch of `patch_tokens` tokens per replaced word are this project's reading of the paper.
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,8 +35,10 @@ import torch
 from . import draws, mlm
 from ._generator import generator_seed
 from .bank.reader import PatchBank
+from .batch import CMCBatch, CMCStats
 from .errors import InputError
 from .inputs import IndexedItems, IndexedStream, Item, indexed, item_fields, item_spans, parse_item
+from .negatives import draw_negatives
 from .plan import SplicePlan
 from .text.align import align_span_arrays
 from .text.tokenize import tokenize_with_offsets
@@ -46,98 +47,6 @@ if TYPE_CHECKING:
     from .kernels import SpliceOutput
 
 _IGNORE = -100
-
-
-@dataclass
-class CMCStats:
-    """What happened to the grounded words of the captions collated so far (all counts)."""
-
-    captions: int = 0
-    empty_captions: int = 0
-    truncated_captions: int = 0  # cut at max_length
-    ungrounded_captions: int = 0  # no grounded word at all (empty ones included)
-    spans: int = 0  # grounded words
-    spans_truncated: int = 0  # not (wholly) in the tokens: cut by truncation, or not a span of the caption
-    spans_overlapping: int = 0  # sharing a token with an earlier span: the earlier one wins
-    spans_absent: int = 0  # concept has no patch in the bank (per concept name: absent_concepts)
-    spans_no_room: int = 0  # chosen, but its patch would push the view past max_length
-    spans_replaced: int = 0
-    absent_concepts: dict[str, int] = field(default_factory=dict)  # name -> spans; ids: bank.vocab.id(name)
-
-    def add(self, other: CMCStats) -> CMCStats:
-        """Add `other`'s counts into this one (in place) and return it."""
-        for f in dataclasses.fields(self):
-            if f.name != "absent_concepts":
-                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-        for c, n in other.absent_concepts.items():
-            self.absent_concepts[c] = self.absent_concepts.get(c, 0) + n
-        return self
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(repr=False)
-class CMCBatch:
-    """One collated batch: the text view's tokens, the plan of the CMC view, and its patches' pixels.
-
-    Shapes: B captions, L text tokens, M patch slots, P the bank's patch side. `labels` ([B, L_out],
-    aligned with the spliced view) is set by `CMCTransform.mask_tokens`. `fields`: the items' extra fields
-    (keys other than caption, spans, index: "image_id", a file's "source"), a list per name, a value per
-    caption (None where an item lacks it), as they came (`.to` moves only tensors).
-    """
-
-    input_ids: torch.Tensor  # [B, L] int64, right-padded
-    attention_mask: torch.Tensor  # [B, L] int64, 1 on real tokens
-    special_tokens_mask: torch.Tensor  # [B, L] bool, special tokens and padding
-    replaced_mask: torch.Tensor  # [B, L] bool, tokens a patch replaces in the CMC view
-    plan: SplicePlan
-    patch_ids: torch.Tensor  # [M] int64 bank patch ids, slot order (row by row, left to right)
-    concept_ids: torch.Tensor  # [M] int64 concept of each slot
-    pixels: torch.Tensor  # [M, P, P, 3] uint8
-    indices: torch.Tensor  # [B] int64 dataset index of each caption, -1 where the item carried none
-    captions: list[str]
-    sample_keys: np.ndarray  # [B] uint64 per-sample random keys (see cmcaug.draws)
-    stats: CMCStats
-    labels: torch.Tensor | None = None
-    fields: dict[str, list[Any]] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def __repr__(self) -> str:
-        b, l = self.input_ids.shape
-        return (f"CMCBatch(B={b}, L={l}, L_out={self.plan.output_length}, patches={self.num_patches}, "
-                f"labels={self.labels is not None}, device={self.input_ids.device})")
-
-    @property
-    def num_patches(self) -> int:
-        """M: patch slots in the CMC view, one per replaced word (`patch_embeds` must have M rows)."""
-        return int(self.patch_ids.shape[0])
-
-    def _map(self, fn: Any) -> CMCBatch:
-        tensors = {
-            f.name: fn(getattr(self, f.name))
-            for f in dataclasses.fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return dataclasses.replace(self, plan=fn(self.plan), **tensors)
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> CMCBatch:
-        """A copy with every tensor and the plan on `device`."""
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> CMCBatch:
-        """A copy in pinned memory (DataLoader(pin_memory=True) calls this), for non-blocking copies."""
-        return self._map(lambda t: t.pin_memory())
-
-    def patch_pixels(
-        self, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32, backend: str = "auto"
-    ) -> torch.Tensor:
-        """The patches as normalized `[M, 3, P, P]` images for a patch encoder (the normalization kernel)."""
-        from .kernels import normalize_patches
-
-        return normalize_patches(self.pixels, mean, std, dtype=dtype, backend=backend)
 
 
 def _tokenizer_facts(tokenizer: Any) -> tuple[int | None, int | None, int | None]:
@@ -160,21 +69,23 @@ class CMCTransform:
     word (whose concept has patches) is replaced; `max_replacements`: cap per caption. `max_length`: tokens
     per caption and per spliced row (default: the tokenizer's limit); a patch that would push a row past it
     is not spliced in. `patch_tokens` (K): tokens per patch from your patch encoder. `seed`: an int, or a
-    `torch.Generator` from which one number is drawn now to serve as the seed.
+    `torch.Generator` from which one number is drawn now to serve as the seed. `negatives` (N): hard-negative
+    views per caption, the same plan with other concepts' patches (`cmcaug.negatives`; `CMCBatch.negative_*`).
     """
 
     def __init__(self, bank: Any, tokenizer: Any, *, tagger: Any = None, ratio: float = 0.5,
                  max_replacements: int | None = None, max_length: int | None = None, patch_tokens: int = 1,
-                 seed: int | torch.Generator = 0):
+                 seed: int | torch.Generator = 0, negatives: int = 0):
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.number)) or not 0.0 <= ratio <= 1.0:
             raise InputError(f"ratio must be a number in [0, 1], got {ratio!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer, torch.Generator)):
             raise InputError(f"seed must be an int or a torch.Generator, got {seed!r}")
         for name, value, low in (("max_replacements", max_replacements, 0), ("max_length", max_length, 2),
-                                 ("patch_tokens", patch_tokens, 1)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low):
-                optional = " or None" if name != "patch_tokens" else ""
-                raise InputError(f"{name} must be an integer >= {low}{optional}, got {value!r}")
+                                 ("patch_tokens", patch_tokens, 1), ("negatives", negatives, 0)):
+            optional = name in ("max_replacements", "max_length")
+            if (value is not None or not optional) and (
+                    isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low):
+                raise InputError(f"{name} must be an integer >= {low}{' or None' if optional else ''}, got {value!r}")
         bank = _open_bank(bank)
         if tagger is not None and getattr(tagger, "vocab", bank.vocab) != bank.vocab:
             raise InputError("the tagger's vocabulary differs from the bank's, so concept ids would not match: "
@@ -185,6 +96,7 @@ class CMCTransform:
         self.ratio = float(ratio)
         self.max_replacements = max_replacements
         self.patch_tokens = int(patch_tokens)
+        self.negatives = int(negatives)
         self._mask_token_id, self._vocab_size, limit = _tokenizer_facts(tokenizer)
         self.max_length = int(max_length) if max_length is not None else limit
         self.seed = generator_seed(seed) if isinstance(seed, torch.Generator) else int(seed)
@@ -196,7 +108,7 @@ class CMCTransform:
         return (f"CMCTransform({self.bank!r}, tokenizer={type(self.tokenizer).__name__}, "
                 f"tagger={'yes' if self.tagger is not None else 'no'}, ratio={self.ratio}, "
                 f"max_replacements={self.max_replacements}, max_length={self.max_length}, "
-                f"patch_tokens={self.patch_tokens}, seed={self.seed}, epoch={self.epoch})")
+                f"patch_tokens={self.patch_tokens}, negatives={self.negatives}, seed={self.seed}, epoch={self.epoch})")
 
     # -- epochs, datasets, stats -------------------------------------------------------------------
     @property
@@ -277,47 +189,65 @@ class CMCTransform:
             sample_keys=keys,
             stats=stats,
             fields=item_fields(rows),
+            **draw_negatives(self.bank, concept, patch_ids, keys[row], ordinal, row, len(rows), self.negatives),
         )
 
     # -- the GPU side -----------------------------------------------------------------------------
     def splice(self, text_embeds: torch.Tensor, patch_embeds: torch.Tensor, batch: CMCBatch,
-               backend: str = "auto") -> SpliceOutput:
+               backend: str = "auto", *, mask_embedding: torch.Tensor | None = None) -> SpliceOutput:
         """The CMC view: `patch_embeds` ([M, K, D], or [M, D] when K = 1) spliced into `text_embeds` [B, L, D].
 
         Returns the kernel's `SpliceOutput` (embeds, attention_mask, modality_ids, position_ids,
-        source_index), differentiable in both inputs. The first splice of a batch (or of its copies) adds
-        its counts to `cmc.stats`, here in the training process, whichever worker collated it.
+        source_index), differentiable in both inputs. Patch rows that `batch.patch_mask` hides
+        (`mask_tokens(patch_targets="masked")`) show `mask_embedding` [D] instead (the [MASK] word embedding,
+        differentiable too). The first splice of a batch (or of its copies) adds its counts to `cmc.stats`,
+        here in the training process, whichever worker collated it.
         """
         from .kernels import splice
 
         if patch_embeds.dim() == 2 and self.patch_tokens == 1:
             patch_embeds = patch_embeds.unsqueeze(1)
+        if batch.patch_mask is not None:
+            patch_embeds = _show_masked(patch_embeds, batch.patch_mask, mask_embedding)
         out = splice(text_embeds, patch_embeds, batch.plan, backend=backend)
         if not getattr(batch.stats, "_recorded", False):  # once per collated batch, however many views
             self.stats.add(batch.stats)
             batch.stats._recorded = True  # shared by the batch's copies (.to, mask_tokens)
         return out
 
-    def mask_tokens(self, batch: CMCBatch, mlm_probability: float = 0.15, *, mask_token_id: int | None = None,
-                    vocab_size: int | None = None, mask_fraction: float = 0.8, random_fraction: float = 0.1,
-                    ignore_index: int = _IGNORE, generator: torch.Generator | None = None) -> CMCBatch:
-        """BERT-style MLM on the CMC view's text tokens: a new batch with masked `input_ids` and `labels`
-        ([B, L_out], aligned with the spliced view); see `cmcaug.mlm.mask_tokens`.
+    def mask_tokens(self, batch: CMCBatch, mlm_probability: float = 0.15, *, patch_targets: str = mlm.DEFAULT_PATCH_TARGETS,
+                    mask_token_id: int | None = None, vocab_size: int | None = None, mask_fraction: float = 0.8,
+                    random_fraction: float = 0.1, ignore_index: int = _IGNORE,
+                    generator: torch.Generator | None = None) -> CMCBatch:
+        """BERT-style MLM on the CMC view: a new batch with masked `input_ids`, `labels` ([B, L_out], aligned
+        with the spliced view) and `patch_mask`; see `cmcaug.mlm.mask_tokens` and `cmcaug.mlm.patch_targets`.
 
-        `mask_token_id` and `vocab_size` default to the tokenizer's (open_clip's has no mask token: pass
-        one). Works on a batch on any device, in a worker or in the training loop.
+        `patch_targets` (one of `cmcaug.mlm.PATCH_TARGETS`) sets the patch rows' labels: "word" (the
+        default), each patch predicts the word it replaced; "masked", slots are chosen and hidden like text
+        tokens (at `mlm_probability`, `mask_fraction`; `patch_mask` marks the hidden rows for `splice`);
+        "none", patch rows predict nothing. A replaced sub-token the tokenizer marks special ([UNK]) is
+        never a target. `mask_token_id` and `vocab_size` default to the tokenizer's (open_clip's has no mask
+        token: pass one). Works on a batch on any device, in a worker or in the training loop.
         """
+        if patch_targets not in mlm.PATCH_TARGETS:
+            raise InputError(f"patch_targets must be one of {mlm.PATCH_TARGETS}, got {patch_targets!r}")
         mask_token_id = self._mask_token_id if mask_token_id is None else mask_token_id
         vocab_size = self._vocab_size if vocab_size is None else vocab_size
         if mask_token_id is None or vocab_size is None:
             raise InputError(f"{type(self.tokenizer).__name__} has no mask token: pass mask_token_id= (and vocab_size=) "
                              "to mask_tokens, e.g. an id you reserve for [MASK]")
+        keys = mlm.draw_keys(batch.sample_keys, len(batch), generator)  # one draw of generator serves both
+        words = torch.where(batch.special_tokens_mask, ignore_index, batch.input_ids)
+        patch_labels, patch_mask = mlm.patch_targets(
+            words, batch.plan, keys, mode=patch_targets, mlm_probability=mlm_probability,
+            mask_fraction=mask_fraction, ignore_index=ignore_index)
         maskable = ~(batch.special_tokens_mask | batch.replaced_mask)
         input_ids, labels = mlm.mask_tokens(
-            batch.input_ids, maskable, batch.plan, batch.sample_keys, mlm_probability=mlm_probability,
+            batch.input_ids, maskable, batch.plan, keys, mlm_probability=mlm_probability,
             mask_token_id=int(mask_token_id), vocab_size=int(vocab_size), mask_fraction=mask_fraction,
-            random_fraction=random_fraction, ignore_index=ignore_index, generator=generator)
-        return dataclasses.replace(batch, input_ids=input_ids, labels=labels)
+            random_fraction=random_fraction, ignore_index=ignore_index, patch_labels=patch_labels)
+        return dataclasses.replace(batch, input_ids=input_ids, labels=labels,
+                                   patch_mask=patch_mask if patch_targets == "masked" else None)
 
     def _keys(self, rows: list[Item], generator: torch.Generator | None) -> np.ndarray:
         no_index = np.asarray([r.index is None for r in rows])
@@ -388,6 +318,22 @@ def _open_bank(bank: Any) -> Any:
     if not (hasattr(bank, "counts") and hasattr(bank, "vocab")):
         raise InputError(f"bank must be a PatchBank or the path of a bank folder, got {type(bank).__name__}")
     return bank
+
+
+def _show_masked(patch_embeds: torch.Tensor, patch_mask: torch.Tensor, mask_embedding: torch.Tensor | None) -> torch.Tensor:
+    """`patch_embeds` [M, K, D] with the rows `patch_mask` [M, K] marks replaced by `mask_embedding` [D]."""
+    if mask_embedding is None:
+        if not bool(patch_mask.any()):  # a host sync, only when no mask_embedding came
+            return patch_embeds
+        raise InputError("batch.patch_mask hides some patches (mask_tokens(patch_targets='masked')): pass "
+                         "mask_embedding=model.get_input_embeddings().weight[tokenizer.mask_token_id] to splice")
+    if not isinstance(mask_embedding, torch.Tensor) or tuple(mask_embedding.shape) != patch_embeds.shape[-1:]:
+        found = list(mask_embedding.shape) if isinstance(mask_embedding, torch.Tensor) else type(mask_embedding).__name__
+        raise InputError(f"mask_embedding must be a tensor [D] = [{patch_embeds.shape[-1]}], got {found}")
+    if tuple(patch_mask.shape) != tuple(patch_embeds.shape[:2]):
+        raise InputError(f"batch.patch_mask is {list(patch_mask.shape)} but patch_embeds are "
+                         f"{list(patch_embeds.shape)}: they must share [M, K]")
+    return torch.where(patch_mask[..., None], mask_embedding.to(patch_embeds.dtype), patch_embeds)
 
 
 def _overlapping(row: np.ndarray, start: np.ndarray, end: np.ndarray, ok: np.ndarray) -> np.ndarray:

@@ -20,8 +20,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"cmcaug": ROOT / "cmcaug", "cmcaug.kernels": ROOT / "kernels", "cmcaug.cli": ROOT / "cli",
            "cmcaug.benchmarks": ROOT / "benchmarks"}
-ONLINE = {"cmcaug.plan", "cmcaug.draws", "cmcaug.inputs", "cmcaug.transform", "cmcaug.mlm", "cmcaug.timix",
-          "cmcaug.relevance", "cmcaug.mixgen", "cmcaug.losses"}
+ONLINE = {"cmcaug.plan", "cmcaug.text_encoders", "cmcaug.vlmixer", "cmcaug.draws", "cmcaug.inputs", "cmcaug.transform", "cmcaug.mlm", "cmcaug.timix",
+          "cmcaug.relevance", "cmcaug.mixgen", "cmcaug.losses", "cmcaug.batch", "cmcaug.negatives", "cmcaug.plan_checks"}
 SHARED = {"cmcaug", "cmcaug.errors", "cmcaug.concepts", "cmcaug._deps", "cmcaug._checkout", "cmcaug._version", "cmcaug._generator",
           "cmcaug.crops"}
 

@@ -30,7 +30,7 @@ def test_draws_are_pinned_across_runs_and_versions(bank, tokenizer):
 def test_mask_tokens_masks_only_text_of_the_view(bank, tokenizer):
     cmc = CMCTransform(bank, tokenizer, ratio=0.5)
     batch = cmc.collate(indexed(ROWS[:5] * 40))
-    masked = cmc.mask_tokens(batch, mlm_probability=0.3)
+    masked = cmc.mask_tokens(batch, mlm_probability=0.3, patch_targets="none")  # text only (patch rows: test_patch_targets)
     changed_or_chosen = masked.plan.remap_labels(torch.where(batch.input_ids >= 0, 1, 0), ignore_index=0)
     assert masked.labels.shape == batch.plan.source_index.shape
     chosen_view = masked.labels != -100
@@ -47,7 +47,7 @@ def test_mask_tokens_masks_only_text_of_the_view(bank, tokenizer):
     became_mask = int((masked.input_ids[chosen_text] == tokenizer.mask_token_id).sum())
     kept = int((masked.input_ids[chosen_text] == batch.input_ids[chosen_text]).sum())
     assert abs(became_mask - 0.8 * n) < 4 * (n * 0.16) ** 0.5 and abs(kept - 0.1 * n) < 4 * (n * 0.09) ** 0.5 + 2
-    same = cmc.mask_tokens(batch, mlm_probability=0.3)
+    same = cmc.mask_tokens(batch, mlm_probability=0.3, patch_targets="none")
     assert torch.equal(same.input_ids, masked.input_ids) and torch.equal(same.labels, masked.labels)
 
 

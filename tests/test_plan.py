@@ -240,6 +240,12 @@ BAD_PLANS = {
     "batch sizes disagree": (_replace("text_destination", lambda s: s[:2]), "disagree on the batch size"),
     "token map of another shape": (_replace("attention_mask", lambda s: s[:, :3]), "attention_mask must be a tensor shaped like"),
     "maps on two devices": (_replace("patch_destination", lambda s: s.to("meta")), "one device"),
+    "slot spans of another plan": (_replace("slot_token_spans", lambda s: s[:2]),
+                                   r"slot_token_spans must be an integer NumPy array of shape \(3, 2\)"),
+    "slot spans not integers": (_replace("slot_token_spans", lambda s: s.astype(float)), "slot_token_spans must be an integer"),
+    "slot span past its row": (_set("slot_token_spans", (2, 1), 4), r"slot_token_spans\[2\] = \(0, 4\) is not a non-empty token "
+                               "range inside row 1's 3 tokens"),
+    "empty slot span": (_set("slot_token_spans", (0, 1), 1), r"slot_token_spans\[0\] = \(1, 1\)"),
 }
 
 
@@ -308,7 +314,85 @@ def test_remap_labels_errors() -> None:
     plan = SplicePlan.build([3, 2], [[(0, 1)], []])
     with pytest.raises(InputError, match=r"shape \[B, L\] = \[2, 3\]"):
         plan.remap_labels(torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(InputError, match=r"patch_labels must be a tensor \[M, K\] = \[1, 1\]"):
+        plan.remap_labels(torch.zeros(2, 3, dtype=torch.long), patch_labels=torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(InputError, match="patch_labels are on meta"):
+        plan.remap_labels(torch.zeros(2, 3, dtype=torch.long), patch_labels=torch.zeros(1, 1, dtype=torch.long, device="meta"))
+    with pytest.raises(InputError, match=r"values must have shape \[B, L\] = \[2, 3\]"):
+        plan.replaced_token_values(torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(InputError, match="torch.Tensor"):
         plan.remap_labels(np.zeros((2, 3)))
     with pytest.raises(InputError, match="plan is on cpu"):
         plan.remap_labels(torch.zeros(2, 3, dtype=torch.long, device="meta"))
+
+
+# -- patch-row targets: the words each slot replaced ----------------------------------------------------
+def expected_patch_values(spec: PlanSpec, values: np.ndarray, ignore: int) -> np.ndarray:
+    """[M, K] by hand: walk each row as `spliced_rows` does; a kept span's patch row i takes its i-th token."""
+    k, cap, out = spec.patch_tokens, spec.max_length, []
+    for b, spans in enumerate(spec.spans):
+        written, j = 0, 0
+        for start, end in spans:
+            written += start - j
+            if cap is None or written + k <= cap:
+                out.append([values[b, start + i] if i < end - start else ignore for i in range(k)])
+                written += k
+            else:
+                written += end - start
+            j = end
+    return np.array(out, np.int64).reshape(-1, k)
+
+
+def assert_patch_values_match(spec: PlanSpec, plan: SplicePlan) -> None:
+    values = torch.arange(plan.batch_size * plan.text_length).reshape(plan.batch_size, plan.text_length) + 1000
+    want = expected_patch_values(spec, values.numpy(), -7)
+    got = plan.replaced_token_values(values, ignore_index=-7)
+    assert got.dtype == values.dtype and got.shape == (plan.num_slots, plan.patch_tokens)
+    np.testing.assert_array_equal(got.numpy(), want)
+    # remap_labels places patch row (m, k) where the output reads it; text and padding as without.
+    patch_labels = -(torch.arange(plan.num_slots * plan.patch_tokens).reshape(plan.num_slots, plan.patch_tokens) + 50)
+    layout = torch.full(plan.source_index.shape, -7, dtype=values.dtype)
+    for b, row in enumerate(spliced_rows(spec)):
+        for t, (kind, i, j) in enumerate(row):
+            layout[b, t] = values[b, i] if kind == "text" else patch_labels[i, j]
+    assert torch.equal(plan.remap_labels(values, ignore_index=-7, patch_labels=patch_labels), layout)
+
+
+@settings(max_examples=300, deadline=None)
+@given(plan_specs())
+def test_replaced_token_values_match_per_row_construction(spec: PlanSpec) -> None:
+    assert_patch_values_match(spec, spec.build())
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_replaced_token_values_of_large_random_plans(seed: int) -> None:
+    spec = random_spec(np.random.default_rng(100 + seed), batch=64)  # spans shorter and longer than K, truncation
+    assert_patch_values_match(spec, spec.build())
+
+
+def test_replaced_token_values_worked_example() -> None:
+    # Row 0: "a [b c] [d] e" with K=2: the first slot predicts b, c; the second d, then nothing.
+    plan = SplicePlan.build([5, 3, 0], [[(1, 3), (3, 4)], [(0, 3)], []], patch_tokens=2)
+    assert plan.slot_token_spans.tolist() == [[1, 3], [3, 4], [0, 3]]
+    values = torch.tensor([[10, 11, 12, 13, 14], [20, 21, 22, 0, 0], [0] * 5])
+    assert plan.replaced_token_values(values).tolist() == [[11, 12], [13, -100], [20, 21]]  # 22: past K
+    assert plan.remap_labels(values, patch_labels=plan.replaced_token_values(values)).tolist()[0] == [10, 11, 12, 13, -100, 14]
+    k1 = SplicePlan.build([5], [[(1, 3)]])  # K = 1: the first sub-token
+    assert k1.replaced_token_values(values[:1]).tolist() == [[11]]
+    none = SplicePlan.build([2], [[]], patch_tokens=3)
+    assert none.replaced_token_values(torch.ones(1, 2, dtype=torch.long)).shape == (0, 3)
+    assert torch.equal(none.remap_labels(torch.ones(1, 2, dtype=torch.long), patch_labels=torch.zeros(0, 3, dtype=torch.long)),
+                       torch.ones(1, 2, dtype=torch.long))
+
+
+def test_slot_token_spans_follow_the_plan_and_are_optional() -> None:
+    plan = SplicePlan.build([5, 3, 0], [[(1, 3), (3, 4)], [(0, 3)], []], patch_tokens=2)
+    for moved in (plan.to("cpu"), plan.to("meta"), pickle.loads(pickle.dumps(plan))):
+        np.testing.assert_array_equal(moved.slot_token_spans, plan.slot_token_spans)
+    assert plan.to("meta").replaced_token_values(torch.zeros(3, 5, dtype=torch.long, device="meta")).device.type == "meta"
+    by_hand = SplicePlan(**{**_fields(plan), "slot_token_spans": None})  # made without them: still a valid plan
+    assert by_hand.slot_token_spans is None and torch.equal(by_hand.remap_labels(torch.ones(3, 5)), plan.remap_labels(torch.ones(3, 5)))
+    with pytest.raises(InputError, match="no slot_token_spans"):
+        by_hand.replaced_token_values(torch.zeros(3, 5, dtype=torch.long))
+    fields = {name: value for name, value in _fields(plan).items() if name != "slot_token_spans"}
+    assert SplicePlan(**fields).slot_token_spans is None  # the default: older constructor calls still work

@@ -1,7 +1,7 @@
 """CMCTransform inside real training code: HF BERT and open_clip's text tower, random init, offline.
 
-The models and training steps are the ones in `examples/`, imported from there, so the examples are
-tested too. A shapes-world corpus and bank (`examples/shapes_world.py`) are built once for the module.
+The models and the objective are the ones in `examples/` (`cmcaug.vlmixer.VLMixerObjective` over them),
+imported from there, so the examples are tested too. A shapes-world corpus and bank (`examples/shapes_world.py`) are built once for the module.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from cmcaug import CMCTransform
+from cmcaug.text_encoders import OpenCLIPTextEncoder
+from cmcaug.vlmixer import VLMixerObjective
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -46,18 +48,22 @@ def bert_setup(world):
     return cmc, tokenizer, batch
 
 
-def test_bert_trains_on_cmc_views(bert_setup):
-    cmc, tokenizer, batch = bert_setup
+def test_bert_trains_on_cmc_views(world, bert_setup):
+    bank, rows = world
+    _, tokenizer, _ = bert_setup
+    cmc = CMCTransform(bank, tokenizer, ratio=0.5, seed=0, negatives=1)
+    batch = cmc.collate([dict(r, index=i) for i, r in enumerate(rows[:16])])
     torch.manual_seed(0)
     model, patch_encoder = bert_example.build_model(len(tokenizer), dim=32)
-    optimizer = torch.optim.AdamW([*model.parameters(), *patch_encoder.parameters()], lr=3e-3)
+    objective = VLMixerObjective(cmc, model, patch_encoder, mean=bert_example.MEAN, std=bert_example.STD)
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):  # one fixed batch: the losses must fall
-        loss = bert_example.train_step(cmc, model, patch_encoder, batch)
+        loss = objective(batch)
         optimizer.zero_grad()
-        loss["loss"].backward()
+        loss.loss.backward()
         optimizer.step()
-        losses.append({k: v.item() for k, v in loss.items()})
+        losses.append(loss.as_dict())
     assert all(torch.isfinite(torch.tensor(list(v.values()))).all() for v in losses)
     assert losses[-1]["mlm"] < losses[0]["mlm"] and losses[-1]["loss"] < losses[0]["loss"]
 
@@ -92,7 +98,9 @@ def test_bert_gradients_reach_kept_tokens_and_patches_not_replaced_ones(bert_set
     assert replaced_only, "the batch should hold words that occur only where a patch replaced them"
     row_grad = words.weight.grad.abs().sum(-1)
     assert all(row_grad[i] > 0 for i in kept_ids) and all(row_grad[i] == 0 for i in replaced_only)
-    assert (out.logits.argmax(-1).shape == masked.labels.shape) and (masked.labels[view.modality_ids == 1] == -100).all()
+    assert out.logits.argmax(-1).shape == masked.labels.shape
+    words = batch.plan.replaced_token_values(torch.where(batch.special_tokens_mask, -100, batch.input_ids))
+    assert torch.equal(masked.labels[view.modality_ids == 1], words.reshape(-1))  # patch rows predict their word
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +119,10 @@ def test_open_clip_spliced_forward_is_the_models_forward(clip_setup):
     batch = cmc.collate([dict(r, index=i) for i, r in enumerate(rows[:8])])
     assert torch.equal(batch.input_ids, tokenizer([r["caption"] for r in rows[:8]]))
     view = cmc.splice(model.token_embedding(batch.input_ids), torch.zeros(0, 1, 32), batch)
+    encoder = OpenCLIPTextEncoder(model)
     with torch.no_grad():
-        ours = clip_example.encode_embeds(model, view.embeds, view.attention_mask, view.position_ids)
+        ours = encoder.pool(encoder.encode(view.embeds, view.attention_mask, view.modality_ids, view.position_ids),
+                            view.attention_mask)
         theirs = model(batch.input_ids)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
@@ -120,17 +130,18 @@ def test_open_clip_spliced_forward_is_the_models_forward(clip_setup):
 def test_open_clip_text_tower_trains_on_cmc_views(clip_setup):
     bank, rows, tokenizer = clip_setup
     torch.manual_seed(0)
-    cmc = CMCTransform(bank, tokenizer, ratio=0.5, seed=0)
+    cmc = CMCTransform(bank, tokenizer, ratio=0.5, seed=0, negatives=1)
     batch = cmc.collate([dict(r, index=i) for i, r in enumerate(rows[:16])])
     assert batch.num_patches > 0 and batch.plan.output_length < batch.input_ids.shape[1]
-    model, patch_encoder = clip_example.text_tower(width=32, output_dim=16), shapes.PatchEncoder(32)
-    optimizer = torch.optim.AdamW([*model.parameters(), *patch_encoder.parameters()], lr=3e-3)
+    objective = VLMixerObjective(cmc, clip_example.text_tower(width=32, output_dim=16), shapes.PatchEncoder(32),
+                                 mean=clip_example.MEAN, std=clip_example.STD, mlm_weight=0.0, temperature=0.5)
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=3e-3)
     losses = []
     for _ in range(6):
-        loss = clip_example.train_step(cmc, model, patch_encoder, batch, temperature=0.5)
+        loss = objective(batch).loss
         optimizer.zero_grad()
         loss.backward()
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in patch_encoder.parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in objective.patch_encoder.parameters())
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
@@ -144,16 +155,19 @@ def test_examples_run_end_to_end(example, tmp_path, capsys):
     assert "replaced" in capsys.readouterr().out
 
 
-def test_unpaired_zero_shot_ablation_runs_and_reproduces(tmp_path, capsys):
+def test_vlmixer_replication_runs_and_reproduces(tmp_path, capsys):
     from cmcaug.benchmarks.common import device_name, slug
 
-    ablation = _example("unpaired_zero_shot")
-    result = ablation.main(["--arms", "cmc-coded", "labelled", "--seeds", "0", "0", "--steps", "2", "--images", "16",
-                            "--eval-images", "8", "--batch-size", "4", "--jobs", "1", "--out", str(tmp_path)])
+    replication = _example("replicate_vlmixer")
+    arms = ["cmc+targets", "labelled", "scratch"]
+    result = replication.main(["--smoke", "--arms", *arms, "--seeds", "0", "0", "--fractions", "0.5",
+                               "--jobs", "1", "--out", str(tmp_path)])
     rows = [{k: v for k, v in r.items() if k != "seconds"} for r in result["rows"]]
-    assert [r["arm"] for r in rows] == ["cmc-coded", "labelled"] * 2
-    assert all({"accuracy", "chance", "majority", "per_concept", "predicted"} <= r.keys() for r in rows)
-    assert rows[:2] == rows[2:]  # the same seed twice: the same runs
-    assert [s["arm"] for s in result["summary"]] == ["cmc-coded", "labelled"]
-    assert (tmp_path / f"unpaired-zero-shot-{slug(device_name('cpu'))}.json").is_file()
+    assert [r["arm"] for r in rows] == arms * 2
+    assert all({"zero_shot", "in_context", "r1@50%", "r5@50%"} <= r.keys() for r in rows)
+    assert rows[:3] == rows[3:]  # the same seed twice: the same runs
+    assert [s["arm"] for s in result["summary"]] == arms
+    stem = tmp_path / f"vlmixer-replication-{slug(device_name('cpu'))}"
+    assert all(stem.with_suffix(ext).is_file() for ext in (".json", ".md", ".png"))
+    assert "| chance |" in stem.with_suffix(".md").read_text()
     assert "per arm" in capsys.readouterr().out

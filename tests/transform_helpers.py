@@ -53,7 +53,12 @@ ROWS = [{"caption": c, "spans": regex_spans(c)} for c in CAPTIONS]
 
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory: pytest.TempPathFactory) -> PatchBank:
-    concepts = np.repeat(np.arange(len(VOCAB)), [COUNTS[n] for n in VOCAB.names]).astype(np.int32)
+    return make_bank(tmp_path_factory.mktemp("bank") / "bank", COUNTS)
+
+
+def make_bank(path, counts: dict[str, int]) -> PatchBank:
+    """A bank over VOCAB with `counts[name]` patches per concept, whose pixels all equal their patch id."""
+    concepts = np.repeat(np.arange(len(VOCAB)), [counts[n] for n in VOCAB.names]).astype(np.int32)
     n = concepts.size
     pixels = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 4, 4, 3)).copy()  # pixel = id
     embeddings = np.eye(n, 8, dtype=np.float32) + np.eye(n, 8, k=-8, dtype=np.float32)
@@ -61,7 +66,6 @@ def bank(tmp_path_factory: pytest.TempPathFactory) -> PatchBank:
     patches = pa.table({"concept_id": concepts, "image": [f"{i:02d}.png" for i in range(n)],
                         "box": pa.array([[0, 0, 4, 4]] * n, pa.list_(pa.float32(), 4)),
                         "score": np.ones(n, np.float32)})
-    path = tmp_path_factory.mktemp("bank") / "bank"
     write_bank(path, vocab=VOCAB, patches=patches, pixels=pixels, embeddings=embeddings, provenance={}, stats={})
     return PatchBank.open(path)
 
