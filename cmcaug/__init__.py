@@ -34,6 +34,7 @@ _EXPORTS = {
     "soft_targets": "cmcaug.timix",
     "mixed_contrastive_loss": "cmcaug.timix",
     "TextAwarePatchPredictor": "cmcaug.timix",
+    "VLMixerObjective": "cmcaug.vlmixer",
 }
 
 __all__ = ["BankFormatError", "BankLockedError", "CMCAugError", "InputError", "MissingDependencyError", "StorageError",
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from .text.grounding import GroundedSpan, GroundingTagger
     from .timix import MixResult, TextAwarePatchPredictor, mixed_contrastive_loss, soft_targets, text_aware_mix
     from .transform import CMCBatch, CMCTransform
+    from .vlmixer import VLMixerObjective
 
 
 def __getattr__(name: str) -> Any:

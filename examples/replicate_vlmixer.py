@@ -15,7 +15,9 @@ Arms (same seeds, corpus, steps, model and optimizer; only the objective differs
 - `cmc+negatives`: one hard patch negative per view (the view with another concept's patches), contrast
   passes without dropout.
 - `recipe`: both, contrast passes without dropout: `VLMixerObjective`'s defaults.
-- `recipe+dropout` (on request): the recipe with dropout kept in the contrast passes (why it is off).
+- `recipe+dropout` (on request): the recipe with dropout kept in the contrast passes (why it is off);
+  `recipe-no-dropout`: no dropout anywhere (MLM included); `recipe+masked-targets`: a patch slot is a
+  target with the MLM probability and then mostly hidden behind [MASK] (`patch_targets="masked"`).
 - `labelled`: the ceiling, not an unpaired method: the same model trained on (patch, concept name) pairs
   with the zero-shot readout's own decision rule as its loss.
 - `scratch`: no pre-training; only the retrieval fine-tuning below (its baseline).
@@ -68,6 +70,8 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "cmc+negatives": {**RECIPE, "patch_targets": "none"},
     "recipe": RECIPE,
     "recipe+dropout": {**RECIPE, "contrast_dropout": True},
+    "recipe-no-dropout": {**RECIPE, "dropout": 0.0},
+    "recipe+masked-targets": {**RECIPE, "patch_targets": "masked"},
     "labelled": None,
     "scratch": None,
 }
@@ -112,7 +116,7 @@ def run(arm: str, seed: int, args: argparse.Namespace, root: Path) -> dict:
     train, test = ((PatchBank.open(p / "bank"), json.loads((p / "rows.json").read_text())) for p in (train_path, test_path))
     options = ARMS[arm] or {**RECIPE, "ratio": 0.0}
     pretrained = ARMS[arm] is not None
-    recipe = argparse.Namespace(**{**vars(args), **options, "seed": seed, "num_workers": 0, "dropout": 0.1,
+    recipe = argparse.Namespace(**{**vars(args), "dropout": 0.1, **options, "seed": seed, "num_workers": 0,
                                    "steps": args.steps if pretrained else 0})
     with one_thread(), contextlib.redirect_stdout(io.StringIO()):
         objective, history = bert.pretrain(recipe, *train, log_every=0)
