@@ -40,11 +40,11 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.07, normal
     """Symmetric in-batch InfoNCE of paired features `a` [N, D] and `b` [N, D]; a scalar float32 tensor.
 
     Rows with the same index are positives, all other rows of the batch negatives. `normalize=False` when
-    the features are already unit vectors (or when raw dot products are wanted). `hard_negatives` [N, K, D]
-    are K more candidates for row i of `a` only (a->b: logits `a_i . b_j` for all j, then `a_i . h_ik`);
+    the features are already unit vectors (or when raw dot products are wanted). `hard_negatives` [N, H, D]
+    are H more candidates for row i of `a` only (a->b: logits `a_i . b_j` for all j, then `a_i . h_ih`);
     b->a is unchanged. In-batch rows differ in their words; a hard negative (the same caption, other
     concepts' patches) differs only where the patches are, so only the patches can tell it apart.
-    `hard_negative_mask` [N, K] (bool) drops the False entries, as if they were not there.
+    `hard_negative_mask` [N, H] (bool) drops the False entries, as if they were not there.
     """
     if a.shape[0] != b.shape[0]:
         raise InputError(f"info_nce pairs row i of a with row i of b: got {a.shape[0]} and {b.shape[0]} rows")
@@ -60,9 +60,9 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.07, normal
 
 def _hard_logits(a: torch.Tensor, negatives: torch.Tensor, mask: torch.Tensor | None, temperature: float,
                  normalize: bool) -> torch.Tensor:
-    """[N, K] float32 `a_i . negatives[i, k] / temperature` (cosines unless `normalize=False`), -inf where ~mask."""
+    """[N, H] float32 `a_i . negatives[i, h] / temperature` (cosines unless `normalize=False`), -inf where ~mask."""
     if negatives.dim() != 3 or negatives.shape[0] != a.shape[0] or negatives.shape[2] != a.shape[1]:
-        raise InputError(f"hard_negatives must be [N, K, D] = [{a.shape[0]}, K, {a.shape[1]}] like a [N, D], got "
+        raise InputError(f"hard_negatives must be [N, H, D] = [{a.shape[0]}, H, {a.shape[1]}] like a [N, D], got "
                          f"{list(negatives.shape)}")
     a, negatives = a.float(), negatives.float()
     if normalize:
@@ -71,7 +71,7 @@ def _hard_logits(a: torch.Tensor, negatives: torch.Tensor, mask: torch.Tensor | 
     if mask is None:
         return hard
     if mask.dtype != torch.bool or tuple(mask.shape) != tuple(hard.shape):
-        raise InputError(f"hard_negative_mask must be a bool tensor [N, K] = {list(hard.shape)}, got "
+        raise InputError(f"hard_negative_mask must be a bool tensor [N, H] = {list(hard.shape)}, got "
                          f"{mask.dtype} {list(mask.shape)}")
     return hard.masked_fill(~mask, float("-inf"))
 

@@ -27,7 +27,7 @@ def check_plan(plan: Any) -> None:  # plan: a SplicePlan (not imported: cmcaug.p
     out of bounds, and maps that are not each other's inverse give wrong gradients. Checks the maps' dtypes,
     shapes and device, the row counts' shapes and totals, then every value, vectorized: a few passes over the
     maps, about as long as `build` takes (0.5 ms for B=32, L=64; 3 ms for B=256, L=128, K=4 on one CPU core);
-    on a CUDA plan it also waits for the device (it copies the B slot counts there and reads the flags back);
+    on a CUDA plan it also waits for the device (it copies the slots' rows there and reads the flags back);
     meta tensors have no values to check. Last, `slot_token_spans` (NumPy) if the plan has them."""
     for name in INDEX_MAPS:
         index = getattr(plan, name)

@@ -11,7 +11,8 @@ them onto the model's own modules; the model's weights stay the user's.
   `pool` is the first token ([CLS]); `mlm_loss` runs the whole model with `labels`.
 - `OpenCLIPTextEncoder`: open_clip's `TextTransformer` (or a CLIP model's text half): causal attention,
   pooled at each row's last real token (the end-of-text token) and projected by `text_projection`, as
-  open_clip's own forward does. It has no MLM head; pass `mlm_head` (e.g. `nn.Linear(width, vocab)`) to
+  open_clip's own forward does. It has no token types, so a patch is told from a word by its content
+  alone (`modality_ids` are not used). It has no MLM head; pass `mlm_head` (e.g. `nn.Linear(width, vocab)`) to
   train the denoising target, otherwise the objective is the contrast alone.
 """
 from __future__ import annotations
@@ -28,14 +29,19 @@ from .errors import InputError
 class MaskedLMEncoder(nn.Module):
     """A Hugging Face masked-LM model (`BertForMaskedLM`, ...) behind the interface the objective uses."""
 
-    has_mlm = True  # every HF masked-LM model carries its head
-
     def __init__(self, model: nn.Module):
         super().__init__()
         if not hasattr(model, "base_model") or not hasattr(model, "get_input_embeddings"):
             raise InputError(f"{type(model).__name__} is not a Hugging Face model (no base_model / get_input_embeddings)")
         self.model = model
         self._token_types = getattr(model.config, "type_vocab_size", 0) >= 2
+        # RoBERTa-style embeddings number positions from padding_idx + 1 and keep padding_idx for padding
+        self._padding_idx = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", None)
+
+    @property
+    def has_mlm(self) -> bool:
+        """A `*ForMaskedLM` model has an output (vocabulary) layer; a bare `BertModel` has none."""
+        return self.model.get_output_embeddings() is not None
 
     @property
     def width(self) -> int:
@@ -46,6 +52,10 @@ class MaskedLMEncoder(nn.Module):
 
     def _inputs(self, embeds: torch.Tensor, attention_mask: torch.Tensor, modality_ids: torch.Tensor | None,
                 position_ids: torch.Tensor | None) -> dict[str, Any]:
+        if position_ids is None:
+            position_ids = torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[:2])
+        if self._padding_idx is not None:
+            position_ids = torch.where(attention_mask.bool(), position_ids + self._padding_idx + 1, self._padding_idx)
         inputs = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
         if self._token_types:
             inputs["token_type_ids"] = torch.zeros_like(attention_mask) if modality_ids is None else modality_ids
@@ -62,8 +72,8 @@ class MaskedLMEncoder(nn.Module):
 
     def mlm_loss(self, embeds: torch.Tensor, attention_mask: torch.Tensor, modality_ids: torch.Tensor | None,
                  position_ids: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
-        """The model's own masked-LM loss on `labels` (ignore index -100)."""
-        return self.model(**self._inputs(embeds, attention_mask, modality_ids, position_ids), labels=labels).loss
+        """Cross entropy of the model's MLM logits at the labelled rows (`labels` != -100; 0 when there are none)."""
+        return masked_lm_loss(self.model(**self._inputs(embeds, attention_mask, modality_ids, position_ids)).logits, labels)
 
 
 class OpenCLIPTextEncoder(nn.Module):
@@ -74,6 +84,13 @@ class OpenCLIPTextEncoder(nn.Module):
         for name in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection"):
             if not hasattr(model, name):
                 raise InputError(f"{type(model).__name__} has no {name}: pass open_clip's TextTransformer or CLIP model")
+        unsupported = {"a class token (cls_emb)": getattr(model, "cls_emb", None) is not None,
+                       "bidirectional attention (no_causal_mask)": getattr(model, "attn_mask", 0) is None,
+                       f"pool_type={getattr(model, 'pool_type', 'argmax')!r}":
+                           getattr(model, "pool_type", "argmax") not in ("argmax", "last", "eos")}
+        if any(unsupported.values()):
+            raise InputError(f"{type(model).__name__} uses {', '.join(k for k, v in unsupported.items() if v)}: "
+                             "the adapter reads the standard CLIP text tower (causal, pooled at the end token)")
         self.model = model
         self.mlm_head = mlm_head
 
@@ -107,12 +124,17 @@ class OpenCLIPTextEncoder(nn.Module):
         if self.mlm_head is None:
             raise InputError("open_clip's text tower has no MLM head: pass mlm_head= (e.g. nn.Linear(width, vocab_size)) "
                              "or set mlm_weight=0")
-        hidden = self.encode(embeds, attention_mask, modality_ids, position_ids)
-        return F.cross_entropy(self.mlm_head(hidden).flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return masked_lm_loss(self.mlm_head(self.encode(embeds, attention_mask, modality_ids, position_ids)), labels)
 
     @property
     def has_mlm(self) -> bool:
         return self.mlm_head is not None
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross entropy over the labelled rows; 0 (not NaN) for a batch with no label, e.g. no slot and nothing masked."""
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index, reduction="sum")
+    return losses / (labels != ignore_index).sum().clamp(min=1)
 
 
 def text_encoder(model: nn.Module, mlm_head: nn.Module | None = None) -> MaskedLMEncoder | OpenCLIPTextEncoder:

@@ -10,9 +10,9 @@
 
 Everything integer-sized is decided in `collate`, on the CPU, in the loader's workers: tokenize, align
 each grounded word's characters to tokens, choose the words to replace, pick one bank patch per word
-from its concept, build the `SplicePlan`, gather the patches' uint8 pixels (and, with `negatives=N`, those of
-N hard-negative views: `cmcaug.negatives`). The GPU then only moves bytes (`cmc.splice`). VLMixer published no code: choosing each grounded word independently with
-probability `ratio`, capping a caption at `max_replacements` (a uniformly random subset of the chosen),
+from its concept, build the `SplicePlan`, gather the patches' uint8 pixels (and, with `negatives=N`,
+those of N hard-negative views: `cmcaug.negatives`). The GPU then only moves bytes (`cmc.splice`).
+VLMixer published no code: choosing each grounded word independently with probability `ratio`, capping a caption at `max_replacements` (a uniformly random subset of the chosen),
 and one bank patch of `patch_tokens` tokens per replaced word are this project's reading of the paper.
 
 Reproducibility: every draw for sample i is a pure function of (seed, epoch, i) (`cmcaug.draws`), so views
@@ -189,7 +189,8 @@ class CMCTransform:
             sample_keys=keys,
             stats=stats,
             fields=item_fields(rows),
-            **draw_negatives(self.bank, concept, patch_ids, keys[row], ordinal, row, len(rows), self.negatives),
+            **(draw_negatives(self.bank, concept, patch_ids, keys[row], ordinal, row, len(rows), self.negatives)
+               if self.negatives else {}),  # no negatives: the fields stay None, nothing gathered
         )
 
     # -- the GPU side -----------------------------------------------------------------------------

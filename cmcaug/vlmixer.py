@@ -66,8 +66,9 @@ class VLMixerLosses:
 
 @dataclass
 class Readout:
-    """What the encoder made of a batch: `pooled` [B, D] ([CLS] / end token), `hidden` [B, L, D], and the
-    states of the patch slots `patch_states` [M, K, D] (None for a text view)."""
+    """What the encoder made of a batch: `pooled` [B, D] ([CLS] / end token), `hidden` [B, L, D], the
+    `attention_mask` [B, L] it read them with, and the patch slots' states `patch_states` [M, K, D]
+    (None for a text view)."""
 
     pooled: torch.Tensor
     hidden: torch.Tensor
@@ -121,25 +122,36 @@ class VLMixerObjective(nn.Module):
         if masked.patch_mask is not None:
             mask_id = torch.tensor([int(self.mask_token_id)], device=batch.input_ids.device)
             mask_embedding = self.encoder.embed(mask_id)[0]  # a hidden patch shows what a masked word shows
-        view = self.cmc.splice(self.encoder.embed(masked.input_ids), patches, masked, mask_embedding=mask_embedding)
+        words = self.encoder.embed(masked.input_ids)
+        view = self.cmc.splice(words, patches.to(words.dtype), masked, mask_embedding=mask_embedding)
         return self.encoder.mlm_loss(view.embeds, view.attention_mask, view.modality_ids, view.position_ids,
                                      masked.labels)
 
     def _contrast(self, batch, patches: torch.Tensor) -> torch.Tensor:
+        views = [patches]
+        negatives = getattr(batch, "negative_pixels", None)
+        count = 0 if negatives is None else negatives.shape[0]
+        if count:
+            views += list(self._patch_embeds(negatives.flatten(0, 1)).unflatten(0, (count, -1)))
+        words, plan = self.encoder.embed(batch.input_ids), batch.plan
+        # The text view (cut to its longest row: open_clip pads to 77), the CMC view and its negatives in one
+        # pass, padded to one width (padding is masked).
+        n = int(plan.text_lengths.max(initial=1))
+        width = max(n, plan.output_length)
+        mask = batch.attention_mask[:, :n]
+        positions = torch.arange(n, device=words.device).expand_as(mask)
+        rows = [(words[:, :n], mask, torch.zeros_like(mask), positions)]
+        rows += [(self.cmc.splice(words, v.to(words.dtype), batch).embeds, plan.attention_mask, plan.modality_ids,
+                  plan.position_ids) for v in views]
+        embeds, mask, modality, position = (torch.cat([_pad(r[i], width) for r in rows]) for i in range(4))
         with self._dropout_off():
-            text = self.encode_text(batch.input_ids, batch.attention_mask).pooled
-            words = self.encoder.embed(batch.input_ids)
-            views = [patches]
-            negatives = getattr(batch, "negative_pixels", None)
-            count = 0 if negatives is None else negatives.shape[0]
-            if count:
-                flat = self._patch_embeds(negatives.flatten(0, 1))
-                views += list(flat.unflatten(0, (count, -1)))
-            pooled = [self._encode_view(self.cmc.splice(words, v, batch), batch.plan).pooled for v in views]
+            hidden = self.encoder.encode(embeds, mask, modality, position)
+        pooled = self.encoder.pool(hidden, mask).unflatten(0, (len(rows), -1))
         if not count:
-            return info_nce(text, pooled[0], self.temperature)
-        hard = torch.stack(pooled[1:], dim=1)  # [B, N, D]
-        return info_nce(text, pooled[0], self.temperature, hard_negatives=hard, hard_negative_mask=batch.negative_valid)
+            return info_nce(pooled[0], pooled[1], self.temperature)
+        hard = pooled[2:].transpose(0, 1)  # [B, N, D]
+        return info_nce(pooled[0], pooled[1], self.temperature, hard_negatives=hard,
+                        hard_negative_mask=batch.negative_valid)
 
     @contextlib.contextmanager
     def _dropout_off(self) -> Iterator[None]:
@@ -148,12 +160,13 @@ class VLMixerObjective(nn.Module):
             yield
             return
         modes = [(m, m.training) for m in self.encoder.modules()]
-        self.encoder.eval()
+        for m, _ in modes:
+            m.training = False  # the flag itself: `.eval()` per module would walk the tree once per module
         try:
             yield
         finally:
             for m, training in modes:
-                m.train(training)
+                m.training = training
 
     # -- readouts --------------------------------------------------------------------------------------
     def _patch_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -167,8 +180,13 @@ class VLMixerObjective(nn.Module):
         patch_states = hidden.flatten(0, 1)[plan.patch_destination.long().clamp(min=0)]
         return Readout(self.encoder.pool(hidden, view.attention_mask), hidden, view.attention_mask, patch_states)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Readout:
-        """The text view: tokens as the tokenizer made them, modality 0 everywhere."""
+        """The text view: tokens as the tokenizer made them, modality 0 everywhere (moved to the model's device)."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         hidden = self.encoder.encode(self.encoder.embed(input_ids), attention_mask)
         return Readout(self.encoder.pool(hidden, attention_mask), hidden, attention_mask)
 
@@ -178,7 +196,8 @@ class VLMixerObjective(nn.Module):
             raise InputError(f"the plan has {plan.num_slots} patch slots but {pixels.shape[0]} patches were given")
         from .kernels import splice
 
-        words = self.encoder.embed(input_ids)
+        words, plan = self.encoder.embed(input_ids.to(self.device)), plan.to(self.device)
+        pixels = pixels.to(self.device)
         return self._encode_view(splice(words, self._patch_embeds(pixels).to(words.dtype), plan), plan)
 
     def encode_view(self, batch) -> Readout:
@@ -204,5 +223,10 @@ class VLMixerObjective(nn.Module):
         spans = [list(zip(first[row == b].tolist(), last[row == b].tolist())) for b in range(len(texts))]
         plan = SplicePlan.build(tokens.attention_mask.sum(1), spans, patch_tokens=self.cmc.patch_tokens,
                                 text_length=tokens.input_ids.shape[1])
-        device = next(self.encoder.parameters()).device
-        return self.encode_spliced(torch.from_numpy(tokens.input_ids).to(device), plan.to(device), pixels.to(device))
+        return self.encode_spliced(torch.from_numpy(tokens.input_ids), plan, pixels)
+
+
+def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    """`x` ([B, L] or [B, L, D]) right-padded with zeros to `width` tokens."""
+    pad = (0, width - x.shape[1]) if x.dim() == 2 else (0, 0, 0, width - x.shape[1])
+    return torch.nn.functional.pad(x, pad)

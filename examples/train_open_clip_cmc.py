@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory(prefix="cmcaug-clip-") as tmp:
-        bank, rows = shapes_world(args.workdir or Path(tmp), args.images, args.seed)
+        bank, rows = shapes_world(args.workdir or Path(tmp), args.images, args.seed, args.context)
         tokenizer = open_clip.get_tokenizer("ViT-B-32")
         cmc = CMCTransform(bank, tokenizer, ratio=args.ratio, seed=args.seed, negatives=1)    # cmcaug
         loader = DataLoader(cmc.dataset(rows), batch_size=args.batch_size, shuffle=True, drop_last=True,

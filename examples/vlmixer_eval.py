@@ -35,20 +35,21 @@ CHUNK = 512  # sequences per forward pass in evaluation
 
 @contextlib.contextmanager
 def evaluating(objective: VLMixerObjective) -> Iterator[None]:
-    """Eval mode and no gradients, restoring the training mode after."""
-    training = objective.training
+    """Eval mode and no gradients, restoring every module's own mode after."""
+    modes = [(m, m.training) for m in objective.modules()]
     objective.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        objective.train(training)
+        for m, training in modes:
+            m.training = training
 
 
 def encode_captions(objective: VLMixerObjective, captions: list[str]) -> torch.Tensor:
     """Pooled text views [N, D] of `captions`."""
     tokens = tokenize_with_offsets(objective.cmc.tokenizer, captions, max_length=objective.cmc.max_length)
-    return objective.encode_text(torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask)).pooled
+    return objective.encode_text(torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask)).pooled.cpu()
 
 
 def zero_shot_accuracy(objective: VLMixerObjective, bank: PatchBank) -> dict:
@@ -57,7 +58,7 @@ def zero_shot_accuracy(objective: VLMixerObjective, bank: PatchBank) -> dict:
     labels = torch.from_numpy(np.repeat(np.arange(len(names)), counts))
     with evaluating(objective):
         pixels = bank.pixels(np.arange(len(labels)))
-        patches = torch.cat([objective.encode_patches(p).pooled for p in pixels.split(CHUNK)])
+        patches = torch.cat([objective.encode_patches(p).pooled.cpu() for p in pixels.split(CHUNK)])
         text = encode_captions(objective, list(names))
     predicted = (F.normalize(patches, dim=-1) @ F.normalize(text, dim=-1).T).argmax(1)
     correct = (predicted == labels).float()
@@ -82,12 +83,12 @@ def in_context_accuracy(objective: VLMixerObjective, bank: PatchBank, rows: list
     lengths = tokens.attention_mask.sum(1)
     ids = torch.from_numpy(tokens.input_ids)
     with evaluating(objective):
-        text = F.normalize(objective.encode_text(ids, torch.from_numpy(tokens.attention_mask)).pooled, dim=-1)
+        text = F.normalize(encode_captions(objective, [r["caption"] for r in rows]), dim=-1)
         pooled = []
         for chunk in np.array_split(np.arange(view_row.size), max(1, view_row.size // CHUNK)):
             plan = SplicePlan.build(lengths[view_row[chunk]], [[(int(view_first[i]), int(view_last[i]))] for i in chunk],
                                     patch_tokens=cmc.patch_tokens, text_length=ids.shape[1])
-            pooled.append(objective.encode_spliced(ids[view_row[chunk]], plan, bank.pixels(patch_ids[chunk])).pooled)
+            pooled.append(objective.encode_spliced(ids[view_row[chunk]], plan, bank.pixels(patch_ids[chunk])).pooled.cpu())
     views = F.normalize(torch.cat(pooled), dim=-1).reshape(row.size, concepts.size, -1)
     scores = (views * text[torch.from_numpy(row)][:, None]).sum(-1)
     predicted = torch.from_numpy(concepts)[scores.argmax(1)]
@@ -108,7 +109,7 @@ def image_groups(bank: PatchBank, rows: list[dict]) -> tuple[list[np.ndarray], l
 def encode_images(objective: VLMixerObjective, bank: PatchBank, groups: list[np.ndarray]) -> torch.Tensor:
     """Pooled [N, D]: each image as the sequence of its object patches."""
     ids = np.concatenate(groups)
-    return objective.encode_patches(bank.pixels(ids), [len(g) for g in groups]).pooled
+    return objective.encode_patches(bank.pixels(ids), [len(g) for g in groups]).pooled.cpu()
 
 
 def recall(image: torch.Tensor, text: torch.Tensor) -> dict:

@@ -172,3 +172,61 @@ def test_objective_refuses_what_it_cannot_do(setup, tokenizer):  # noqa: F811
     with pytest.raises(InputError, match="text tower"):
         text_encoder(nn.Linear(2, 2))
     assert isinstance(text_encoder(model), MaskedLMEncoder)
+
+
+def test_roberta_positions_start_after_the_padding_index(bank):  # noqa: F811
+    """RoBERTa numbers positions from padding_idx + 1: the adapter's forward from embeddings is the model's own."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=40, hidden_size=DIM, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=40, pad_token_id=1)
+    model = RobertaForMaskedLM(config).eval()
+    encoder = text_encoder(model)
+    ids = torch.tensor([[0, 5, 6, 7, 2], [0, 8, 2, 1, 1]])
+    mask = (ids != 1).long()
+    with torch.no_grad():
+        ours = encoder.encode(encoder.embed(ids), mask)
+        theirs = model.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(ours[mask.bool()], theirs[mask.bool()])
+
+
+def test_an_hf_model_without_an_mlm_head_needs_mlm_weight_0(setup):
+    from transformers import BertConfig, BertModel
+
+    cmc, batch = setup
+    model = BertModel(BertConfig(vocab_size=40, hidden_size=DIM, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32))
+    assert not text_encoder(model).has_mlm
+    with pytest.raises(InputError, match="MLM head"):
+        VLMixerObjective(cmc, model, patch_encoder(), mean=MEAN, std=STD)
+
+
+def test_mlm_loss_is_zero_not_nan_without_labels():
+    from cmcaug.text_encoders import masked_lm_loss
+
+    logits, labels = torch.randn(2, 5, 11), torch.full((2, 5), -100)
+    assert masked_lm_loss(logits, labels).item() == 0.0
+    labels[0, 1], labels[1, 3] = 4, 7
+    torch.testing.assert_close(masked_lm_loss(logits, labels),
+                               torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()))
+
+
+def test_objective_runs_under_autocast(setup, tokenizer):  # noqa: F811
+    """bf16 patch features (autocast) and float32 word embeddings meet in one splice: the patches are cast."""
+    cmc, batch = setup
+    objective = VLMixerObjective(cmc, bert(len(tokenizer)), patch_encoder(), mean=MEAN, std=STD)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = objective(batch)
+    losses.loss.backward()
+    assert torch.isfinite(losses.loss)
+
+
+def test_open_clip_towers_the_adapter_cannot_read_are_refused():
+    pytest.importorskip("open_clip")
+    from open_clip.transformer import TextTransformer
+
+    bidirectional = TextTransformer(context_length=77, vocab_size=100, width=DIM, heads=2, layers=1, output_dim=8,
+                                    no_causal_mask=True)
+    with pytest.raises(InputError, match="no_causal_mask"):
+        text_encoder(bidirectional)
