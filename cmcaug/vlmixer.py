@@ -23,7 +23,7 @@ measurement on the shapes world (`examples/replicate_vlmixer.py`, README "Does i
   caption differ by more than a one-token swap, so with dropout on, a hard negative is no harder than
   the noise. The contrast passes run the text model in eval mode (gradients still flow); MLM keeps dropout.
 
-Readouts for evaluation: `encode_text` (the text view), `encode_view` (a batch's CMC view, with its patch
+Readouts for evaluation: `encode_text` (the text view; with a plan, the replaced words' states), `encode_view` (a batch's CMC view, with its patch
 slots' states), `encode_spliced` (any plan), `encode_patches` (patches alone, or groups of patches as an
 image, laid out like a CMC view): each returns a `Readout` (pooled vector, hidden states, patch states).
 """
@@ -67,13 +67,15 @@ class VLMixerLosses:
 @dataclass
 class Readout:
     """What the encoder made of a batch: `pooled` [B, D] ([CLS] / end token), `hidden` [B, L, D], the
-    `attention_mask` [B, L] it read them with, and the patch slots' states `patch_states` [M, K, D]
-    (None for a text view)."""
+    `attention_mask` [B, L] it read them with, the patch slots' states `patch_states` [M, K, D] (a CMC
+    view), and `word_states` [M, D], the text view's states of the words the slots replace, averaged over
+    each word's sub-tokens (a text view read with a plan): patch and word side by side, slot by slot."""
 
     pooled: torch.Tensor
     hidden: torch.Tensor
     attention_mask: torch.Tensor
     patch_states: torch.Tensor | None = None
+    word_states: torch.Tensor | None = None
 
 
 class VLMixerObjective(nn.Module):
@@ -184,11 +186,15 @@ class VLMixerObjective(nn.Module):
     def device(self) -> torch.device:
         return next(self.encoder.parameters()).device
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Readout:
-        """The text view: tokens as the tokenizer made them, modality 0 everywhere (moved to the model's device)."""
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: SplicePlan | None = None) -> Readout:
+        """The text view: tokens as the tokenizer made them, modality 0 everywhere (moved to the model's device).
+
+        With the `plan` of the batch's CMC view, `word_states` holds the states of the words its slots replace.
+        """
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         hidden = self.encoder.encode(self.encoder.embed(input_ids), attention_mask)
-        return Readout(self.encoder.pool(hidden, attention_mask), hidden, attention_mask)
+        words = None if plan is None else _word_states(hidden, plan)
+        return Readout(self.encoder.pool(hidden, attention_mask), hidden, attention_mask, word_states=words)
 
     def encode_spliced(self, input_ids: torch.Tensor, plan: SplicePlan, pixels: torch.Tensor) -> Readout:
         """Any CMC view: the tokens `input_ids` [B, L] with `plan`'s slots filled by bank patches `pixels` [M, P, P, 3]."""
@@ -230,3 +236,17 @@ def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
     """`x` ([B, L] or [B, L, D]) right-padded with zeros to `width` tokens."""
     pad = (0, width - x.shape[1]) if x.dim() == 2 else (0, 0, 0, width - x.shape[1])
     return torch.nn.functional.pad(x, pad)
+
+
+def _word_states(hidden: torch.Tensor, plan: SplicePlan) -> torch.Tensor:
+    """[M, D]: the mean of `hidden` [B, L, D] over the tokens each slot of `plan` replaced."""
+    if plan.slot_token_spans is None:
+        raise InputError("the plan does not say which tokens its slots replaced (made by hand): build it with SplicePlan.build")
+    spans = plan.slot_token_spans
+    lengths = spans[:, 1] - spans[:, 0]
+    slot = np.repeat(np.arange(len(spans)), lengths)
+    token = np.repeat(spans[:, 0], lengths) + np.arange(slot.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    rows = torch.from_numpy(plan.slot_rows[slot] * hidden.shape[1] + token).to(hidden.device)
+    total = hidden.new_zeros(len(spans), hidden.shape[-1])
+    total.index_add_(0, torch.from_numpy(slot).to(hidden.device), hidden.flatten(0, 1)[rows])
+    return total / torch.from_numpy(lengths).to(total)[:, None]

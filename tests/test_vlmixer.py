@@ -118,7 +118,12 @@ def test_readouts_sit_where_the_plan_says(setup, tokenizer):  # noqa: F811
         torch.testing.assert_close(view.patch_states[:, 0], view.hidden[is_patch])
         torch.testing.assert_close(view.pooled, view.hidden[:, 0])
         text = objective.encode_text(batch.input_ids, batch.attention_mask)
-        assert text.patch_states is None and text.pooled.shape == (len(batch), DIM)
+        assert text.patch_states is None and text.word_states is None and text.pooled.shape == (len(batch), DIM)
+        words = objective.encode_text(batch.input_ids, batch.attention_mask, batch.plan).word_states
+        spans = batch.plan.slot_token_spans
+        expected = torch.stack([text.hidden[b, s:e].mean(0) for b, (s, e) in zip(batch.plan.slot_rows, spans)])
+        assert (spans[:, 1] - spans[:, 0] > 1).any()  # "frisbee": a word of two sub-tokens
+        torch.testing.assert_close(words, expected)
         # patches alone, and grouped: [CLS] p [SEP] and [CLS] p1 p2 p3 [SEP]
         pixels = batch.pixels[:4]
         alone, grouped = objective.encode_patches(pixels), objective.encode_patches(pixels, [1, 3])
