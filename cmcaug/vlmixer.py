@@ -23,9 +23,10 @@ measurement on the shapes world (`examples/replicate_vlmixer.py`, README "Does i
   caption differ by more than a one-token swap, so with dropout on, a hard negative is no harder than
   the noise. The contrast passes run the text model in eval mode (gradients still flow); MLM keeps dropout.
 
-Readouts for evaluation: `encode_text` (the text view; with a plan, the replaced words' states), `encode_view` (a batch's CMC view, with its patch
-slots' states), `encode_spliced` (any plan), `encode_patches` (patches alone, or groups of patches as an
-image, laid out like a CMC view): each returns a `Readout` (pooled vector, hidden states, patch states).
+Readouts for evaluation: `encode_text` (the text view; with a plan, the replaced words' states),
+`encode_view` (a batch's CMC view, with its patch slots' states), `encode_spliced` (any plan),
+`encode_patches` (patches alone, or groups of patches as an image, laid out like a CMC view): each returns
+a `Readout` (pooled vector, hidden states, patch or word states).
 """
 from __future__ import annotations
 
