@@ -55,9 +55,10 @@ class CMCBatch:
     `labels` ([B, L_out], aligned with the spliced view, patch rows included) and `patch_mask` are set by
     `CMCTransform.mask_tokens`. Negative view n is the CMC view with slot m showing patch
     `negative_patch_ids[n, m]` instead; it is a valid negative for row b where `negative_valid[b, n]`
-    (the row has a slot, and every slot of it shows another concept; all None without negatives). `fields`: the items' extra fields
-    (keys other than caption, spans, index: "image_id", a file's "source"), a list per name, a value per
-    caption (None where an item lacks it), as they came (`.to` moves only tensors).
+    (the row has a slot, and every slot of it shows another concept; all None without negatives).
+    `fields`: the items' extra fields (keys other than caption, spans, index: "image_id", a file's
+    "source"), a list per name, a value per caption (None where an item lacks it), as they came (`.to`
+    moves only tensors).
     """
 
     input_ids: torch.Tensor  # [B, L] int64, right-padded

@@ -242,7 +242,8 @@ def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
 def _word_states(hidden: torch.Tensor, plan: SplicePlan) -> torch.Tensor:
     """[M, D]: the mean of `hidden` [B, L, D] over the tokens each slot of `plan` replaced."""
     if plan.slot_token_spans is None:
-        raise InputError("the plan does not say which tokens its slots replaced (made by hand): build it with SplicePlan.build")
+        raise InputError("the plan does not say which tokens its slots replaced (made by hand): "
+                         "build it with SplicePlan.build")
     spans = plan.slot_token_spans
     lengths = spans[:, 1] - spans[:, 0]
     slot = np.repeat(np.arange(len(spans)), lengths)
