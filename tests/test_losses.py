@@ -134,11 +134,11 @@ def test_gradients_reach_the_hard_negatives() -> None:
 
 def test_bad_hard_negatives_are_refused() -> None:
     a, b = features()
-    with pytest.raises(InputError, match=r"hard_negatives must be \[N, K, D\] = \[5, K, 8\]"):
+    with pytest.raises(InputError, match=r"hard_negatives must be \[N, H, D\] = \[5, H, 8\]"):
         info_nce(a, b, hard_negatives=torch.zeros(5, 8))
     with pytest.raises(InputError, match="hard_negatives must be"):
         info_nce(a, b, hard_negatives=torch.zeros(4, 2, 8))
-    with pytest.raises(InputError, match=r"hard_negative_mask must be a bool tensor \[N, K\] = \[5, 2\]"):
+    with pytest.raises(InputError, match=r"hard_negative_mask must be a bool tensor \[N, H\] = \[5, 2\]"):
         info_nce(a, b, hard_negatives=torch.zeros(5, 2, 8), hard_negative_mask=torch.ones(5, 2))
     with pytest.raises(InputError, match="without hard_negatives"):
         info_nce(a, b, hard_negative_mask=torch.ones(5, 2, dtype=torch.bool))
