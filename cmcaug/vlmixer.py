@@ -20,8 +20,9 @@ measurement on the shapes world (`examples/replicate_vlmixer.py`, README "Does i
   patches is an extra negative of the contrast. In-batch negatives differ from the positive in their
   words, which the text view already identifies, so they never force a patch to stand for its word.
 - **No dropout in the contrast passes** (`contrast_dropout=False`): two differently dropped copies of one
-  caption differ by more than a one-token swap, so with dropout on, a hard negative is no harder than
-  the noise. The contrast passes run the text model in eval mode (gradients still flow); MLM keeps dropout.
+  caption differ by more than a one-patch swap, so with dropout on, the noise partly hides what a hard
+  negative changes (measured: in-context readout 0.88 instead of 0.98). The contrast passes run the text
+  model with its modules' training flags off (gradients still flow); MLM keeps dropout.
 
 Readouts for evaluation: `encode_text` (the text view; with a plan, the replaced words' states),
 `encode_view` (a batch's CMC view, with its patch slots' states), `encode_spliced` (any plan),
