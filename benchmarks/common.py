@@ -13,6 +13,7 @@ bench_grounding can set its thread variables before torch loads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import re
@@ -26,6 +27,19 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one thread (float sums then do not depend on the core count), restoring the count after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def default_results_dir() -> Path:

@@ -163,14 +163,8 @@ class VLMixerObjective(nn.Module):
         if self.contrast_dropout or not self.training:
             yield
             return
-        modes = [(m, m.training) for m in self.encoder.modules()]
-        for m, _ in modes:
-            m.training = False  # the flag itself: `.eval()` per module would walk the tree once per module
-        try:
+        with eval_mode(self.encoder):
             yield
-        finally:
-            for m, training in modes:
-                m.training = training
 
     # -- readouts --------------------------------------------------------------------------------------
     def _patch_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -253,3 +247,16 @@ def _word_states(hidden: torch.Tensor, plan: SplicePlan) -> torch.Tensor:
     total = hidden.new_zeros(len(spans), hidden.shape[-1])
     total.index_add_(0, torch.from_numpy(slot).to(hidden.device), hidden.flatten(0, 1)[rows])
     return total / torch.from_numpy(lengths).to(total)[:, None]
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """`module` and all its submodules in eval mode, each module's own training flag restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    for m, _ in modes:
+        m.training = False  # the flag itself: `.eval()` per module would walk the tree once per module
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

@@ -88,7 +88,6 @@ in `--out`. `--replot JSON` re-renders the markdown and plot from a JSON without
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import multiprocessing
@@ -106,7 +105,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmcaug import TextAwarePatchPredictor, text_aware_mix
-from cmcaug.benchmarks.common import argument_parser, device_name, print_table, slug, write_results
+from cmcaug.benchmarks.common import argument_parser, device_name, one_thread, print_table, slug, write_results
 from cmcaug.losses import contrastive_logits, info_nce
 from cmcaug.mixgen import mixgen
 from cmcaug.relevance import patch_alignment_loss, patch_box_coverage, patch_labels_from_boxes
@@ -270,17 +269,6 @@ class DualEncoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- training
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run torch on one thread (float sums then do not depend on the core count), restoring the count after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def batches(n: int, batch_size: int, steps: int, generator: torch.Generator):

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 import train_bert_cmc as bert  # next to this file
 import vlmixer_eval as evaluation
 from cmcaug import PatchBank
-from cmcaug.benchmarks.common import argument_parser, device_name, print_table, write_results
+from cmcaug.benchmarks.common import argument_parser, device_name, one_thread, print_table, write_results
 from cmcaug.losses import contrastive_logits
 from shapes_world import shapes_world
 
@@ -140,17 +140,6 @@ def run(arm: str, seed: int, args: argparse.Namespace, root: Path) -> dict:
     row.update({k: round(statistics.fmean(h[k] for h in tail), 4) for k in (tail[0] if tail else {})})
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run torch on one thread (float sums then do not depend on the core count), restoring the count after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_all(args: argparse.Namespace, root: Path) -> list[dict]:

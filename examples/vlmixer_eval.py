@@ -28,7 +28,7 @@ from cmcaug import PatchBank, SplicePlan
 from cmcaug.losses import info_nce
 from cmcaug.text.align import align_span_arrays
 from cmcaug.text.tokenize import tokenize_with_offsets
-from cmcaug.vlmixer import VLMixerObjective
+from cmcaug.vlmixer import VLMixerObjective, eval_mode
 
 CHUNK = 512  # sequences per forward pass in evaluation
 
@@ -36,14 +36,8 @@ CHUNK = 512  # sequences per forward pass in evaluation
 @contextlib.contextmanager
 def evaluating(objective: VLMixerObjective) -> Iterator[None]:
     """Eval mode and no gradients, restoring every module's own mode after."""
-    modes = [(m, m.training) for m in objective.modules()]
-    objective.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
+    with eval_mode(objective), torch.no_grad():
+        yield
 
 
 def encode_captions(objective: VLMixerObjective, captions: list[str]) -> torch.Tensor:
